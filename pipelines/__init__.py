@@ -1,0 +1,1 @@
+"""Ray Data jobs. All Ray calls of a job live in its module here."""

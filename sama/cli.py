@@ -1,0 +1,141 @@
+"""The ``sama`` command: one subcommand per job, each a thin call into the library or a pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+# Subcommands whose implementation has not landed yet, and the issue that brings each.
+PENDING: dict[str, str] = {
+    "prep-pretext": "the pretext data-prep job (issue 3)",
+    "prep-pairs": "the paired-edit data-prep job (issue 4)",
+    "train": "the Ray Train trainer (issue 6)",
+    "edit": "the SAMA model and editing pipeline (issue 5)",
+}
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", help="recipe file (TOML or YAML) layered over the defaults"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set shards.max_samples=64 (repeatable)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration and exit"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sama",
+        description="Data preparation, training and editing for SAMA instruction-guided video editing.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prep-pretext", help="raw videos -> motion-alignment pretext shards (Ray Data)")
+    p.add_argument("--input", required=True, help="URI prefix of raw videos (local or s3://)")
+    p.add_argument("--output", required=True, help="URI prefix for shards, summary and rejects")
+    p.add_argument("--overwrite", action="store_true", help="delete previous output and start over")
+    _add_config_args(p)
+
+    p = sub.add_parser("prep-pairs", help="edit manifests -> paired-edit shards (Ray Data)")
+    p.add_argument("--manifest", action="append", required=True, help="manifest URI (csv/jsonl/parquet)")
+    p.add_argument("--output", required=True, help="URI prefix for shards, summary and rejects")
+    p.add_argument("--overwrite", action="store_true", help="delete previous output and start over")
+    _add_config_args(p)
+
+    p = sub.add_parser("train", help="stage-0 pre-training or stage-1 SFT on Ray Train")
+    p.add_argument("--recipe", default="debug", help="recipe name (debug, pretrain, sft, ...) or file")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--print-config", action="store_true")
+
+    p = sub.add_parser("edit", help="edit a video with a trained model")
+    p.add_argument("--video", required=True)
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("inspect", help="counts and one sample of a shard prefix; export media to watch")
+    p.add_argument("uri", help="shard prefix or one shard (.tar), local or s3://")
+    p.add_argument("--sample", default="0", help="key or position of the sample to show (default: 0)")
+    p.add_argument("--export", metavar="DIR", help="write that sample's source/target media here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("quickstart", help="run the whole path locally on synthetic data")
+    p.add_argument("--workdir", default="quickstart", help="where everything is written")
+    p.add_argument("--overwrite", action="store_true", help="start from an empty workdir")
+    return parser
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from sama import inspection
+
+    sample: str | int = int(args.sample) if args.sample.isdigit() else args.sample
+    try:
+        report = inspection.inspect_shards(args.uri, sample=sample, export_dir=args.export)
+    except (FileNotFoundError, KeyError) as exc:
+        raise CommandError(str(exc).strip("'\"")) from None
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from sama import quickstart
+
+    return quickstart.run(args.workdir, overwrite=args.overwrite)
+
+
+def _pending(command: str) -> Callable[[argparse.Namespace], int]:
+    def run(_args: argparse.Namespace) -> int:
+        raise CommandError(f"'sama {command}' is not available yet: {PENDING[command]} has not landed.")
+
+    return run
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "inspect": _cmd_inspect,
+    "quickstart": _cmd_quickstart,
+}
+
+
+def _lookup(command: str) -> Callable[[argparse.Namespace], int]:
+    return HANDLERS.get(command) or _pending(command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from sama.config import ConfigError
+    from sama.storage import StorageError
+
+    try:
+        return _lookup(args.command)(args)
+    except (CommandError, ConfigError, StorageError) as exc:
+        print(f"sama {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Look inside a set of shards: counts per task, bucket and source, one sample's metadata, media export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sama import schema, storage
+
+
+@dataclass
+class ShardReport:
+    """What ``sama inspect`` found under a shard prefix."""
+
+    prefix: str
+    shards: list[str] = field(default_factory=list)
+    samples: int = 0
+    bytes: int = 0
+    per_task: Counter = field(default_factory=Counter)
+    per_bucket: Counter = field(default_factory=Counter)
+    per_source: Counter = field(default_factory=Counter)
+    per_media: Counter = field(default_factory=Counter)
+    example: schema.SampleMeta | None = None
+    exported: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "prefix": self.prefix,
+            "shards": len(self.shards),
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "per_task": dict(sorted(self.per_task.items())),
+            "per_bucket": dict(sorted(self.per_bucket.items())),
+            "per_source": dict(self.per_source.most_common()),
+            "per_media": dict(sorted(self.per_media.items())),
+            "example": dataclasses.asdict(self.example) if self.example else None,
+            "exported": self.exported,
+        }
+
+    def format(self, top_sources: int = 10) -> str:
+        lines = [
+            f"shards:  {len(self.shards)} under {self.prefix}",
+            f"samples: {self.samples}  ({self.bytes / 1e6:.1f} MB of members)",
+        ]
+        groups = (("task", self.per_task), ("bucket", self.per_bucket), ("media", self.per_media))
+        for title, counts in groups:
+            lines.append(f"per {title}:")
+            lines.extend(f"  {name:<24} {count}" for name, count in sorted(counts.items()))
+        lines.append(f"per source (top {top_sources} of {len(self.per_source)}):")
+        lines.extend(f"  {name:<48} {count}" for name, count in self.per_source.most_common(top_sources))
+        if self.example is not None:
+            lines.append(f"sample {self.example.key}:")
+            meta = json.dumps(dataclasses.asdict(self.example), indent=2, sort_keys=True, ensure_ascii=False)
+            lines.extend("  " + line for line in meta.splitlines())
+        if self.exported:
+            lines.append("written for viewing:")
+            lines.extend(f"  {path}" for path in self.exported)
+        return "\n".join(lines)
+
+
+def source_label(meta: schema.SampleMeta) -> str:
+    """How samples are grouped 'per source': the dataset name when known, else the input's folder."""
+    if meta.dataset:
+        return meta.dataset
+    parent = os.path.dirname(meta.source_uri.rstrip("/"))
+    return parent or meta.source_uri
+
+
+def inspect_shards(
+    prefix: str,
+    sample: str | int | None = 0,
+    export_dir: str | None = None,
+) -> ShardReport:
+    """Scan every shard under ``prefix`` (or one shard URI).
+
+    ``sample`` picks the example to show: a key, or a position in reading order (0 = first); None
+    shows none. With ``export_dir``, that sample's source and target media are written there as
+    ``<key>.source.mp4`` / ``<key>.target.mp4`` (``.png`` for images), playable as they are.
+    """
+    shards = [prefix] if prefix.endswith(schema.SHARD_SUFFIX) else schema.list_shards(prefix)
+    if not shards:
+        raise FileNotFoundError(f"no shards (*.tar) under {prefix}")
+    report = ShardReport(prefix=prefix, shards=shards)
+    chosen: schema.Sample | None = None
+    for position, item in enumerate(schema.iter_samples(shards)):
+        meta = item.meta
+        report.samples += 1
+        report.bytes += len(item.target) + len(item.source or b"") + len(meta.to_json())
+        report.per_task[meta.task] += 1
+        report.per_bucket[meta.bucket] += 1
+        report.per_media[meta.media] += 1
+        report.per_source[source_label(meta)] += 1
+        if chosen is None and sample is not None and (sample == position or sample == meta.key):
+            chosen = item
+    if sample is not None and chosen is None:
+        raise KeyError(f"no sample {sample!r} in {prefix} ({report.samples} samples)")
+    if chosen is not None:
+        report.example = chosen.meta
+        if export_dir:
+            report.exported = export_media(chosen, export_dir)
+    return report
+
+
+def export_media(sample: schema.Sample, export_dir: str) -> list[str]:
+    """Write a sample's encoded source/target as files a person can open; returns their URIs."""
+    suffix = ".mp4" if sample.meta.media == "video" else ".png"
+    written = []
+    for role, data in (("source", sample.source), ("target", sample.target)):
+        if data is None:
+            continue
+        uri = storage.join(export_dir, f"{sample.key}.{role}{suffix}")
+        storage.write_bytes(uri, data)
+        written.append(uri)
+    return written

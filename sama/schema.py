@@ -1,0 +1,469 @@
+"""The WebDataset sample: the one definition every writer and reader imports.
+
+A shard is a plain tar file. A sample is the group of members sharing a key::
+
+    <key>.json       metadata (SampleMeta), UTF-8 JSON
+    <key>.src.mp4    source video (H.264 mp4)   or  <key>.src.png  source image
+    <key>.tgt.mp4    target video (H.264 mp4)   or  <key>.tgt.png  target image
+
+The source is absent for plain text-to-video samples. Keys are deterministic (uuid5 of the input
+and its span) and contain no dots, because WebDataset readers (the ``webdataset`` library and Ray
+Data's ``read_webdataset``) split a member name at its first dot into key and extension.
+
+Members are only ever parsed as JSON or decoded as media: nothing is unpickled, whatever a tar
+holds (unknown members are ignored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import random
+import re
+import tarfile
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sama import storage
+
+SCHEMA_VERSION = 1
+# Fixed namespace so sample keys are stable across machines, runs and versions.
+KEY_NAMESPACE = uuid.UUID("6f1d1c8e-3d55-5b8e-9a51-5a3a7e0c2b10")
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+META = "json"
+SOURCE_VIDEO = "src.mp4"
+TARGET_VIDEO = "tgt.mp4"
+SOURCE_IMAGE = "src.png"
+TARGET_IMAGE = "tgt.png"
+MEDIA_MEMBERS = {"video": (SOURCE_VIDEO, TARGET_VIDEO), "image": (SOURCE_IMAGE, TARGET_IMAGE)}
+KNOWN_MEMBERS = (META, SOURCE_VIDEO, TARGET_VIDEO, SOURCE_IMAGE, TARGET_IMAGE)
+SHARD_SUFFIX = ".tar"
+
+# Tasks: the plain text-to-video sample, the three motion-alignment pretext tasks, and edits.
+TASKS = ("t2v", "cube_inpaint", "speed", "tube_shuffle", "video_edit", "image_edit")
+
+
+class SchemaError(ValueError):
+    """A sample or shard does not follow the schema; the message names the shard/key and the problem."""
+
+
+def sample_key(*parts: object) -> str:
+    """A deterministic key for a sample, from whatever identifies it (input URI, span, task...).
+
+    32 lowercase hex characters: no dots, safe as a tar member prefix and in any file name.
+    """
+    if not parts:
+        raise ValueError("sample_key needs at least one part")
+    text = "|".join(_canonical(p) for p in parts)
+    return uuid.uuid5(KEY_NAMESPACE, text).hex
+
+
+def _canonical(part: object) -> str:
+    if isinstance(part, float):
+        return f"{part:.6f}"
+    if isinstance(part, (list, tuple)):
+        return "[" + ",".join(_canonical(p) for p in part) + "]"
+    return str(part)
+
+
+def check_key(key: str) -> str:
+    if not key or not KEY_PATTERN.match(key):
+        raise SchemaError(f"sample key {key!r} must be non-empty and use only letters, digits, '_' and '-'")
+    return key
+
+
+@dataclass
+class SampleMeta:
+    """The metadata JSON of a sample. Unknown fields in a newer minor version land in ``extra``."""
+
+    key: str
+    task: str
+    media: Literal["video", "image"]
+    instruction: str
+    fps: float
+    num_frames: int
+    height: int
+    width: int
+    bucket: str
+    source_uri: str
+    caption: str = ""
+    # Start and end time (seconds) of the clip in ``source_uri``; None for a whole file or an image.
+    span: list[float] | None = None
+    target_uri: str | None = None
+    # Frame count of the source when it differs from the target (the speed task).
+    source_num_frames: int | None = None
+    # Pretext parameters (mask span, permutation, speed factor); empty for edits.
+    pretext: dict[str, Any] = field(default_factory=dict)
+    # Judge scores, e.g. {"if": 9, "vq": 9, "cp": 8, "mc": 8}.
+    scores: dict[str, float] = field(default_factory=dict)
+    category: str | None = None
+    dataset: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_key(self.key)
+        if self.task not in TASKS:
+            raise SchemaError(f"sample {self.key}: unknown task {self.task!r} (known: {', '.join(TASKS)})")
+        if self.media not in MEDIA_MEMBERS:
+            raise SchemaError(f"sample {self.key}: media must be 'video' or 'image', got {self.media!r}")
+        if self.num_frames < 1 or self.height < 1 or self.width < 1:
+            raise SchemaError(f"sample {self.key}: frames/height/width must be positive")
+        if self.media == "image" and self.num_frames != 1:
+            raise SchemaError(f"sample {self.key}: an image sample has exactly 1 frame")
+        if self.task != "t2v" and not self.instruction.strip():
+            raise SchemaError(f"sample {self.key}: empty instruction")
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes | str | Mapping, where: str = "") -> SampleMeta:
+        try:
+            raw = dict(data) if isinstance(data, Mapping) else json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SchemaError(f"{where}: metadata is not valid JSON ({exc})") from None
+        version = raw.get("schema_version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"{where}: schema_version {version!r} is newer than this reader "
+                f"({SCHEMA_VERSION}); upgrade sama"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = dict(raw.get("extra") or {})
+        extra.update({k: v for k, v in raw.items() if k not in names})
+        known = {k: v for k, v in raw.items() if k in names}
+        known["extra"] = extra
+        try:
+            meta = cls(**known)
+        except TypeError as exc:
+            raise SchemaError(f"{where}: metadata is missing fields ({exc})") from None
+        return meta
+
+
+@dataclass
+class Sample:
+    """One training example: metadata plus encoded source (optional) and target media bytes."""
+
+    meta: SampleMeta
+    target: bytes
+    source: bytes | None = None
+
+    @property
+    def key(self) -> str:
+        return self.meta.key
+
+    @property
+    def source_member(self) -> str:
+        return MEDIA_MEMBERS[self.meta.media][0]
+
+    @property
+    def target_member(self) -> str:
+        return MEDIA_MEMBERS[self.meta.media][1]
+
+    def members(self) -> dict[str, bytes]:
+        """Member extension -> bytes, in the order they are written to a tar."""
+        self.meta.validate()
+        if not self.target:
+            raise SchemaError(f"sample {self.key}: empty target")
+        out = {META: self.meta.to_json()}
+        if self.source is not None:
+            out[self.source_member] = self.source
+        out[self.target_member] = self.target
+        return out
+
+    def nbytes(self) -> int:
+        return sum(len(v) for v in self.members().values())
+
+    @classmethod
+    def from_members(cls, members: Mapping[str, Any], where: str = "") -> Sample:
+        """Rebuild a sample from its members (``{"json": b"...", "tgt.mp4": b"..."}``).
+
+        Accepts the dicts produced by the ``webdataset`` library and by Ray Data's
+        ``read_webdataset(decoder=None)`` (``__key__``/``__url__`` entries are used for messages).
+        """
+        key = members.get("__key__")
+        where = where or f"{members.get('__url__', '<shard>')}:{key}"
+        if META not in members:
+            raise SchemaError(f"{where}: sample has no {META} member")
+        meta = SampleMeta.from_json(_as_bytes(members[META]), where=where)
+        if key is not None and str(key).split("/")[-1] != meta.key:
+            raise SchemaError(f"{where}: member key {key!r} does not match metadata key {meta.key!r}")
+        source_name, target_name = MEDIA_MEMBERS.get(meta.media, (None, None))
+        if target_name is None or target_name not in members:
+            raise SchemaError(f"{where}: sample has no target member {target_name}")
+        source = members.get(source_name)
+        return cls(
+            meta=meta,
+            target=_as_bytes(members[target_name]),
+            source=None if source is None else _as_bytes(source),
+        )
+
+    def decode_target(self):
+        """The target as THWC uint8 frames (an image is one frame)."""
+        return _decode_media(self.target, self.meta.media, f"{self.key}.{self.target_member}")
+
+    def decode_source(self):
+        """The source as THWC uint8 frames, or None for a sample without source."""
+        if self.source is None:
+            return None
+        return _decode_media(self.source, self.meta.media, f"{self.key}.{self.source_member}")
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise SchemaError(
+        f"member of type {type(value).__name__} is not raw bytes (read shards without decoders)"
+    )
+
+
+def _decode_media(data: bytes, media: str, name: str):
+    from sama import video
+
+    if media == "image":
+        return video.read_image(data, uri=name)[None]
+    return video.decode_video_bytes(data, uri=name)
+
+
+@dataclass
+class ShardInfo:
+    """A committed shard: where it is and what it holds."""
+
+    uri: str
+    samples: int
+    bytes: int
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShardConfig:
+    """Target shard size: a shard is closed when either limit is reached."""
+
+    max_samples: int = 256
+    max_bytes: int = 1024 * 1024 * 1024
+
+    def validate(self) -> None:
+        if self.max_samples < 1:
+            raise ValueError("shards.max_samples must be >= 1")
+        if self.max_bytes < 1:
+            raise ValueError("shards.max_bytes must be >= 1")
+
+
+def shard_name(stem: str, index: int) -> str:
+    """``{stem}-{index:06d}.tar``; the stem may contain '/' to place shards in sub-folders."""
+    if not stem or "." in stem.split("/")[-1]:
+        raise ValueError(f"shard stem {stem!r} must be non-empty and its last segment free of dots")
+    return f"{stem}-{index:06d}{SHARD_SUFFIX}"
+
+
+class ShardWriter:
+    """Write samples into size-limited tar shards with deterministic names and atomic commits.
+
+    Shards are ``{output}/{stem}-000000.tar``, ``-000001.tar``, ... A shard is committed (appears
+    under its name) only when it is full or the writer is closed; leaving the ``with`` block on an
+    exception discards the shard being written. Tar headers carry fixed metadata (mtime 0, uid 0),
+    so the same samples in the same order give byte-identical shards.
+    """
+
+    def __init__(
+        self,
+        output_uri: str,
+        stem: str,
+        config: ShardConfig | None = None,
+        start_index: int = 0,
+    ):
+        self.output_uri = output_uri
+        self.stem = stem
+        self.config = config or ShardConfig()
+        self.config.validate()
+        shard_name(stem, start_index)  # validate the stem early
+        self._index = start_index
+        self._stack: contextlib.ExitStack | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._current: ShardInfo | None = None
+        self.shards: list[ShardInfo] = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _open(self) -> None:
+        uri = storage.join(self.output_uri, shard_name(self.stem, self._index))
+        self._stack = contextlib.ExitStack()
+        handle = self._stack.enter_context(storage.atomic_writer(uri))
+        self._tar = self._stack.enter_context(
+            tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT)
+        )
+        self._current = ShardInfo(uri=uri, samples=0, bytes=0)
+        self._index += 1
+
+    def write(self, sample: Sample) -> None:
+        """Add one sample, rolling over to a new shard when the current one is full."""
+        members = sample.members()
+        size = sum(len(v) for v in members.values())
+        if self._current is not None and (
+            self._current.samples >= self.config.max_samples
+            or (self._current.samples > 0 and self._current.bytes + size > self.config.max_bytes)
+        ):
+            self._commit()
+        if self._current is None:
+            self._open()
+        assert self._tar is not None and self._current is not None
+        for ext, data in members.items():
+            info = tarfile.TarInfo(name=f"{sample.key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._current.samples += 1
+        self._current.bytes += size
+        self._current.keys.append(sample.key)
+
+    def _commit(self) -> None:
+        assert self._stack is not None and self._current is not None
+        # Closing the stack writes the tar's end blocks, then renames/uploads the shard into place.
+        self._stack.close()
+        self.shards.append(self._current)
+        self._stack = self._tar = self._current = None
+
+    def close(self) -> list[ShardInfo]:
+        """Commit the last shard; returns every shard written."""
+        if self._current is not None:
+            self._commit()
+        return self.shards
+
+    def abort(self) -> None:
+        """Discard the shard being written (already committed shards stay)."""
+        if self._stack is not None:
+            aborted = RuntimeError(f"shard writer for {self.stem} aborted")
+            with contextlib.suppress(RuntimeError):
+                self._stack.__exit__(RuntimeError, aborted, None)
+        self._stack = self._tar = self._current = None
+
+
+def list_shards(prefix: str) -> list[str]:
+    """Every shard (``*.tar``) under ``prefix``, sorted."""
+    return storage.list_files(prefix, suffixes=(SHARD_SUFFIX,))
+
+
+def _resolve_shards(shards: str | Iterable[str]) -> list[str]:
+    if isinstance(shards, str):
+        return [shards] if shards.endswith(SHARD_SUFFIX) else list_shards(shards)
+    return list(shards)
+
+
+def iter_members(shard_uri: str) -> Iterator[dict[str, Any]]:
+    """Group a tar shard's members by key, streaming (one sample in memory at a time)."""
+    current: dict[str, Any] | None = None
+    with storage.open_read(shard_uri) as handle:
+        try:
+            tar = tarfile.open(fileobj=handle, mode="r|")  # a stream, closed with its handle
+            for info in tar:
+                if not info.isfile():
+                    continue
+                name = info.name.split("/")[-1]
+                if "." not in name or name.startswith("."):
+                    continue
+                key, ext = name.split(".", 1)
+                data = tar.extractfile(info).read()
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": shard_uri}
+                current[ext] = data
+        except (tarfile.TarError, EOFError) as exc:
+            raise SchemaError(f"{shard_uri}: not a readable tar shard ({exc})") from None
+    if current is not None:
+        yield current
+
+
+def iter_samples(shards: str | Iterable[str]) -> Iterator[Sample]:
+    """Every sample of the given shards (a prefix or a list of shard URIs), in order, streaming."""
+    for uri in _resolve_shards(shards):
+        for members in iter_members(uri):
+            yield Sample.from_members(members)
+
+
+def _s3_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
+    if "r" not in mode:
+        raise ValueError(f"{url}: sama registers s3:// for reading only")
+    return storage.open_read(url)
+
+
+def register_webdataset_s3() -> None:
+    """Teach ``webdataset.gopen`` to open ``s3://`` URLs through sama.storage (it has no opener)."""
+    import sys
+
+    import webdataset  # noqa: F401  (imports the gopen module)
+
+    schemes = sys.modules["webdataset.gopen"].gopen_schemes
+    schemes["s3"] = _s3_gopen
+
+
+def webdataset_samples(
+    shards: str | Iterable[str],
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """A ``webdataset.WebDataset`` pipeline yielding :class:`Sample` objects.
+
+    Shards are split across ``world_size`` readers by position (rank r takes shards r, r+w, ...);
+    webdataset's own node splitter refuses world sizes above 1. No decoder is installed: members
+    stay raw bytes and are parsed by :meth:`Sample.from_members` only.
+    """
+    import webdataset as wds
+
+    register_webdataset_s3()
+    urls = _resolve_shards(shards)
+    if not urls:
+        raise SchemaError(f"no shards found in {shards!r}")
+
+    def split_by_rank(src):
+        for index, item in enumerate(src):
+            if index % world_size == rank:
+                yield item
+
+    dataset = wds.WebDataset(
+        urls,
+        shardshuffle=False,
+        nodesplitter=split_by_rank,
+        workersplitter=wds.split_by_worker,
+        empty_check=False,
+    )
+    if shuffle_buffer:
+        dataset = dataset.shuffle(shuffle_buffer, rng=random.Random(seed))
+    return dataset.map(Sample.from_members)
+
+
+def ray_dataset(shards: str | Iterable[str], **read_kwargs):
+    """Shards as a Ray Dataset of raw member rows (``__key__``, ``json``, ``tgt.mp4`` ...).
+
+    Members are not decoded (``decoder=None``), so nothing is unpickled; turn a row into a
+    :class:`Sample` with :meth:`Sample.from_members`.
+    """
+    import ray.data
+
+    urls = _resolve_shards(shards)
+    if not urls:
+        raise SchemaError(f"no shards found in {shards!r}")
+    fs, _ = storage.pyarrow_filesystem(urls[0])
+    paths = [storage.parse(u).path for u in urls]
+    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None, **read_kwargs)

@@ -1,0 +1,253 @@
+"""One way to reach any object: local paths, ``file://`` URIs and ``s3://`` URIs.
+
+Every module that reads or writes data goes through here, so a job runs against a local directory
+or an S3 bucket (AWS, MinIO, a loopback test server) by changing only the URI.
+
+S3 credentials and the endpoint come from the standard AWS environment variables
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``,
+``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``); they are never part of a URI or a configuration, so
+they cannot leak into logs, saved configs or experiment tracking.
+
+Writes are atomic: an object appears under its final name only once it is complete. Locally a
+temporary sibling is renamed into place; on S3 the object is uploaded in one request (or one
+multipart upload) only after the writer closes without error, and S3 never exposes a partial object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+import fsspec
+
+S3_SCHEMES = ("s3", "s3a")
+_SPOOL_LIMIT = 64 * 1024 * 1024
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI and the cause."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: the scheme (``file`` or ``s3``) and the path as the filesystem sees it."""
+
+    scheme: str
+    path: str
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+    def uri(self) -> str:
+        return f"s3://{self.path}" if self.is_s3 else self.path
+
+
+def parse(uri: str | os.PathLike) -> Location:
+    """Split ``uri`` into a scheme and a filesystem path; local paths become absolute."""
+    text = os.fspath(uri)
+    if not text:
+        raise StorageError(repr(text), "empty URI")
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        scheme = scheme.lower()
+        if scheme in S3_SCHEMES:
+            if not rest or rest.startswith("/"):
+                raise StorageError(text, "an s3:// URI needs a bucket name")
+            return Location("s3", rest.rstrip("/"))
+        if scheme == "file":
+            return Location("file", os.path.abspath(rest))
+        raise StorageError(text, f"unsupported URI scheme {scheme!r} (use a local path, file:// or s3://)")
+    return Location("file", os.path.abspath(os.path.expanduser(text)))
+
+
+def s3_options() -> dict:
+    """Keyword arguments for ``s3fs.S3FileSystem`` taken from the standard AWS variables."""
+    options: dict = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs: dict = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    return options
+
+
+def filesystem(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving ``uri`` and the path to pass to it."""
+    loc = parse(uri)
+    if loc.is_s3:
+        # skip_instance_cache: the endpoint may change between tests or jobs in one process.
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
+        return fs, loc.path
+    return fsspec.filesystem("file"), loc.path
+
+
+def pyarrow_filesystem(uri: str | os.PathLike):
+    """A ``pyarrow.fs.FileSystem`` for ``uri`` and the path in it (what Ray Data readers take)."""
+    import pyarrow.fs as pafs
+
+    loc = parse(uri)
+    if not loc.is_s3:
+        return pafs.LocalFileSystem(), loc.path
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host or endpoint
+        kwargs["scheme"] = scheme if host else "https"
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), loc.path
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path segments onto a URI, keeping its scheme."""
+    base = os.fspath(base)
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest, *parts)
+    return os.path.join(base, *parts)
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(parse(uri).path.rstrip("/"))
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def size(uri: str | os.PathLike) -> int:
+    fs, path = filesystem(uri)
+    try:
+        return int(fs.size(path))
+    except FileNotFoundError as exc:
+        raise StorageError(os.fspath(uri), "no such file") from exc
+
+
+def open_read(uri: str | os.PathLike, block_size: int = 4 * 1024 * 1024) -> IO[bytes]:
+    """Open ``uri`` for streaming, seekable binary reading (never reads the whole object first)."""
+    fs, path = filesystem(uri)
+    try:
+        if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+            return open(path, "rb")  # the caller owns the handle
+        return fs.open(path, "rb", block_size=block_size)
+    except FileNotFoundError as exc:
+        raise StorageError(os.fspath(uri), "no such file") from exc
+    except IsADirectoryError as exc:
+        raise StorageError(os.fspath(uri), "is a directory, not a file") from exc
+    except PermissionError as exc:
+        raise StorageError(os.fspath(uri), f"permission denied ({exc})") from exc
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    with open_read(uri) as handle:
+        return handle.read()
+
+
+def read_text(uri: str | os.PathLike, encoding: str = "utf-8") -> str:
+    return read_bytes(uri).decode(encoding)
+
+
+@contextlib.contextmanager
+def atomic_writer(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Yield a binary file whose content appears at ``uri`` only if the block exits cleanly.
+
+    On an exception (or a crash) nothing is left under the final name: a local write goes to a
+    hidden temporary sibling that is renamed into place; an S3 write is spooled locally and
+    uploaded once complete.
+    """
+    loc = parse(uri)
+    if loc.is_s3:
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_LIMIT) as spool:
+            yield spool
+            spool.seek(0)
+            fs, path = filesystem(uri)
+            with fs.open(path, "wb") as remote:
+                shutil.copyfileobj(spool, remote, length=8 * 1024 * 1024)
+        return
+    directory = os.path.dirname(loc.path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = os.path.join(directory, f".{os.path.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp_path, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, loc.path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_path)
+        raise
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Atomically write ``data`` to ``uri``."""
+    with atomic_writer(uri) as handle:
+        handle.write(data)
+
+
+def write_text(uri: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    write_bytes(uri, text.encode(encoding))
+
+
+def makedirs(uri: str | os.PathLike) -> None:
+    """Create a local directory; a no-op for S3, which has no directories."""
+    loc = parse(uri)
+    if not loc.is_s3:
+        os.makedirs(loc.path, exist_ok=True)
+
+
+def list_files(prefix: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """All files under ``prefix`` (recursively), as URIs with the prefix's scheme, sorted.
+
+    ``suffixes`` keeps only names ending in one of them (case-insensitive). Hidden files and the
+    temporary files of unfinished atomic writes are never listed.
+    """
+    fs, path = filesystem(prefix)
+    loc = parse(prefix)
+    try:
+        found = [path] if fs.isfile(path) else fs.find(path)
+    except FileNotFoundError:
+        return []
+    uris = []
+    for item in found:
+        name = posixpath.basename(item)
+        if name.startswith("."):
+            continue
+        if suffixes and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
+            continue
+        uris.append(f"s3://{item}" if loc.is_s3 else item)
+    return sorted(uris)
+
+
+def delete(uri: str | os.PathLike, recursive: bool = False) -> None:
+    """Remove an object (or, with ``recursive``, everything under a prefix); missing is fine."""
+    fs, path = filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
+
+def local_path(uri: str | os.PathLike) -> str | None:
+    """The local filesystem path of ``uri``, or None when it is remote."""
+    loc = parse(uri)
+    return None if loc.is_s3 else loc.path

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+
+import pytest
+
+from sama import schema
+from sama.schema import Sample, SampleMeta, SchemaError, ShardConfig, ShardWriter
+
+
+def make_sample(i: int, media: str = "video", task: str = "speed", with_source: bool = True) -> Sample:
+    key = schema.sample_key("s3://raw/clip.mp4", i, task)
+    meta = SampleMeta(
+        key=key,
+        task=task,
+        media=media,
+        instruction="[Restore the video to normal playback speed.] a red ball",
+        caption="a red ball",
+        fps=24.0,
+        num_frames=1 if media == "image" else 49,
+        height=448,
+        width=896,
+        bucket="448x896",
+        source_uri="s3://raw/clip.mp4",
+        span=[float(i), float(i) + 2.0],
+        pretext={"speed_factor": 2},
+        scores={"if": 9.0},
+    )
+    return Sample(meta=meta, target=bytes([i % 256]) * (100 + i), source=b"S" * 50 if with_source else None)
+
+
+def test_keys_are_deterministic_and_dot_free():
+    a = schema.sample_key("s3://b/v.mp4", 1.5, "speed")
+    assert a == schema.sample_key("s3://b/v.mp4", 1.5, "speed")
+    assert a != schema.sample_key("s3://b/v.mp4", 2.5, "speed")
+    assert "." not in a and len(a) == 32
+    with pytest.raises(SchemaError, match="only letters"):
+        schema.check_key("a.b")
+
+
+def test_metadata_round_trip_and_forward_compat():
+    meta = make_sample(3).meta
+    assert SampleMeta.from_json(meta.to_json()) == meta
+    raw = meta.to_json().replace(b'"task"', b'"new_field": 1, "task"')
+    assert SampleMeta.from_json(raw).extra == {"new_field": 1}
+    with pytest.raises(SchemaError, match="newer than this reader"):
+        SampleMeta.from_json(meta.to_json().replace(b'"schema_version": 1', b'"schema_version": 99'))
+    with pytest.raises(SchemaError, match="not valid JSON"):
+        SampleMeta.from_json(b"{nope", where="x.tar:k")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"task": "dance"}, "unknown task"),
+        ({"media": "audio"}, "media must be"),
+        ({"instruction": "  "}, "empty instruction"),
+        ({"num_frames": 0}, "must be positive"),
+        ({"key": "a.b"}, "only letters"),
+    ],
+)
+def test_invalid_samples_are_refused_by_the_writer(tmp_path, change, message):
+    sample = make_sample(0)
+    for name, value in change.items():
+        setattr(sample.meta, name, value)
+    with pytest.raises(SchemaError, match=message), ShardWriter(str(tmp_path), "part") as writer:
+        writer.write(sample)
+    assert schema.list_shards(str(tmp_path)) == []
+
+
+def test_writer_rolls_over_by_samples_and_bytes(tmp_path):
+    with ShardWriter(str(tmp_path), "b/part", ShardConfig(max_samples=4)) as writer:
+        for i in range(10):
+            writer.write(make_sample(i))
+    assert [s.samples for s in writer.shards] == [4, 4, 2]
+    assert [s.uri.rsplit("/", 1)[-1] for s in writer.shards] == [
+        "part-000000.tar",
+        "part-000001.tar",
+        "part-000002.tar",
+    ]
+    one = make_sample(0).nbytes()
+    with ShardWriter(str(tmp_path / "bytes"), "part", ShardConfig(max_samples=100, max_bytes=3 * one)) as w2:
+        for i in range(7):
+            w2.write(make_sample(0 if i == 0 else i))
+    assert all(s.bytes <= 3 * one + 10 for s in w2.shards)
+    assert sum(s.samples for s in w2.shards) == 7
+    assert len(w2.shards) >= 3
+
+
+def test_shards_are_byte_identical_for_the_same_samples(tmp_path):
+    for name in ("a", "b"):
+        with ShardWriter(str(tmp_path / name), "part") as writer:
+            for i in range(3):
+                writer.write(make_sample(i))
+    assert (tmp_path / "a" / "part-000000.tar").read_bytes() == (tmp_path / "b" / "part-000000.tar").read_bytes()
+
+
+def test_failure_discards_only_the_open_shard(tmp_path):
+    with pytest.raises(RuntimeError), ShardWriter(str(tmp_path), "part", ShardConfig(max_samples=2)) as writer:
+        for i in range(3):
+            writer.write(make_sample(i))
+        raise RuntimeError("worker died")
+    assert [p.name for p in tmp_path.iterdir()] == ["part-000000.tar"]
+
+
+def test_read_back_through_both_readers(tmp_path):
+    written = [make_sample(0), make_sample(1, media="image", task="image_edit"), make_sample(2, with_source=False)]
+    written[2].meta.task = "t2v"
+    with ShardWriter(str(tmp_path), "part", ShardConfig(max_samples=2)) as writer:
+        for s in written:
+            writer.write(s)
+    plain = list(schema.iter_samples(str(tmp_path)))
+    via_wds = list(schema.webdataset_samples(str(tmp_path)))
+    assert plain == written
+    assert via_wds == written
+    assert plain[1].source_member == "src.png" and plain[2].source is None
+    # Two ranks split the shards between them, covering every sample exactly once.
+    keys = [s.key for r in range(2) for s in schema.webdataset_samples(str(tmp_path), rank=r, world_size=2)]
+    assert sorted(keys) == sorted(s.key for s in written)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('unpickled!')",))
+
+
+def test_unknown_members_are_never_unpickled(tmp_path):
+    sample = make_sample(0)
+    shard = tmp_path / "evil.tar"
+    with tarfile.open(shard, "w") as tar:
+        for ext, data in {**sample.members(), "pyd": pickle.dumps(_Boom()), "pickle": pickle.dumps(_Boom())}.items():
+            info = tarfile.TarInfo(f"{sample.key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert list(schema.iter_samples(str(shard))) == [sample]
+    assert list(schema.webdataset_samples([str(shard)])) == [sample]
+
+
+def test_corrupt_shard_and_missing_members(tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(SchemaError, match="bad.tar"):
+        list(schema.iter_samples(str(bad)))
+    with pytest.raises(SchemaError, match="no json member"):
+        Sample.from_members({"__key__": "k", "tgt.mp4": b"x"})
+    meta = make_sample(0).meta
+    with pytest.raises(SchemaError, match="no target member tgt.mp4"):
+        Sample.from_members({"__key__": meta.key, "json": meta.to_json()})
+    with pytest.raises(SchemaError, match="does not match metadata key"):
+        Sample.from_members({"__key__": "other", "json": meta.to_json(), "tgt.mp4": b"x"})

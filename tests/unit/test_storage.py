@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sama import storage
+from sama.storage import StorageError
+
+
+def test_parse_schemes(tmp_path):
+    assert storage.parse("s3://bucket/a/b").path == "bucket/a/b"
+    assert storage.parse("s3://bucket/a/").path == "bucket/a"
+    assert storage.parse(f"file://{tmp_path}/x").path == f"{tmp_path}/x"
+    assert storage.parse("relative/x").path == os.path.abspath("relative/x")
+    with pytest.raises(StorageError, match="unsupported URI scheme 'gs'"):
+        storage.parse("gs://bucket/x")
+    with pytest.raises(StorageError, match="needs a bucket"):
+        storage.parse("s3:///x")
+
+
+def test_join_keeps_scheme(tmp_path):
+    assert storage.join("s3://b/p", "x", "y.tar") == "s3://b/p/x/y.tar"
+    assert storage.join(str(tmp_path), "a") == os.path.join(str(tmp_path), "a")
+
+
+def test_write_read_list_delete(tmp_path):
+    base = str(tmp_path / "root")
+    storage.write_bytes(storage.join(base, "a", "1.mp4"), b"one")
+    storage.write_text(storage.join(base, "b", "2.txt"), "two")
+    storage.write_bytes(storage.join(base, ".hidden.mp4"), b"h")
+    assert storage.read_bytes(storage.join(base, "a", "1.mp4")) == b"one"
+    assert storage.read_text(storage.join(base, "b", "2.txt")) == "two"
+    assert storage.list_files(base) == [storage.join(base, "a", "1.mp4"), storage.join(base, "b", "2.txt")]
+    assert storage.list_files(base, suffixes=(".MP4",)) == [storage.join(base, "a", "1.mp4")]
+    assert storage.list_files(str(tmp_path / "absent")) == []
+    assert storage.size(storage.join(base, "a", "1.mp4")) == 3
+    storage.delete(base, recursive=True)
+    assert not storage.exists(base)
+
+
+def test_missing_file_error_names_uri(tmp_path):
+    missing = str(tmp_path / "nope.mp4")
+    with pytest.raises(StorageError, match="nope.mp4: no such file"):
+        storage.read_bytes(missing)
+    with pytest.raises(StorageError, match="is a directory"):
+        storage.open_read(str(tmp_path))
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out" / "shard.tar"
+    with pytest.raises(RuntimeError, match="boom"), storage.atomic_writer(str(target)) as handle:
+        handle.write(b"partial data")
+        raise RuntimeError("boom")
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary file left behind either
+    storage.write_bytes(str(target), b"complete")
+    assert target.read_bytes() == b"complete"
+
+
+def test_atomic_overwrite_is_all_or_nothing(tmp_path):
+    target = tmp_path / "summary.json"
+    storage.write_text(str(target), "old")
+    with pytest.raises(ValueError), storage.atomic_writer(str(target)) as handle:
+        handle.write(b"new but unfinished")
+        raise ValueError
+    assert target.read_text() == "old"
+
+
+def test_s3_options_come_from_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    opts = storage.s3_options()
+    assert opts == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")
+    assert storage.s3_options()["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:10"
