@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 
 # Subcommands whose implementation has not landed yet, and the issue that brings each.
 PENDING: dict[str, str] = {
-    "prep-pretext": "the pretext data-prep job (issue 3)",
     "prep-pairs": "the paired-edit data-prep job (issue 4)",
     "train": "the Ray Train trainer (issue 6)",
     "edit": "the SAMA model and editing pipeline (issue 5)",
@@ -97,6 +96,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve(cls, args: argparse.Namespace, extra: list[str]):
+    """Defaults <- --config file <- command-line flags <- --set overrides; prints it on request."""
+    from sama import config
+
+    cfg = config.load(cls, args.config, [*extra, *args.overrides])
+    if args.print_config:
+        print(config.dumps(cfg), end="")
+    return cfg
+
+
+def _cmd_prep_pretext(args: argparse.Namespace) -> int:
+    from sama.prep.pretext_job import PrepPretextConfig
+
+    cfg = _resolve(PrepPretextConfig, args, [f"input.uri={args.input}", f"output.uri={args.output}"])
+    if args.print_config:
+        return 0
+    from pipelines import prep_pretext
+
+    summary = prep_pretext.run(cfg, overwrite=args.overwrite)
+    print(
+        f"{summary.samples} clips in {summary.shards} shards from {summary.accepted}/{summary.inputs_seen} "
+        f"inputs ({summary.rejected} rejected) -> {cfg.output.uri}"
+    )
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from sama import quickstart
 
@@ -111,6 +136,7 @@ def _pending(command: str) -> Callable[[argparse.Namespace], int]:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "prep-pretext": _cmd_prep_pretext,
     "inspect": _cmd_inspect,
     "quickstart": _cmd_quickstart,
 }

@@ -301,7 +301,12 @@ def load(cls: type[T], config_file: str | os.PathLike | None = None, overrides: 
         obj = apply_override(obj, assignment)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return obj
 
 

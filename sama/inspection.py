@@ -23,6 +23,7 @@ class ShardReport:
     per_bucket: Counter = field(default_factory=Counter)
     per_source: Counter = field(default_factory=Counter)
     per_media: Counter = field(default_factory=Counter)
+    per_dataset: Counter = field(default_factory=Counter)
     example: schema.SampleMeta | None = None
     exported: list[str] = field(default_factory=list)
 
@@ -36,6 +37,7 @@ class ShardReport:
             "per_bucket": dict(sorted(self.per_bucket.items())),
             "per_source": dict(self.per_source.most_common()),
             "per_media": dict(sorted(self.per_media.items())),
+            "per_dataset": dict(sorted(self.per_dataset.items())),
             "example": dataclasses.asdict(self.example) if self.example else None,
             "exported": self.exported,
         }
@@ -45,7 +47,12 @@ class ShardReport:
             f"shards:  {len(self.shards)} under {self.prefix}",
             f"samples: {self.samples}  ({self.bytes / 1e6:.1f} MB of members)",
         ]
-        groups = (("task", self.per_task), ("bucket", self.per_bucket), ("media", self.per_media))
+        groups = (
+            ("task", self.per_task),
+            ("bucket", self.per_bucket),
+            ("media", self.per_media),
+            ("dataset", self.per_dataset),
+        )
         for title, counts in groups:
             lines.append(f"per {title}:")
             lines.extend(f"  {name:<24} {count}" for name, count in sorted(counts.items()))
@@ -62,11 +69,9 @@ class ShardReport:
 
 
 def source_label(meta: schema.SampleMeta) -> str:
-    """How samples are grouped 'per source': the dataset name when known, else the input's folder."""
-    if meta.dataset:
-        return meta.dataset
-    parent = os.path.dirname(meta.source_uri.rstrip("/"))
-    return parent or meta.source_uri
+    """How samples are grouped 'per source': the folder (or tar) the input came from."""
+    uri = meta.source_uri.split("#", 1)[0] if "#" in meta.source_uri else os.path.dirname(meta.source_uri)
+    return uri or meta.source_uri
 
 
 def inspect_shards(
@@ -93,6 +98,7 @@ def inspect_shards(
         report.per_bucket[meta.bucket] += 1
         report.per_media[meta.media] += 1
         report.per_source[source_label(meta)] += 1
+        report.per_dataset[meta.dataset or "-"] += 1
         if chosen is None and sample is not None and (sample == position or sample == meta.key):
             chosen = item
     if sample is not None and chosen is None:

@@ -1,0 +1,60 @@
+"""Ray plumbing shared by the data-prep jobs: connect, fan units out over Ray Data, gather results.
+
+A job lists its inputs on the driver, groups them into work units and hands them here. Each unit
+becomes one row (and one block, so units run in parallel) of a Ray Data dataset; a ``map`` runs
+the job's pure ``process_unit`` on CPU workers, which write shards and completion markers
+themselves. Only the small per-unit results stream back to the driver, which logs progress and
+writes the summary. Ray Data provides scheduling, backpressure, retries and progress bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from sama.prep import ledger
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` (or RAY_ADDRESS), or start a local Ray when neither is set."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=target, log_to_driver=True, configure_logging=False)
+
+
+def run_units(
+    units: list[str],
+    process: Callable[[str], ledger.UnitResult],
+    *,
+    what: str,
+    num_cpus_per_task: float = 1.0,
+    concurrency: int | None = None,
+    progress_interval_s: float = 10.0,
+) -> list[ledger.UnitResult]:
+    """Run ``process`` over serialised ``units`` on Ray Data workers; returns results as they finish."""
+    import ray.data
+
+    if not units:
+        return []
+
+    def run_one(row: dict) -> dict:
+        return {"result": process(row["unit"]).to_json()}
+
+    dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
+    map_kwargs: dict = {"num_cpus": num_cpus_per_task}
+    if concurrency:
+        map_kwargs["concurrency"] = concurrency
+    dataset = dataset.map(run_one, **map_kwargs)
+    progress = ledger.Progress(what, len(units), progress_interval_s)
+    results = []
+    for row in dataset.iter_rows():
+        result = ledger.UnitResult.from_json(row["result"])
+        results.append(result)
+        progress.update(result)
+    return results

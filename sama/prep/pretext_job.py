@@ -1,0 +1,291 @@
+"""The pretext data-prep job's stages: raw video -> clips -> pretext samples -> shards.
+
+Pure functions over one video or one work unit; the Ray Data pipeline
+(``pipelines/prep_pretext.py``) only schedules them. Per video: probe, reject what cannot give a
+clip, plan clips of 4k+1 frames at the target fps, decode each (seeking, resized and cropped to
+the nearest aspect-ratio bucket), draw its pretext task from the 1:2:3:4 mix deterministically
+from the seed and clip id, perturb the source, encode both and build the schema sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tarfile
+import time
+from dataclasses import dataclass, field
+
+from sama import schema, video
+from sama.buckets import Bucket, BucketConfig, is_4k_plus_1
+from sama.prep import ledger
+from sama.prep.inputs import InputConfig, VideoInput, WorkUnit, iter_tar_videos
+from sama.pretext import PretextConfig, apply_task, choose_task, instruction_for, task_rng
+from sama.schema import ShardConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipConfig:
+    """How clips are cut from a video."""
+
+    # Frames per clip: 4k+1 (49 or 81 in SAMA).
+    num_frames: int = 49
+    # Clips are resampled to this rate (Wan2.1 generates 16 fps).
+    fps: float = 16.0
+    # At most this many clips per video, starting at ``start_offset_s`` and every ``stride_s``.
+    max_clips_per_video: int = 1
+    # Seconds between clip starts; None = the clip duration (back-to-back, no overlap).
+    stride_s: float | None = None
+    start_offset_s: float = 0.0
+    # Videos whose shorter side is below this are rejected as too small.
+    min_side: int = 128
+
+    def validate(self) -> None:
+        if not is_4k_plus_1(self.num_frames):
+            raise ValueError(f"clips.num_frames must be 4k+1 (e.g. 49, 81), got {self.num_frames}")
+        if self.fps <= 0:
+            raise ValueError("clips.fps must be positive")
+        if self.max_clips_per_video < 1:
+            raise ValueError("clips.max_clips_per_video must be >= 1")
+        if self.stride_s is not None and self.stride_s <= 0:
+            raise ValueError("clips.stride_s must be positive")
+        if self.start_offset_s < 0:
+            raise ValueError("clips.start_offset_s must be >= 0")
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps
+
+
+@dataclass
+class EncodeConfig:
+    """H.264 settings for the encoded source and target clips."""
+
+    crf: int = 18
+    preset: str = "fast"
+    # Keyframe interval in frames; None = libx264's default.
+    gop: int | None = None
+
+
+@dataclass
+class RayConfig:
+    """How the job runs on Ray (the cluster comes from RAY_ADDRESS when address is unset)."""
+
+    address: str | None = None
+    # CPUs reserved per unit task; decode and encode run single-threaded inside it.
+    num_cpus_per_task: float = 1.0
+    # Upper bound on concurrent unit tasks (None = as many as the cluster's CPUs allow).
+    concurrency: int | None = None
+    # Seconds between progress log lines.
+    progress_interval_s: float = 10.0
+
+
+@dataclass
+class OutputConfig:
+    uri: str = ""
+
+
+@dataclass
+class PrepPretextConfig:
+    """``sama prep-pretext``: raw videos -> motion-alignment pretext shards."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    clips: ClipConfig = field(default_factory=ClipConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    # Seeds the per-clip task draw (with the clip id), so reruns assign the same tasks.
+    seed: int = 0
+    # Recorded in every sample's metadata (``dataset``) and used by `sama inspect`.
+    dataset: str = "raw-video"
+
+    def validate(self) -> None:
+        for part in (self.input, self.clips, self.buckets, self.pretext, self.shards):
+            part.validate()
+
+
+class RejectInput(Exception):
+    """A video the job cannot use; ``reason`` is the kind recorded in the rejects file."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def plan_clips(duration_s: float, cfg: ClipConfig) -> list[float]:
+    """Start times of the clips a video of ``duration_s`` seconds gives (empty if too short).
+
+    A small margin (half a frame at the target rate) absorbs rounding of container durations.
+    """
+    margin = 0.5 / cfg.fps
+    usable = duration_s - cfg.start_offset_s - cfg.duration_s + margin
+    if usable < 0:
+        return []
+    stride = cfg.stride_s or cfg.duration_s
+    count = min(cfg.max_clips_per_video, int(math.floor(usable / stride)) + 1)
+    return [round(cfg.start_offset_s + i * stride, 6) for i in range(count)]
+
+
+def check_video(info: video.VideoInfo, cfg: PrepPretextConfig) -> list[float]:
+    """Reject videos that cannot give one clip; returns the planned clip starts."""
+    if not info.has_video:
+        raise RejectInput("no_video_stream", f"{info.uri}: no video stream")
+    if min(info.width, info.height) < cfg.clips.min_side:
+        raise RejectInput(
+            "too_small",
+            f"{info.uri}: {info.width}x{info.height} is below clips.min_side={cfg.clips.min_side}",
+        )
+    starts = plan_clips(info.duration_s, cfg.clips)
+    if not starts:
+        raise RejectInput(
+            "too_short",
+            f"{info.uri}: {info.duration_s:.2f}s ({info.num_frames} frames) is shorter than one clip of "
+            f"{cfg.clips.num_frames} frames at {cfg.clips.fps:g} fps ({cfg.clips.duration_s:.2f}s)",
+        )
+    return starts
+
+
+def make_clip_sample(
+    frames,
+    input_id: str,
+    clip_index: int,
+    start_s: float,
+    caption: str,
+    bucket: Bucket,
+    cfg: PrepPretextConfig,
+) -> schema.Sample:
+    """Turn one decoded clip (the target) into a pretext sample."""
+    key = schema.sample_key(input_id, clip_index, start_s)
+    rng = task_rng(cfg.seed, key)
+    task = choose_task(rng, cfg.pretext.weights)
+    result = apply_task(task, frames, rng, cfg.pretext)
+    enc = cfg.encode
+    target = video.encode_mp4(frames, cfg.clips.fps, crf=enc.crf, preset=enc.preset, gop=enc.gop)
+    source = None
+    if result.source is not None:
+        source = video.encode_mp4(result.source, cfg.clips.fps, crf=enc.crf, preset=enc.preset, gop=enc.gop)
+    meta = schema.SampleMeta(
+        key=key,
+        task=task,
+        media="video",
+        instruction=instruction_for(task, caption),
+        caption=caption,
+        fps=cfg.clips.fps,
+        num_frames=len(frames),
+        height=bucket.height,
+        width=bucket.width,
+        bucket=bucket.name,
+        source_uri=input_id,
+        span=[start_s, round(start_s + cfg.clips.duration_s, 6)],
+        source_num_frames=None if result.source is None else len(result.source),
+        pretext=result.params,
+        dataset=cfg.dataset,
+    )
+    return schema.Sample(meta=meta, target=target, source=source)
+
+
+def video_samples(source: str, item: VideoInput, cfg: PrepPretextConfig) -> list[schema.Sample]:
+    """All samples of one video (``source`` is where to read it: its URI or a local spool file).
+
+    Raises RejectInput (or VideoDecodeError) when the video is unusable; a video with a clip that
+    fails to decode is rejected whole, so a damaged file never contributes partial samples.
+    """
+    info = video.probe(source, uri=item.input_id)
+    starts = check_video(info, cfg)
+    bucket = cfg.buckets.nearest(info.height, info.width)
+    caption = item.resolve_caption()
+    samples = []
+    for index, start in enumerate(starts):
+        frames = video.decode_clip(
+            source,
+            start_s=start,
+            num_frames=cfg.clips.num_frames,
+            fps=cfg.clips.fps,
+            size=(bucket.height, bucket.width),
+            uri=item.input_id,
+        )
+        samples.append(make_clip_sample(frames, item.input_id, index, start, caption, bucket, cfg))
+    return samples
+
+
+class UnitWriter:
+    """Shard writers of one unit, one per bucket: ``shards/<bucket>/<unit_id>-NNNNNN.tar``."""
+
+    def __init__(self, output_uri: str, unit_id: str, shards: ShardConfig):
+        self.root = ledger.shards_uri(output_uri)
+        self.unit_id = unit_id
+        self.shards = shards
+        self.writers: dict[str, schema.ShardWriter] = {}
+
+    def write(self, sample: schema.Sample) -> None:
+        bucket = sample.meta.bucket
+        if bucket not in self.writers:
+            stem = ledger.shard_stem(bucket, self.unit_id)
+            self.writers[bucket] = schema.ShardWriter(self.root, stem, self.shards)
+        self.writers[bucket].write(sample)
+
+    def close(self, result: ledger.UnitResult) -> None:
+        for bucket in sorted(self.writers):
+            for info in self.writers[bucket].close():
+                result.shards.append({"uri": info.uri, "samples": info.samples, "bytes": info.bytes})
+                result.bytes += info.bytes
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def _reject_from(exc: Exception, input_id: str) -> ledger.Reject:
+    if isinstance(exc, RejectInput):
+        return ledger.Reject(input_id, exc.reason, exc.detail)
+    if isinstance(exc, video.VideoDecodeError):
+        return ledger.Reject(input_id, exc.kind, str(exc))
+    if isinstance(exc, OSError):
+        return ledger.Reject(input_id, "unreadable", f"{input_id}: {exc}")
+    # A bug or an unexpected library failure: recorded, never silently dropped.
+    return ledger.Reject(input_id, "error", f"{input_id}: {type(exc).__name__}: {exc}")
+
+
+def process_unit(unit: WorkUnit, cfg: PrepPretextConfig) -> ledger.UnitResult:
+    """Process every video of a unit, write its shards, then its completion marker."""
+    started = time.monotonic()
+    result = ledger.UnitResult(unit_id=unit.unit_id, sources=unit.input_ids)
+    writer = UnitWriter(cfg.output.uri, unit.unit_id, cfg.shards)
+
+    def handle(source: str, item: VideoInput) -> None:
+        result.inputs.append(item.input_id)
+        try:
+            samples = video_samples(source, item, cfg)
+        except Exception as exc:  # every failure becomes a recorded reject; the unit goes on
+            reject = _reject_from(exc, item.input_id)
+            log.info("rejected %s: %s", item.input_id, reject.reason)
+            result.rejects.append(reject)
+            return
+        for sample in samples:
+            writer.write(sample)
+            result.add_sample(sample)
+        result.accepted.append(item.input_id)
+
+    try:
+        if unit.tar_uri:
+            try:
+                for item, path in iter_tar_videos(unit.tar_uri, tuple(cfg.input.suffixes)):
+                    handle(path, item)
+            except (OSError, EOFError, tarfile.TarError) as exc:  # the tar is unreadable past here
+                result.inputs.append(unit.tar_uri)
+                result.rejects.append(ledger.Reject(unit.tar_uri, "bad_tar", f"{unit.tar_uri}: {exc}"))
+        else:
+            for item in unit.videos:
+                handle(item.input_id, item)
+        writer.close(result)
+    except BaseException:
+        writer.abort()
+        raise
+    result.seconds = round(time.monotonic() - started, 3)
+    ledger.write_marker(cfg.output.uri, result)
+    return result
