@@ -43,14 +43,20 @@ def run_units(
     if not units:
         return []
 
+    # The pipeline is one map over units. Ray Data's per-operator resource reservation would hold
+    # back half the cluster's CPUs for operators that do not exist (measured on 2 CPUs: 8 one-second
+    # units took 8.5 s with it, 4.1 s without).
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+
     def run_one(row: dict) -> dict:
         return {"result": process(row["unit"]).to_json()}
 
     dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
     map_kwargs: dict = {"num_cpus": num_cpus_per_task}
     if concurrency:
-        map_kwargs["concurrency"] = concurrency
-    dataset = dataset.map(run_one, **map_kwargs)
+        map_kwargs["compute"] = ray.data.TaskPoolStrategy(size=concurrency)
+    # Ray Data retries a failed task; a retried unit rewrites the same shard names, so no duplicates.
+    dataset = dataset.map(run_one, max_retries=3, **map_kwargs)
     progress = ledger.Progress(what, len(units), progress_interval_s)
     results = []
     for row in dataset.iter_rows():

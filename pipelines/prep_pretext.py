@@ -55,6 +55,7 @@ def run(cfg: PrepPretextConfig, overwrite: bool = False) -> ledger.Summary:
         progress_interval_s=cfg.ray.progress_interval_s,
     )
     results = ledger.read_markers(cfg.output.uri)
+    ledger.remove_orphan_shards(cfg.output.uri, results)
     summary = ledger.summarize(results, run_results, time.monotonic() - started)
     ledger.write_summary(cfg.output.uri, results, summary)
     log.info(

@@ -1,8 +1,9 @@
 """Finding raw videos and their captions under a URI prefix, and grouping them into work units.
 
-Inputs are plain video files (mp4, mov, mkv, webm) and/or tar shards of videos. A caption comes,
-in order of precedence, from a caption manifest (parquet, jsonl or csv mapping path -> caption), a
-sidecar ``.txt``/``.json`` beside the file, or a member with the same key inside the tar.
+Inputs are plain video files (mp4, mov, mkv, webm) and/or tar shards of videos. A plain file's
+caption comes from a caption manifest (parquet, jsonl or csv mapping path -> caption) when it lists
+the file, else from a sidecar ``.txt``/``.json`` beside it. A video inside a tar takes its caption
+from the member with the same key (``clip1.mp4`` + ``clip1.txt``/``clip1.json``).
 """
 
 from __future__ import annotations
@@ -115,10 +116,14 @@ def read_table(uri: str) -> list[dict]:
     """Rows of a csv, jsonl or parquet file as dicts (values kept as parsed)."""
     suffix = posixpath.splitext(storage.parse(uri).path)[1].lower()
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         with storage.open_read(uri) as handle:
-            return pq.read_table(handle).to_pylist()
+            try:
+                return pq.read_table(handle).to_pylist()
+            except (pa.ArrowException, OSError) as exc:
+                raise ValueError(f"{uri}: not a readable parquet file ({exc})") from None
     text = storage.read_text(uri)
     if suffix in (".jsonl", ".ndjson"):
         rows = []
@@ -249,6 +254,8 @@ def iter_tar_videos(tar_uri: str, suffixes: tuple[str, ...]) -> Iterator[tuple[V
             if not info.isfile():
                 continue
             base = posixpath.basename(info.name)
+            if base.startswith("."):  # e.g. macOS resource forks (._clip.mp4)
+                continue
             key = posixpath.join(posixpath.dirname(info.name), base.split(".", 1)[0])
             if key != current_key:
                 yield from flush()

@@ -93,21 +93,22 @@ def read_markers(output_uri: str) -> list[UnitResult]:
     return [UnitResult.from_json(storage.read_text(u)) for u in uris]
 
 
-def unit_id_of_shard(shard_uri: str) -> str:
-    name = storage.basename(shard_uri)
-    return name.rsplit("-", 1)[0]
+def remove_orphan_shards(output_uri: str, completed: Iterable[UnitResult]) -> list[str]:
+    """Delete every shard no completion marker lists; returns what was deleted.
 
-
-def remove_orphan_shards(output_uri: str, completed: Iterable[str]) -> list[str]:
-    """Delete shards written by units that never committed a marker; returns what was deleted."""
-    done = set(completed)
+    That covers shards of units that never committed (a killed run) and leftovers of a failed
+    attempt of a unit that a retry then committed with fewer shards.
+    """
+    listed = {storage.parse(shard["uri"]).path for result in completed for shard in result.shards}
     removed = []
     for uri in schema.list_shards(shards_uri(output_uri)):
-        if unit_id_of_shard(uri) not in done:
+        if storage.parse(uri).path not in listed:
             storage.delete(uri)
             removed.append(uri)
     if removed:
-        log.info("removed %d shard(s) of unfinished units from an earlier run", len(removed))
+        log.info(
+            "removed %d shard(s) that no completed unit lists (unfinished or retried work)", len(removed)
+        )
     return removed
 
 
@@ -123,7 +124,7 @@ def prepare_output(output_uri: str, overwrite: bool) -> list[UnitResult]:
             storage.delete(storage.join(output_uri, name))
         return []
     done = read_markers(output_uri)
-    remove_orphan_shards(output_uri, (r.unit_id for r in done))
+    remove_orphan_shards(output_uri, done)
     return done
 
 

@@ -19,7 +19,12 @@ def test_default_buckets_are_sama_480p():
 
 @pytest.mark.parametrize(
     ("size", "ratio"),
-    [((720, 1280), (448, 896)), ((1080, 1080), (640, 640)), ((1280, 720), (896, 448)), ((480, 640), (544, 736))],
+    [
+        ((720, 1280), (448, 896)),
+        ((1080, 1080), (640, 640)),
+        ((1280, 720), (896, 448)),
+        ((480, 640), (544, 736)),
+    ],
 )
 def test_nearest_bucket(size, ratio):
     assert BucketConfig().nearest(*size) == Bucket(*ratio)

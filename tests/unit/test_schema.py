@@ -94,11 +94,16 @@ def test_shards_are_byte_identical_for_the_same_samples(tmp_path):
         with ShardWriter(str(tmp_path / name), "part") as writer:
             for i in range(3):
                 writer.write(make_sample(i))
-    assert (tmp_path / "a" / "part-000000.tar").read_bytes() == (tmp_path / "b" / "part-000000.tar").read_bytes()
+    assert (tmp_path / "a" / "part-000000.tar").read_bytes() == (
+        tmp_path / "b" / "part-000000.tar"
+    ).read_bytes()
 
 
 def test_failure_discards_only_the_open_shard(tmp_path):
-    with pytest.raises(RuntimeError), ShardWriter(str(tmp_path), "part", ShardConfig(max_samples=2)) as writer:
+    with (
+        pytest.raises(RuntimeError),
+        ShardWriter(str(tmp_path), "part", ShardConfig(max_samples=2)) as writer,
+    ):
         for i in range(3):
             writer.write(make_sample(i))
         raise RuntimeError("worker died")
@@ -106,7 +111,11 @@ def test_failure_discards_only_the_open_shard(tmp_path):
 
 
 def test_read_back_through_both_readers(tmp_path):
-    written = [make_sample(0), make_sample(1, media="image", task="image_edit"), make_sample(2, with_source=False)]
+    written = [
+        make_sample(0),
+        make_sample(1, media="image", task="image_edit"),
+        make_sample(2, with_source=False),
+    ]
     written[2].meta.task = "t2v"
     with ShardWriter(str(tmp_path), "part", ShardConfig(max_samples=2)) as writer:
         for s in written:
@@ -130,7 +139,11 @@ def test_unknown_members_are_never_unpickled(tmp_path):
     sample = make_sample(0)
     shard = tmp_path / "evil.tar"
     with tarfile.open(shard, "w") as tar:
-        for ext, data in {**sample.members(), "pyd": pickle.dumps(_Boom()), "pickle": pickle.dumps(_Boom())}.items():
+        for ext, data in {
+            **sample.members(),
+            "pyd": pickle.dumps(_Boom()),
+            "pickle": pickle.dumps(_Boom()),
+        }.items():
             info = tarfile.TarInfo(f"{sample.key}.{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
