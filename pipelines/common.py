@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from sama.prep import ledger
@@ -64,3 +65,64 @@ def run_units(
         results.append(result)
         progress.update(result)
     return results
+
+
+def run_job(
+    *,
+    name: str,
+    cfg,
+    output_uri: str,
+    overwrite: bool,
+    list_units: Callable[[set[str]], tuple[list, int]],
+    process: Callable[[str], ledger.UnitResult],
+    ray_cfg,
+    what: str,
+) -> ledger.Summary:
+    """The driver of a data-prep job, from output preparation to the summary.
+
+    ``list_units(done_sources)`` lists the pending work units (objects with ``to_json``) given the
+    inputs completed units already cover; ``process(unit_json)`` runs one on a worker.
+    """
+    from sama import config, storage
+
+    started = time.monotonic()
+    done = ledger.prepare_output(output_uri, overwrite)
+    done_sources = {source for result in done for source in result.sources}
+    units, skipped = list_units(done_sources)
+    log.info(
+        "%s: %d unit(s) to process, %d input(s) already done by %d unit(s), output %s",
+        name,
+        len(units),
+        skipped,
+        len(done),
+        output_uri,
+    )
+    config.save(cfg, storage.join(output_uri, ledger.CONFIG_FILE))
+    if units:
+        connect(ray_cfg.address)
+    run_results = run_units(
+        [u.to_json() for u in units],
+        process,
+        what=what,
+        num_cpus_per_task=ray_cfg.num_cpus_per_task,
+        concurrency=ray_cfg.concurrency,
+        progress_interval_s=ray_cfg.progress_interval_s,
+    )
+    results = ledger.read_markers(output_uri)
+    ledger.remove_orphan_shards(output_uri, results)
+    summary = ledger.summarize(results, run_results, time.monotonic() - started)
+    ledger.write_summary(output_uri, results, summary)
+    log.info(
+        "%s done: %d inputs, %d accepted, %d rejected %s, %d %s in %d shards, %.2f %s/s",
+        name,
+        summary.inputs_seen,
+        summary.accepted,
+        summary.rejected,
+        summary.rejected_per_reason,
+        summary.samples,
+        what,
+        summary.shards,
+        summary.samples_per_s,
+        what,
+    )
+    return summary

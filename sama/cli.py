@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 
 # Subcommands whose implementation has not landed yet, and the issue that brings each.
 PENDING: dict[str, str] = {
-    "prep-pairs": "the paired-edit data-prep job (issue 4)",
     "train": "the Ray Train trainer (issue 6)",
     "edit": "the SAMA model and editing pipeline (issue 5)",
 }
@@ -122,6 +121,23 @@ def _cmd_prep_pretext(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prep_pairs(args: argparse.Namespace) -> int:
+    from sama.prep.pairs_job import PrepPairsConfig
+
+    manifests = json.dumps(args.manifest)
+    cfg = _resolve(PrepPairsConfig, args, [f"input.manifests={manifests}", f"output.uri={args.output}"])
+    if args.print_config:
+        return 0
+    from pipelines import prep_pairs
+
+    summary = prep_pairs.run(cfg, overwrite=args.overwrite)
+    print(
+        f"{summary.samples} pairs in {summary.shards} shards from {summary.accepted}/{summary.inputs_seen} "
+        f"rows ({summary.rejected} rejected, {summary.duplicates} duplicates) -> {cfg.output.uri}"
+    )
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from sama import quickstart
 
@@ -137,6 +153,7 @@ def _pending(command: str) -> Callable[[argparse.Namespace], int]:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prep-pretext": _cmd_prep_pretext,
+    "prep-pairs": _cmd_prep_pairs,
     "inspect": _cmd_inspect,
     "quickstart": _cmd_quickstart,
 }

@@ -803,6 +803,9 @@ def decode_clip(
                     # One allocation for the whole clip instead of a list plus np.stack.
                     out = np.empty((num_frames, *arr.shape), dtype=np.uint8)
                 out[count] = arr
+                # Release the frame before pulling the next, so the allocator can reuse its
+                # buffer for the next conversion instead of faulting in fresh pages.
+                del arr
             count += 1
             if num_frames is not None and count == num_frames:
                 break

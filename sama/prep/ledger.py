@@ -1,7 +1,7 @@
 """The output ledger of a data-prep job: completion markers, the summary and the rejects file.
 
 A job splits its inputs into *units* (a batch of files, or one input tar). A unit writes its
-shards under ``shards/<bucket>/<unit_id>-NNNNNN.tar`` and, last of all, its completion marker
+shards under ``shards/<media>/<bucket>/<unit_id>-NNNNNN.tar`` and, last of all, its completion marker
 ``_markers/<unit_id>.json`` listing what it accepted, rejected and wrote. The marker is the commit
 point: a rerun skips inputs covered by markers and deletes shards whose unit has no marker (left
 by a killed run), so a killed-then-rerun job ends with exactly the samples of an uninterrupted run.
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sama import schema, storage
+from sama.schema import ShardConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,34 @@ def shards_uri(output_uri: str) -> str:
     return storage.join(output_uri, SHARDS_DIR)
 
 
-def shard_stem(bucket: str, unit_id: str) -> str:
-    return f"{bucket}/{unit_id}"
+class UnitWriter:
+    """Shard writers of one unit, one per media and bucket: ``shards/<media>/<bucket>/<unit_id>-N.tar``.
+
+    Images and videos go to separate shards so a trainer can batch them apart.
+    """
+
+    def __init__(self, output_uri: str, unit_id: str, shards: ShardConfig):
+        self.root = shards_uri(output_uri)
+        self.unit_id = unit_id
+        self.shards = shards
+        self.writers: dict[str, schema.ShardWriter] = {}
+
+    def write(self, sample: schema.Sample) -> None:
+        group = f"{sample.meta.media}/{sample.meta.bucket}"
+        if group not in self.writers:
+            stem = f"{group}/{self.unit_id}"
+            self.writers[group] = schema.ShardWriter(self.root, stem, self.shards)
+        self.writers[group].write(sample)
+
+    def close(self, result: UnitResult) -> None:
+        for group in sorted(self.writers):
+            for info in self.writers[group].close():
+                result.shards.append({"uri": info.uri, "samples": info.samples, "bytes": info.bytes})
+                result.bytes += info.bytes
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
 
 
 def write_marker(output_uri: str, result: UnitResult) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from sama import schema, video
 from sama.buckets import Bucket, BucketConfig, is_4k_plus_1
 from sama.prep import ledger
+from sama.prep.common import EncodeConfig, OutputConfig, RayConfig, RejectInput, reject_from
 from sama.prep.inputs import InputConfig, VideoInput, WorkUnit, iter_tar_videos
 from sama.pretext import PretextConfig, apply_task, choose_task, instruction_for, task_rng
 from sama.schema import ShardConfig
@@ -59,34 +60,6 @@ class ClipConfig:
 
 
 @dataclass
-class EncodeConfig:
-    """H.264 settings for the encoded source and target clips."""
-
-    crf: int = 18
-    preset: str = "fast"
-    # Keyframe interval in frames; None = libx264's default.
-    gop: int | None = None
-
-
-@dataclass
-class RayConfig:
-    """How the job runs on Ray (the cluster comes from RAY_ADDRESS when address is unset)."""
-
-    address: str | None = None
-    # CPUs reserved per unit task; decode and encode run single-threaded inside it.
-    num_cpus_per_task: float = 1.0
-    # Upper bound on concurrent unit tasks (None = as many as the cluster's CPUs allow).
-    concurrency: int | None = None
-    # Seconds between progress log lines.
-    progress_interval_s: float = 10.0
-
-
-@dataclass
-class OutputConfig:
-    uri: str = ""
-
-
-@dataclass
 class PrepPretextConfig:
     """``sama prep-pretext``: raw videos -> motion-alignment pretext shards."""
 
@@ -106,15 +79,6 @@ class PrepPretextConfig:
     def validate(self) -> None:
         for part in (self.input, self.clips, self.buckets, self.pretext, self.shards):
             part.validate()
-
-
-class RejectInput(Exception):
-    """A video the job cannot use; ``reason`` is the kind recorded in the rejects file."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 def plan_clips(duration_s: float, cfg: ClipConfig) -> list[float]:
@@ -213,56 +177,18 @@ def video_samples(source: str, item: VideoInput, cfg: PrepPretextConfig) -> list
     return samples
 
 
-class UnitWriter:
-    """Shard writers of one unit, one per bucket: ``shards/<bucket>/<unit_id>-NNNNNN.tar``."""
-
-    def __init__(self, output_uri: str, unit_id: str, shards: ShardConfig):
-        self.root = ledger.shards_uri(output_uri)
-        self.unit_id = unit_id
-        self.shards = shards
-        self.writers: dict[str, schema.ShardWriter] = {}
-
-    def write(self, sample: schema.Sample) -> None:
-        bucket = sample.meta.bucket
-        if bucket not in self.writers:
-            stem = ledger.shard_stem(bucket, self.unit_id)
-            self.writers[bucket] = schema.ShardWriter(self.root, stem, self.shards)
-        self.writers[bucket].write(sample)
-
-    def close(self, result: ledger.UnitResult) -> None:
-        for bucket in sorted(self.writers):
-            for info in self.writers[bucket].close():
-                result.shards.append({"uri": info.uri, "samples": info.samples, "bytes": info.bytes})
-                result.bytes += info.bytes
-
-    def abort(self) -> None:
-        for writer in self.writers.values():
-            writer.abort()
-
-
-def _reject_from(exc: Exception, input_id: str) -> ledger.Reject:
-    if isinstance(exc, RejectInput):
-        return ledger.Reject(input_id, exc.reason, exc.detail)
-    if isinstance(exc, video.VideoDecodeError):
-        return ledger.Reject(input_id, exc.kind, str(exc))
-    if isinstance(exc, OSError):
-        return ledger.Reject(input_id, "unreadable", f"{input_id}: {exc}")
-    # A bug or an unexpected library failure: recorded, never silently dropped.
-    return ledger.Reject(input_id, "error", f"{input_id}: {type(exc).__name__}: {exc}")
-
-
 def process_unit(unit: WorkUnit, cfg: PrepPretextConfig) -> ledger.UnitResult:
     """Process every video of a unit, write its shards, then its completion marker."""
     started = time.monotonic()
     result = ledger.UnitResult(unit_id=unit.unit_id, sources=unit.input_ids)
-    writer = UnitWriter(cfg.output.uri, unit.unit_id, cfg.shards)
+    writer = ledger.UnitWriter(cfg.output.uri, unit.unit_id, cfg.shards)
 
     def handle(source: str, item: VideoInput) -> None:
         result.inputs.append(item.input_id)
         try:
             samples = video_samples(source, item, cfg)
         except Exception as exc:  # every failure becomes a recorded reject; the unit goes on
-            reject = _reject_from(exc, item.input_id)
+            reject = reject_from(exc, item.input_id)
             log.info("rejected %s: %s", item.input_id, reject.reason)
             result.rejects.append(reject)
             return

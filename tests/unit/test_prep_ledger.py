@@ -135,7 +135,6 @@ def test_write_and_read_markers(tmp_path):
 def test_shard_naming_helpers():
     assert ledger.shards_uri("/out") == "/out/shards"
     assert ledger.shards_uri("s3://b/run") == "s3://b/run/shards"
-    assert ledger.shard_stem("64x96", UID_A) == f"64x96/{UID_A}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -350,13 +350,13 @@ def test_process_unit_mixed_good_and_bad_inputs(tmp_path, mixed_input):
     assert sum(result.per_task.values()) == 6
     shards_root = ledger.shards_uri(out)
     assert [(s["uri"], s["samples"]) for s in result.shards] == [
-        (f"{shards_root}/128x64/{unit.unit_id}-000000.tar", 2),
-        (f"{shards_root}/64x96/{unit.unit_id}-000000.tar", 2),
-        (f"{shards_root}/64x96/{unit.unit_id}-000001.tar", 2),
+        (f"{shards_root}/video/128x64/{unit.unit_id}-000000.tar", 2),
+        (f"{shards_root}/video/64x96/{unit.unit_id}-000000.tar", 2),
+        (f"{shards_root}/video/64x96/{unit.unit_id}-000001.tar", 2),
     ]
     assert schema.list_shards(shards_root) == sorted(s["uri"] for s in result.shards)
     for shard in result.shards:
-        assert re.fullmatch(rf"{re.escape(shards_root)}/\d+x\d+/{unit.unit_id}-\d{{6}}\.tar", shard["uri"])
+        assert re.fullmatch(rf"{re.escape(shards_root)}/video/\d+x\d+/{unit.unit_id}-\d{{6}}\.tar", shard["uri"])
         assert shard["bytes"] > 0
     assert result.bytes == sum(s["bytes"] for s in result.shards)
 

@@ -1,0 +1,57 @@
+"""Pieces shared by the data-prep jobs: output, encoding and Ray settings, and reject handling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sama import video
+from sama.prep import ledger
+
+
+@dataclass
+class EncodeConfig:
+    """H.264 settings for the encoded source and target clips."""
+
+    crf: int = 18
+    preset: str = "fast"
+    # Keyframe interval in frames; None = libx264's default.
+    gop: int | None = None
+
+
+@dataclass
+class RayConfig:
+    """How the job runs on Ray (the cluster comes from RAY_ADDRESS when address is unset)."""
+
+    address: str | None = None
+    # CPUs reserved per unit task; decode and encode run single-threaded inside it.
+    num_cpus_per_task: float = 1.0
+    # Upper bound on concurrent unit tasks (None = as many as the cluster's CPUs allow).
+    concurrency: int | None = None
+    # Seconds between progress log lines.
+    progress_interval_s: float = 10.0
+
+
+@dataclass
+class OutputConfig:
+    uri: str = ""
+
+
+class RejectInput(Exception):
+    """An input the job cannot use; ``reason`` is the kind recorded in the rejects file."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def reject_from(exc: Exception, input_id: str) -> ledger.Reject:
+    """The rejects-file entry for an input that raised ``exc``."""
+    if isinstance(exc, RejectInput):
+        return ledger.Reject(input_id, exc.reason, exc.detail)
+    if isinstance(exc, video.VideoDecodeError):
+        return ledger.Reject(input_id, exc.kind, str(exc))
+    if isinstance(exc, OSError):
+        return ledger.Reject(input_id, "unreadable", f"{input_id}: {exc}")
+    # A bug or an unexpected library failure: recorded, never silently dropped.
+    return ledger.Reject(input_id, "error", f"{input_id}: {type(exc).__name__}: {exc}")
