@@ -560,8 +560,9 @@ class _ClipReader:
     time the latest frame shown at that time. It stops as soon as the consumer stops pulling.
     """
 
-    def __init__(self, source, name, start_s, fps, size, stats):
+    def __init__(self, source, name, start_s, fps, size, stats, threads=None):
         self.source = source
+        self.threads = threads
         self.name = name
         self.start_s = float(start_s)
         self.fps = fps
@@ -578,6 +579,9 @@ class _ClipReader:
                 stream = _require_video_stream(container, self.name)
                 # Frame + slice threading; decoding dominates the cost of a clip.
                 stream.thread_type = "AUTO"
+                if self.threads:
+                    # A worker with a 1-CPU budget must not fan out over every core.
+                    stream.codec_context.thread_count = int(self.threads)
                 self.timing = _timing(container, stream)
                 sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
                 self.sample_aspect = Fraction(sar) if sar and sar > 0 else None
@@ -739,6 +743,7 @@ def iter_frames(
     size: tuple[int, int] | None = None,
     stats: DecodeStats | None = None,
     uri: str | None = None,
+    threads: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield HWC uint8 RGB frames from ``start_s`` to the end of the video, lazily.
 
@@ -748,7 +753,7 @@ def iter_frames(
     ``VideoDecodeError(kind="truncated")`` after the frames that exist were yielded.
     """
     _check_clip_args(start_s, None, fps, size)
-    reader = _ClipReader(source, _source_name(source, uri), start_s, fps, size, stats)
+    reader = _ClipReader(source, _source_name(source, uri), start_s, fps, size, stats, threads)
     return reader.frames()
 
 
@@ -760,6 +765,7 @@ def decode_clip(
     size: tuple[int, int] | None = None,
     stats: DecodeStats | None = None,
     uri: str | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Decode a clip as a THWC uint8 RGB array.
 
@@ -774,6 +780,8 @@ def decode_clip(
             center-crop to exactly that. None keeps the stored size (after rotation).
         stats: if given, work counters are added to it (see :class:`DecodeStats`).
         uri: the name used in errors (defaults to the URI, or ``"<bytes>"``).
+        threads: decoder threads (None = FFmpeg's choice, about one per core). Set it to the
+            CPUs a worker was given so parallel workers do not oversubscribe the machine.
 
     The decoder seeks to the keyframe before ``start_s`` and decodes only as far as the clip
     needs, so a short clip from the middle of a long file costs about one GOP plus the clip.
@@ -789,7 +797,7 @@ def decode_clip(
         ValueError: for invalid arguments.
     """
     _check_clip_args(start_s, num_frames, fps, size)
-    reader = _ClipReader(source, _source_name(source, uri), start_s, fps, size, stats)
+    reader = _ClipReader(source, _source_name(source, uri), start_s, fps, size, stats, threads)
     frames = reader.frames()
     out: np.ndarray | None = None
     collected: list[np.ndarray] = []
@@ -896,13 +904,16 @@ def encode_mp4(
     preset: str = "fast",
     *,
     gop: int | None = None,
+    threads: int | None = 1,
 ) -> bytes:
     """Encode THWC uint8 RGB frames as an H.264 (libx264, yuv420p) mp4, in memory.
 
     Height and width must be even (yuv420p halves the chroma planes); odd sizes raise
     ``ValueError`` rather than being padded, so decoding the result returns exactly the input's
     size. ``gop`` sets the maximum keyframe interval in frames (libx264's default is 250); a
-    shorter one makes seeking cheaper. The index (moov) is written at the end: ``+faststart``
+    shorter one makes seeking cheaper. ``threads`` is libx264's thread count: the default 1 makes
+    the output bytes reproducible (frame threads do not); None lets libx264 use every core.
+    The index (moov) is written at the end: ``+faststart``
     needs a second pass over a real file and fails on an in-memory buffer.
 
     Raises:
@@ -928,6 +939,10 @@ def encode_mp4(
         stream.options = {"crf": str(int(crf)), "preset": preset}
         if gop is not None:
             stream.codec_context.gop_size = int(gop)
+        if threads:
+            # libx264's frame threads make output bytes vary run to run; one thread is
+            # reproducible (same frames -> same mp4) and fits a 1-CPU worker budget.
+            stream.codec_context.thread_count = int(threads)
         time_base = 1 / rate
         for index, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")

@@ -16,6 +16,15 @@ class EncodeConfig:
     preset: str = "fast"
     # Keyframe interval in frames; None = libx264's default.
     gop: int | None = None
+    # Decoder and encoder threads per task. 1 matches a 1-CPU task budget and keeps the encoded
+    # bytes reproducible, so a rerun rewrites identical shards.
+    threads: int = 1
+
+    def encode(self, frames, fps: float) -> bytes:
+        """THWC uint8 frames -> H.264 mp4 bytes with these settings."""
+        return video.encode_mp4(
+            frames, fps, crf=self.crf, preset=self.preset, gop=self.gop, threads=self.threads
+        )
 
 
 @dataclass

@@ -417,9 +417,9 @@ def _video_pair(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
     fps, frames = align_videos(src_info, tgt_info, row.row_id, cfg.align)
     bucket = cfg.buckets.nearest(src_info.height, src_info.width)
     size = (bucket.height, bucket.width)
-    src = video.decode_clip(row.source, 0.0, frames, fps=fps, size=size)
-    tgt = video.decode_clip(row.target, 0.0, frames, fps=fps, size=size)
     enc = cfg.encode
+    src = video.decode_clip(row.source, 0.0, frames, fps=fps, size=size, threads=enc.threads)
+    tgt = video.decode_clip(row.target, 0.0, frames, fps=fps, size=size, threads=enc.threads)
     meta = _meta(
         row,
         cfg,
@@ -433,8 +433,8 @@ def _video_pair(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
     )
     return schema.Sample(
         meta=meta,
-        source=video.encode_mp4(src, fps, crf=enc.crf, preset=enc.preset, gop=enc.gop),
-        target=video.encode_mp4(tgt, fps, crf=enc.crf, preset=enc.preset, gop=enc.gop),
+        source=enc.encode(src, fps),
+        target=enc.encode(tgt, fps),
     )
 
 

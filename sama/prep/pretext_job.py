@@ -129,10 +129,10 @@ def make_clip_sample(
     task = choose_task(rng, cfg.pretext.weights)
     result = apply_task(task, frames, rng, cfg.pretext)
     enc = cfg.encode
-    target = video.encode_mp4(frames, cfg.clips.fps, crf=enc.crf, preset=enc.preset, gop=enc.gop)
+    target = enc.encode(frames, cfg.clips.fps)
     source = None
     if result.source is not None:
-        source = video.encode_mp4(result.source, cfg.clips.fps, crf=enc.crf, preset=enc.preset, gop=enc.gop)
+        source = enc.encode(result.source, cfg.clips.fps)
     meta = schema.SampleMeta(
         key=key,
         task=task,
@@ -172,6 +172,7 @@ def video_samples(source: str, item: VideoInput, cfg: PrepPretextConfig) -> list
             fps=cfg.clips.fps,
             size=(bucket.height, bucket.width),
             uri=item.input_id,
+            threads=cfg.encode.threads,
         )
         samples.append(make_clip_sample(frames, item.input_id, index, start, caption, bucket, cfg))
     return samples

@@ -356,7 +356,9 @@ def test_process_unit_mixed_good_and_bad_inputs(tmp_path, mixed_input):
     ]
     assert schema.list_shards(shards_root) == sorted(s["uri"] for s in result.shards)
     for shard in result.shards:
-        assert re.fullmatch(rf"{re.escape(shards_root)}/video/\d+x\d+/{unit.unit_id}-\d{{6}}\.tar", shard["uri"])
+        assert re.fullmatch(
+            rf"{re.escape(shards_root)}/video/\d+x\d+/{unit.unit_id}-\d{{6}}\.tar", shard["uri"]
+        )
         assert shard["bytes"] > 0
     assert result.bytes == sum(s["bytes"] for s in result.shards)
 
