@@ -59,7 +59,9 @@ def reject_from(exc: Exception, input_id: str) -> ledger.Reject:
     if isinstance(exc, RejectInput):
         return ledger.Reject(input_id, exc.reason, exc.detail)
     if isinstance(exc, video.VideoDecodeError):
-        return ledger.Reject(input_id, exc.kind, str(exc))
+        # The error names the media file; a manifest row id (`manifest#i`) is added when different.
+        detail = str(exc) if str(exc).startswith(input_id) else f"{input_id}: {exc}"
+        return ledger.Reject(input_id, exc.kind, detail)
     if isinstance(exc, OSError):
         return ledger.Reject(input_id, "unreadable", f"{input_id}: {exc}")
     # A bug or an unexpected library failure: recorded, never silently dropped.

@@ -72,7 +72,9 @@ class ColumnConfig:
         """Column name per role (source, target, instruction) for a manifest with ``header``."""
         presets = [self.preset] if self.preset != "auto" else list(PRESETS)
         if self.preset != "auto" and self.preset not in PRESETS:
-            raise ValueError(f"columns.preset {self.preset!r} is unknown (known: auto, {', '.join(PRESETS)})")
+            raise ValueError(
+                f"{where}: columns.preset {self.preset!r} is unknown (known: auto, {', '.join(PRESETS)})"
+            )
         explicit = {"source": self.source, "target": self.target, "instruction": self.instruction}
         for name in presets:
             layout = PRESETS[name]
@@ -198,12 +200,10 @@ class PairsUnit:
 
 
 def _score(value) -> float | None:
+    """A judge score as a float; None when absent. Raises ValueError when it is not a number."""
     if value is None or value == "":
         return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
+    number = float(value)
     return None if math.isnan(number) else number
 
 
@@ -212,7 +212,8 @@ def read_manifest(uri: str, cfg: PrepPairsConfig) -> list[PairRow]:
     rows = read_table(uri)
     if not rows:
         return []
-    header = list(rows[0].keys())
+    # jsonl rows may omit null keys, so the header is every key seen, in first-seen order.
+    header = list(dict.fromkeys(key for row in rows for key in row))
     columns = cfg.columns.resolve(header, uri)
     dataset = cfg.dataset or uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
     out = []
@@ -221,13 +222,21 @@ def read_manifest(uri: str, cfg: PrepPairsConfig) -> list[PairRow]:
         source = raw.get(columns["source"])
         target = raw.get(columns["target"])
         instruction = raw.get(columns["instruction"])
-        instruction = "" if instruction is None else str(instruction)
+        # The prefix is added when the sample is built; stripping it here lets a prefixed and an
+        # unprefixed copy of the same edit be recognised as duplicates.
+        instruction = _strip_prefixes(
+            "" if instruction is None else str(instruction), (cfg.video_prefix, cfg.image_prefix)
+        )
         problem = None
         if not source or not target:
             problem = f"row {index} has no {'source' if not source else 'target'} path"
         scores = {}
         for name, column in cfg.columns.scores.items():
-            value = _score(raw.get(column))
+            try:
+                value = _score(raw.get(column))
+            except (TypeError, ValueError):
+                problem = problem or f"row {index} has a non-numeric {column} score {raw.get(column)!r}"
+                continue
             if value is not None:
                 scores[name] = value
         category = raw.get(cfg.columns.category)
@@ -244,6 +253,15 @@ def read_manifest(uri: str, cfg: PrepPairsConfig) -> list[PairRow]:
             )
         )
     return out
+
+
+def _strip_prefixes(instruction: str, prefixes: tuple[str, ...]) -> str:
+    text = instruction.strip()
+    for prefix in prefixes:
+        marker = prefix.strip()
+        if marker and text.startswith(marker):
+            return text[len(marker) :].strip()
+    return text
 
 
 def mark_duplicates(rows: list[PairRow]) -> int:
@@ -383,8 +401,11 @@ def align_videos(
     for name, info in (("source", src), ("target", tgt)):
         if not info.has_video:
             raise RejectInput("no_video_stream", f"{row_id}: {name} {info.uri} has no video stream")
-    if min(src.width, src.height) < cfg.min_side:
-        raise RejectInput("too_small", f"{row_id}: source {src.width}x{src.height} is below align.min_side")
+    for name, info in (("source", src), ("target", tgt)):
+        if min(info.width, info.height) < cfg.min_side:
+            raise RejectInput(
+                "too_small", f"{row_id}: {name} {info.width}x{info.height} is below align.min_side"
+            )
     longer = max(src.duration_s, tgt.duration_s)
     mismatch = abs(src.duration_s - tgt.duration_s) / longer if longer > 0 else 0.0
     if mismatch > cfg.max_duration_mismatch:
