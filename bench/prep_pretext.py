@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import sys
-import time
-
-import av
-import numpy as np
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from bench.floor import FloorItem, floor_time, timed_run
+from pipelines import prep_pretext
 from sama import schema, storage, synthetic
 from sama.config import apply_override
 from sama.prep import ledger
@@ -65,86 +62,6 @@ def job_config(input_uri: str, output_uri: str) -> PrepPretextConfig:
     return cfg
 
 
-def run_job(input_uri: str, output_uri: str, cpus: int) -> tuple[float, ledger.Summary]:
-    import ray
-
-    from pipelines import prep_pretext
-
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        started = time.perf_counter()
-        summary = prep_pretext.run(job_config(input_uri, output_uri), overwrite=True)
-        return time.perf_counter() - started, summary
-    finally:
-        ray.shutdown()
-
-
-# ---------------------------------------------------------------------------------------------
-# The floor: the same decode and encode work with nothing around it.
-
-
-def bare_decode(path: str, start_s: float, num_frames: int, fps: float, height: int, width: int) -> int:
-    """Decode the frames a clip needs with PyAV, scaled to cover (height, width) and cropped."""
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = 1
-        scale = max(height / stream.codec_context.height, width / stream.codec_context.width)
-        cover_w = max(width, round(stream.codec_context.width * scale))
-        cover_h = max(height, round(stream.codec_context.height * scale))
-        top, left = (cover_h - height) // 2, (cover_w - width) // 2
-        end_s = start_s + num_frames / fps
-        container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
-        kept = 0
-        for frame in container.decode(stream):
-            t = float(frame.pts * stream.time_base)
-            if t >= end_s:
-                break
-            if t + 1e-6 < start_s:
-                continue
-            rgb = frame.reformat(width=cover_w, height=cover_h, format="rgb24").to_ndarray()
-            np.ascontiguousarray(rgb[top : top + height, left : left + width])
-            kept += 1
-        return kept
-
-
-def bare_encode(frames: np.ndarray, fps: float) -> int:
-    """libx264 (crf 18, preset fast, 1 thread, yuv420p) into memory, as the job encodes."""
-    import io
-
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=int(fps))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "18", "preset": "fast"}
-        stream.codec_context.thread_count = 1
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return len(buffer.getvalue())
-
-
-def floor_item(item: tuple) -> int:
-    path, start_s, num_frames, fps, height, width, outputs = item
-    bare_decode(path, start_s, num_frames, fps, height, width)
-    for frames in outputs:
-        bare_encode(frames, fps)
-    return len(outputs)
-
-
-def floor_time(items: list[tuple], processes: int) -> float:
-    with mp.get_context("spawn").Pool(processes) as pool:
-        pool.map(floor_item, items[:processes])  # warm the workers (imports) before timing
-        started = time.perf_counter()
-        pool.map(floor_item, items, chunksize=1)
-        return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=10)
@@ -160,7 +77,7 @@ def main() -> None:
     times, summaries = {}, {}
     for cpus in (1, 2):
         out = os.path.join(args.workdir, f"out-{cpus}cpu")
-        times[cpus], summaries[cpus] = run_job(raw, out, cpus)
+        times[cpus], summaries[cpus] = timed_run(prep_pretext.run, job_config(raw, out), cpus)
         clips = summaries[cpus].samples
         print(f"job on {cpus} Ray CPU(s): {times[cpus]:.2f} s for {clips} clips", flush=True)
 
@@ -172,7 +89,8 @@ def main() -> None:
         if sample.source is not None:
             outputs.append(sample.decode_source())
         start_s = meta.span[0] if meta.span else 0.0
-        items.append((meta.source_uri, start_s, meta.num_frames, meta.fps, meta.height, meta.width, outputs))
+        decode = (meta.source_uri, start_s, meta.num_frames, meta.fps, meta.height, meta.width)
+        items.append(FloorItem(decodes=[decode], outputs=outputs, fps=meta.fps))
     floors = {cpus: floor_time(items, cpus) for cpus in (1, 2)}
 
     clips = summaries[2].samples

@@ -8,12 +8,6 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-# Subcommands whose implementation has not landed yet, and the issue that brings each.
-PENDING: dict[str, str] = {
-    "train": "the Ray Train trainer (issue 6)",
-    "edit": "the SAMA model and editing pipeline (issue 5)",
-}
-
 
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
@@ -138,29 +132,75 @@ def _cmd_prep_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sama import config
+    from sama.train.recipes import recipe_path
+    from sama.train.trainer import TrainConfig
+
+    cfg = config.load(TrainConfig, recipe_path(args.recipe), args.overrides)
+    if args.print_config:
+        print(config.dumps(cfg), end="")
+        return 0
+    from sama.train.launch import RunExistsError, run_training
+
+    try:
+        info = run_training(cfg, resume=args.resume)
+    except RunExistsError as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from sama.edit import run_edit
+
+    model_dir = args.model
+    if storage_is_remote(model_dir):
+        import tempfile
+
+        from sama import storage
+
+        model_dir = storage.download_dir(model_dir, tempfile.mkdtemp(prefix="sama-model-"))
+    try:
+        report = run_edit(
+            args.video,
+            args.instruction,
+            model_dir,
+            args.output,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=args.seed,
+        )
+    except ValueError as exc:  # VideoDecodeError and ModelDirectoryError are ValueErrors too
+        raise CommandError(str(exc)) from None
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def storage_is_remote(uri: str) -> bool:
+    from sama import storage
+
+    return storage.local_path(uri) is None
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from sama import quickstart
 
     return quickstart.run(args.workdir, overwrite=args.overwrite)
 
 
-def _pending(command: str) -> Callable[[argparse.Namespace], int]:
-    def run(_args: argparse.Namespace) -> int:
-        raise CommandError(f"'sama {command}' is not available yet: {PENDING[command]} has not landed.")
-
-    return run
-
-
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prep-pretext": _cmd_prep_pretext,
     "prep-pairs": _cmd_prep_pairs,
+    "train": _cmd_train,
+    "edit": _cmd_edit,
     "inspect": _cmd_inspect,
     "quickstart": _cmd_quickstart,
 }
 
 
 def _lookup(command: str) -> Callable[[argparse.Namespace], int]:
-    return HANDLERS.get(command) or _pending(command)
+    return HANDLERS[command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

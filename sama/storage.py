@@ -251,3 +251,43 @@ def local_path(uri: str | os.PathLike) -> str | None:
     """The local filesystem path of ``uri``, or None when it is remote."""
     loc = parse(uri)
     return None if loc.is_s3 else loc.path
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory tree to ``uri`` (a local path or an s3:// prefix), file by file."""
+    loc = parse(uri)
+    for root, _dirs, files in os.walk(local_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            target = join(uri, relative)
+            if loc.is_s3:
+                with open(path, "rb") as handle, atomic_writer(target) as out:
+                    shutil.copyfileobj(handle, out, length=8 * 1024 * 1024)
+            else:
+                os.makedirs(os.path.dirname(parse(target).path), exist_ok=True)
+                shutil.copyfile(path, parse(target).path)
+
+
+def download_dir(uri: str, local_dir: str) -> str:
+    """Copy everything under ``uri`` into ``local_dir``; returns ``local_dir``."""
+    base = parse(uri)
+    for item in list_files(uri):
+        relative = parse(item).path[len(base.path) :].lstrip("/")
+        target = os.path.join(local_dir, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open_read(item) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=8 * 1024 * 1024)
+    return local_dir
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Immediate sub-directories (prefixes) of ``uri``, as URIs, sorted."""
+    fs, path = filesystem(uri)
+    loc = parse(uri)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    dirs = [e["name"] for e in entries if e.get("type") == "directory"]
+    return sorted(f"s3://{d}" if loc.is_s3 else d for d in dirs)

@@ -106,8 +106,9 @@ class AutoencoderConfig:
     """The video autoencoder.
 
     ``kind="wan"``: diffusers ``AutoencoderKLWan``; the architecture fields below are its config
-    (defaults: the Wan2.1 VAE, 16 channels, 4x temporal / 8x spatial). Latents are normalised with
-    ``latents_mean``/``latents_std`` (None: the checkpoint's own values).
+    (defaults: the Wan2.1 VAE, 16 channels, 4x temporal / 8x spatial) and are used only when no
+    weights are given; a checkpoint brings its own config. Latents are normalised per channel with
+    the VAE config's ``latents_mean``/``latents_std``, as Wan's pipelines do.
 
     ``kind="space_to_depth"``: a parameter-free, exactly invertible autoencoder for CPU tests
     (:class:`sama.models.autoencoders.SpaceToDepthAutoencoder`): ``spatial_factor`` x
@@ -131,8 +132,8 @@ class AutoencoderConfig:
     patch_size: int | None = None
     scale_factor_temporal: int = 4
     scale_factor_spatial: int = 8
-    latents_mean: list[float] | None = field(default_factory=lambda: list(WAN21_LATENTS_MEAN))
-    latents_std: list[float] | None = field(default_factory=lambda: list(WAN21_LATENTS_STD))
+    latents_mean: list[float] = field(default_factory=lambda: list(WAN21_LATENTS_MEAN))
+    latents_std: list[float] = field(default_factory=lambda: list(WAN21_LATENTS_STD))
     # Draw from the posterior instead of taking its mode when encoding (a project choice: mode).
     sample_posterior: bool = False
     # space_to_depth
@@ -154,11 +155,9 @@ class AutoencoderConfig:
             "patch_size": self.patch_size,
             "scale_factor_temporal": self.scale_factor_temporal,
             "scale_factor_spatial": self.scale_factor_spatial,
+            "latents_mean": list(self.latents_mean),
+            "latents_std": list(self.latents_std),
         }
-        if self.latents_mean is not None:
-            kwargs["latents_mean"] = list(self.latents_mean)
-        if self.latents_std is not None:
-            kwargs["latents_std"] = list(self.latents_std)
         return kwargs
 
     @property
@@ -283,7 +282,9 @@ class ModelConfig:
         sem = self.semantic
         if sem.enabled and (sem.num_anchors < 1 or sem.grid_size < 1):
             raise ValueError("semantic.num_anchors and semantic.grid_size must be positive")
-        if self.vae.kind == "space_to_depth" and (self.vae.spatial_factor < 1 or self.vae.temporal_factor < 1):
+        if self.vae.kind == "space_to_depth" and (
+            self.vae.spatial_factor < 1 or self.vae.temporal_factor < 1
+        ):
             raise ValueError("vae.spatial_factor and vae.temporal_factor must be positive")
 
     def component_source(self, component: Literal["transformer", "vae", "text"]) -> str | None:

@@ -184,7 +184,9 @@ class SemanticEncoder(nn.Module):
         size = self.image_size
         pixels = images.to(device=param.device, dtype=torch.float32)
         if pixels.shape[-2:] != (size, size):
-            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            pixels = F.interpolate(
+                pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+            )
         pixels = pixels.clamp(-1.0, 1.0).to(param.dtype)
         patches = self.vision_model(pixel_values=pixels).last_hidden_state
         tokens = pool_patch_tokens(patches.float(), self.grid_size)

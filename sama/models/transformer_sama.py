@@ -192,7 +192,9 @@ class SamaTransformer3DModel(WanTransformer3DModel):
             pos_embed_seq_len=pos_embed_seq_len,
         )
         if image_dim is not None or added_kv_proj_dim is not None:
-            raise ValueError("SAMA builds on the text-to-video Wan models; image cross-attention is not supported")
+            raise ValueError(
+                "SAMA builds on the text-to-video Wan models; image cross-attention is not supported"
+            )
         if semantic_rope not in SEMANTIC_ROPE_MODES:
             raise ValueError(f"semantic_rope must be one of {SEMANTIC_ROPE_MODES}, got {semantic_rope!r}")
         if semantic_grid_size < 1:
@@ -304,7 +306,8 @@ class SamaTransformer3DModel(WanTransformer3DModel):
         p_t, p_h, p_w = self.config.patch_size
         if frames % p_t or height % p_h or width % p_w:
             raise ValueError(
-                f"latent of shape {tuple(latent_shape)} is not divisible by the patch size {tuple(self.config.patch_size)}"
+                f"latent of shape {tuple(latent_shape)} is not divisible by the patch size "
+                f"{tuple(self.config.patch_size)}"
             )
         return frames // p_t, height // p_h, width // p_w
 
@@ -346,7 +349,9 @@ class SamaTransformer3DModel(WanTransformer3DModel):
             if self.semantic_projector is None:
                 raise ValueError("semantic tokens were given but this model has no semantic branch")
             if semantic_tokens.ndim != 3 or semantic_tokens.shape[0] != batch:
-                raise ValueError(f"semantic tokens must be (B={batch}, S, D), got {tuple(semantic_tokens.shape)}")
+                raise ValueError(
+                    f"semantic tokens must be (B={batch}, S, D), got {tuple(semantic_tokens.shape)}"
+                )
             num_semantic = semantic_tokens.shape[1]
             if num_semantic % self.semantic_tokens_per_anchor:
                 raise ValueError(
@@ -413,7 +418,7 @@ class SamaTransformer3DModel(WanTransformer3DModel):
         hidden_states: torch.Tensor,
         source_latents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each ``(1, L, 1, head_dim)``, for the whole ``[source | semantic | target]`` sequence."""
+        """``(cos, sin)``, each ``(1, L, 1, head_dim)``, for the ``[source | semantic | target]`` sequence."""
         target_cos, target_sin = self.rope(hidden_states)
         cos_parts, sin_parts = [], []
         if source_latents is not None:
@@ -466,9 +471,13 @@ class SamaTransformer3DModel(WanTransformer3DModel):
             convention.
         """
         if attention_kwargs and attention_kwargs.get("scale", 1.0) != 1.0:
-            raise ValueError("attention_kwargs['scale'] (LoRA scaling) is not supported by the SAMA transformer")
+            raise ValueError(
+                "attention_kwargs['scale'] (LoRA scaling) is not supported by the SAMA transformer"
+            )
         if timestep.ndim != 1:
-            raise ValueError(f"timestep must be one value per sample, shape (B,), got {tuple(timestep.shape)}")
+            raise ValueError(
+                f"timestep must be one value per sample, shape (B,), got {tuple(timestep.shape)}"
+            )
         batch_size = hidden_states.shape[0]
         p_t, p_h, p_w = self.config.patch_size
 

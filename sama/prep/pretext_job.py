@@ -20,7 +20,7 @@ from sama.buckets import Bucket, BucketConfig, is_4k_plus_1
 from sama.prep import ledger
 from sama.prep.common import EncodeConfig, OutputConfig, RayConfig, RejectInput, reject_from
 from sama.prep.inputs import InputConfig, VideoInput, WorkUnit, iter_tar_videos
-from sama.pretext import PretextConfig, apply_task, choose_task, instruction_for, task_rng
+from sama.pretext import TASK_NONE, PretextConfig, apply_task, choose_task, instruction_for, task_rng
 from sama.schema import ShardConfig
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ def make_clip_sample(
     key = schema.sample_key(input_id, clip_index, start_s)
     rng = task_rng(cfg.seed, key)
     task = choose_task(rng, cfg.pretext.weights)
+    if task == TASK_NONE and not caption.strip():
+        # (choice) A text-to-video sample trains the text path; without a caption it would teach
+        # nothing, so an uncaptioned clip draws one of the restoration tasks instead.
+        task = choose_task(rng, {k: v for k, v in cfg.pretext.weights.items() if k != TASK_NONE})
     result = apply_task(task, frames, rng, cfg.pretext)
     enc = cfg.encode
     target = enc.encode(frames, cfg.clips.fps)

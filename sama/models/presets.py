@@ -1,0 +1,327 @@
+"""Named model presets and :func:`build_model`, which turns a :class:`ModelConfig` into modules.
+
+Presets (configurations only; weights come from ``pretrained``, a local dir or hub id):
+
+* ``tiny``: CPU tests and the quickstart. 2 layers, width 192 (3 heads x 64), ffn 384; a 2-layer
+  32-d UMT5 text encoder with a byte tokenizer (32 tokens); a 2-layer 32-d SigLIP on 64 px with an
+  8x8 patch grid; the lossless space-to-depth autoencoder (4x temporal, 2x spatial, 48 channels).
+  The width equals the values per token (48 channels x 2x2 patch) so the model can represent a
+  lossless latent, noise included. Random init.
+* ``wan2.1-1.3b``: Wan2.1-T2V-1.3B. Width 1536 (12 x 128), ffn 8960, 30 layers, 16 channels,
+  Wan2.1 VAE, umT5-XXL. Weights e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``.
+* ``wan2.1-14b``: Wan2.1-T2V-14B, the paper's backbone. Width 5120 (40 x 128), ffn 13824, 40
+  layers. Weights e.g. ``Wan-AI/Wan2.1-T2V-14B-Diffusers``.
+* ``wan2.2-5b``: Wan2.2-TI2V-5B, the paper's ablation backbone. Width 3072 (24 x 128), ffn 14336,
+  30 layers, 48 channels, Wan2.2 VAE (z 48, patchified, 16x spatial). Weights e.g.
+  ``Wan-AI/Wan2.2-TI2V-5B-Diffusers``.
+
+The Wan presets use SigLIP so400m-patch14-384 (1152-d) for Semantic Anchoring; its weights are
+``semantic.pretrained`` (e.g. ``google/siglip-so400m-patch14-384``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sama.models.autoencoders import LatentAutoencoder, build_autoencoder
+from sama.models.config import (
+    WAN22_LATENTS_MEAN,
+    WAN22_LATENTS_STD,
+    AutoencoderConfig,
+    ModelConfig,
+    SemanticConfig,
+    TextConfig,
+    TransformerConfig,
+)
+from sama.models.semantic import SemanticEncoder
+from sama.models.text import TextEncoder, build_text_encoder
+from sama.models.transformer_sama import SamaTransformer3DModel
+
+__all__ = [
+    "KNOWN_CHECKPOINTS",
+    "PRESETS",
+    "SamaComponents",
+    "build_model",
+    "build_semantic_encoder",
+    "build_transformer",
+    "get_preset",
+    "resolve_model_config",
+    "torch_dtype_of",
+]
+
+# Public diffusers-format checkpoints matching each preset (never fetched implicitly).
+KNOWN_CHECKPOINTS: dict[str, str] = {
+    "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "wan2.1-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    "wan2.2-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    "siglip": "google/siglip-so400m-patch14-384",
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype_of(config: ModelConfig) -> torch.dtype:
+    """The ``torch.dtype`` named by ``config.torch_dtype``."""
+    return _DTYPES[config.torch_dtype]
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        preset="tiny",
+        # Width 192 = the 48 latent channels x 2x2 patch: a token carries 192 values of a lossless
+        # latent, and a narrower model could not even represent the noise it must remove.
+        transformer=TransformerConfig(
+            num_attention_heads=3,
+            attention_head_dim=64,
+            in_channels=48,
+            out_channels=48,
+            text_dim=32,
+            freq_dim=64,
+            ffn_dim=384,
+            num_layers=2,
+        ),
+        vae=AutoencoderConfig(kind="space_to_depth", spatial_factor=2, temporal_factor=4),
+        text=TextConfig(
+            tokenizer="byte",
+            max_length=32,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=259,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+        ),
+        semantic=SemanticConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+            projector_hidden_dim=64,
+        ),
+    )
+
+
+def _wan(preset: str, heads: int, ffn: int, layers: int) -> ModelConfig:
+    return ModelConfig(
+        preset=preset,
+        transformer=TransformerConfig(
+            num_attention_heads=heads, attention_head_dim=128, ffn_dim=ffn, num_layers=layers
+        ),
+    )
+
+
+def _wan22_5b() -> ModelConfig:
+    config = _wan("wan2.2-5b", heads=24, ffn=14336, layers=30)
+    config.transformer.in_channels = 48
+    config.transformer.out_channels = 48
+    config.vae = AutoencoderConfig(
+        kind="wan",
+        base_dim=160,
+        decoder_base_dim=256,
+        z_dim=48,
+        dim_mult=[1, 2, 4, 4],
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_temporal=4,
+        scale_factor_spatial=16,
+        latents_mean=list(WAN22_LATENTS_MEAN),
+        latents_std=list(WAN22_LATENTS_STD),
+    )
+    return config
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "tiny": _tiny,
+    "wan2.1-1.3b": lambda: _wan("wan2.1-1.3b", heads=12, ffn=8960, layers=30),
+    "wan2.1-14b": lambda: _wan("wan2.1-14b", heads=40, ffn=13824, layers=40),
+    "wan2.2-5b": _wan22_5b,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh :class:`ModelConfig` for preset ``name`` (one of :data:`PRESETS`)."""
+    try:
+        factory = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+    config = factory()
+    config.validate()
+    return config
+
+
+def resolve_model_config(preset_or_config: str | ModelConfig, pretrained: str | None = None) -> ModelConfig:
+    """A validated copy of the preset / config, with ``pretrained`` set when given."""
+    if isinstance(preset_or_config, str):
+        config = get_preset(preset_or_config)
+    elif isinstance(preset_or_config, ModelConfig):
+        config = copy.deepcopy(preset_or_config)
+    else:
+        raise TypeError(f"expected a preset name or a ModelConfig, got {type(preset_or_config).__name__}")
+    if pretrained is not None:
+        config = dataclasses.replace(config, pretrained=pretrained)
+    config.validate()
+    return config
+
+
+def _sama_kwargs(config: ModelConfig) -> dict[str, Any]:
+    sem = config.semantic
+    return {
+        "semantic_dim": sem.hidden_size if sem.enabled else None,
+        "semantic_hidden_dim": sem.projector_hidden_dim,
+        "semantic_grid_size": sem.grid_size,
+        "semantic_rope": sem.rope,
+    }
+
+
+def build_transformer(config: ModelConfig, *, load_weights: bool = True) -> SamaTransformer3DModel:
+    """The SAMA transformer: Wan weights from the config's source, or random init.
+
+    With weights, the checkpoint's architecture must match ``config.transformer`` (a mismatch is an
+    error naming the differing keys, so a recipe cannot silently train another model than it says).
+    ``load_weights=False`` builds the architecture only (random init), e.g. to receive a trained
+    state dict for export without reading the Wan checkpoint again.
+    """
+    source = config.component_source("transformer") if load_weights else None
+    dtype = torch_dtype_of(config)
+    if source is None:
+        model = SamaTransformer3DModel(**config.transformer.wan_kwargs(), **_sama_kwargs(config))
+        # Random init happens in float32; only a reduced-precision config casts (diffusers warns
+        # about its fp32-only modules then, which is what a bf16 parameter copy means).
+        return model if dtype == torch.float32 else model.to(dtype)
+    from diffusers import WanTransformer3DModel
+
+    base = WanTransformer3DModel.from_pretrained(
+        source, subfolder=config.transformer.subfolder or None, torch_dtype=dtype
+    )
+    expected = config.transformer.wan_kwargs()
+    differing = {
+        key: (value, base.config.get(key))
+        for key, value in expected.items()
+        if key != "rope_max_seq_len" and _normalise(base.config.get(key)) != _normalise(value)
+    }
+    if differing:
+        details = ", ".join(f"{k}: config {v[0]!r} vs checkpoint {v[1]!r}" for k, v in differing.items())
+        raise ValueError(
+            f"{source}: transformer checkpoint does not match the '{config.preset}' config ({details})"
+        )
+    return SamaTransformer3DModel.from_wan(base, **_sama_kwargs(config))
+
+
+def _normalise(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def build_semantic_encoder(config: ModelConfig) -> SemanticEncoder | None:
+    """The frozen SigLIP semantic encoder, or None when Semantic Anchoring is disabled."""
+    sem = config.semantic
+    if not sem.enabled:
+        return None
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    dtype = torch_dtype_of(config)
+    if sem.pretrained is not None:
+        kwargs: dict[str, Any] = {"subfolder": sem.subfolder} if sem.subfolder else {}
+        vision = SiglipVisionModel.from_pretrained(sem.pretrained, dtype=dtype, **kwargs)
+        if int(vision.config.hidden_size) != sem.hidden_size:
+            raise ValueError(
+                f"{sem.pretrained}: SigLIP hidden size {vision.config.hidden_size} != semantic.hidden_size "
+                f"{sem.hidden_size}; set semantic.hidden_size to match the checkpoint"
+            )
+    else:
+        vision_config = SiglipVisionConfig(
+            hidden_size=sem.hidden_size,
+            intermediate_size=sem.intermediate_size,
+            num_hidden_layers=sem.num_hidden_layers,
+            num_attention_heads=sem.num_attention_heads,
+            image_size=sem.image_size,
+            patch_size=sem.patch_size,
+            vision_use_head=False,
+        )
+        vision = SiglipVisionModel(vision_config).to(dtype)
+    return SemanticEncoder(
+        vision,
+        grid_size=sem.grid_size,
+        num_anchors=sem.num_anchors,
+        anchor_sampling=sem.anchor_sampling,
+        normalize=sem.normalize,
+    )
+
+
+@dataclass
+class SamaComponents:
+    """Everything :func:`build_model` makes. Encoders are frozen; only ``transformer`` trains.
+
+    ``vae``, ``text_encoder`` and ``semantic_encoder`` are None when not requested (or, for the
+    semantic encoder, when Semantic Anchoring is disabled).
+    """
+
+    config: ModelConfig
+    transformer: SamaTransformer3DModel
+    vae: LatentAutoencoder | None
+    text_encoder: TextEncoder | None
+    semantic_encoder: SemanticEncoder | None
+
+    def to(self, device: torch.device | str) -> SamaComponents:
+        """Move every component to ``device`` (in place); returns self."""
+        for module in (self.transformer, self.vae, self.text_encoder, self.semantic_encoder):
+            if module is not None:
+                module.to(device)
+        return self
+
+
+def build_model(
+    preset_or_config: str | ModelConfig,
+    pretrained: str | None = None,
+    *,
+    with_vae: bool = True,
+    with_text_encoder: bool = True,
+    with_semantic_encoder: bool = True,
+    device: torch.device | str | None = None,
+) -> SamaComponents:
+    """Build every component of a SAMA model.
+
+    Args:
+        preset_or_config: a preset name (:data:`PRESETS`) or a :class:`ModelConfig`.
+        pretrained: root of a Wan diffusers repository (local dir or hub id); overrides
+            ``config.pretrained``. None keeps the config's (random init when that is None too).
+        with_vae / with_text_encoder / with_semantic_encoder: skip components a caller does not
+            need (e.g. a benchmark feeding precomputed latents and text embeddings).
+        device: where to put the modules (default: where they were built, the CPU).
+
+    Returns:
+        :class:`SamaComponents`, whose ``config`` is the resolved configuration.
+    """
+    config = resolve_model_config(preset_or_config, pretrained)
+    dtype = torch_dtype_of(config)
+    transformer = build_transformer(config)
+    vae = build_autoencoder(config.vae, config.component_source("vae"), dtype) if with_vae else None
+    text = (
+        build_text_encoder(config.text, config.component_source("text"), dtype) if with_text_encoder else None
+    )
+    semantic = build_semantic_encoder(config) if with_semantic_encoder else None
+    if text is not None and text.hidden_size != config.transformer.text_dim:
+        raise ValueError(
+            f"text encoder is {text.hidden_size}-d but transformer.text_dim is {config.transformer.text_dim}"
+        )
+    if vae is not None and vae.latent_channels != config.transformer.in_channels:
+        raise ValueError(
+            f"autoencoder makes {vae.latent_channels} channels but transformer.in_channels is "
+            f"{config.transformer.in_channels}"
+        )
+    components = SamaComponents(config, transformer, vae, text, semantic)
+    if device is not None:
+        components.to(device)
+    return components

@@ -1,0 +1,526 @@
+"""Inference: source video + instruction -> edited video, with a trained SAMA model.
+
+:class:`SamaEditPipeline` follows diffusers' pipeline style (components as attributes, a
+``__call__``, ``save_pretrained``/``from_pretrained``) with the authors' inference defaults
+(SAMA.md, code): flow-match Euler with shift 5, 50 steps, classifier-free guidance 5 on the text
+only (the source latents are in both branches), the ``[Video edit] `` prompt prefix with the bare
+``[Video edit]`` as negative prompt, and a fixed seed.
+
+Semantic tokens, when the model has a semantic branch, start from Gaussian noise, are stepped
+with the same sigmas as the video latents (a second scheduler instance, since diffusers'
+schedulers count their own steps) and are discarded; no SigLIP is needed. Guidance is applied to
+their velocity too, so the pair follows one guided ODE.
+
+Any input length and size works: the clip is padded to ``k * temporal + 1`` frames (repeating the
+last frame) and to a multiple of ``vae spatial factor x patch size`` (edge replication), and the
+output is cropped back to exactly the input's frame count and size.
+
+A saved pipeline directory::
+
+    sama_pipeline.json    format, model config (preset + every component), pipeline defaults
+    transformer/          SamaTransformer3DModel (diffusers save_pretrained), incl. projector + head
+    vae/                  AutoencoderKLWan or the space-to-depth config
+    text_encoder/         UMT5EncoderModel
+    tokenizer/            the tokenizer (transformers or byte-level)
+    scheduler/            FlowMatchEulerDiscreteScheduler config
+
+Frozen components can be stored by reference instead (``copy_frozen=False``): the json then names
+their checkpoint (``pretrained`` + ``subfolder``) and loading fetches them from there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from sama.config import ConfigError, from_dict
+from sama.losses import randn
+from sama.models.autoencoders import LatentAutoencoder, build_autoencoder, load_autoencoder
+from sama.models.config import ModelConfig
+from sama.models.presets import SamaComponents, torch_dtype_of
+from sama.models.text import TextEncoder, build_text_encoder, clean_prompt
+from sama.models.training import EDIT_NEGATIVE_PROMPT, EDIT_PROMPT_PREFIX
+from sama.models.transformer_sama import SamaTransformer3DModel
+
+__all__ = [
+    "PIPELINE_FILE",
+    "ModelDirectoryError",
+    "PipelineConfig",
+    "SamaEditOutput",
+    "SamaEditPipeline",
+    "pad_video",
+]
+
+PIPELINE_FILE = "sama_pipeline.json"
+PIPELINE_FORMAT = "sama-edit-pipeline"
+PIPELINE_FORMAT_VERSION = 1
+
+
+class ModelDirectoryError(ValueError):
+    """A model directory is missing, not a SAMA pipeline, or inconsistent; names the path and why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass
+class PipelineConfig:
+    """Inference defaults (SAMA.md "Inference defaults (code)"); ``__call__`` arguments override them.
+
+    Attributes:
+        num_inference_steps: Euler steps.
+        guidance_scale: text CFG scale; 1 disables the unconditional branch.
+        flow_shift: the scheduler's time shift.
+        prompt_prefix: prepended to instructions when ``add_prefix``.
+        add_prefix: prepend ``prompt_prefix`` (the authors' edit prompts all carry it).
+        negative_prompt: the unconditional prompt; None means the bare prefix when the prefix is
+            used and the empty prompt otherwise.
+        semantic: run the semantic branch (noise -> discarded) when the model has one.
+    """
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    flow_shift: float = 5.0
+    prompt_prefix: str = EDIT_PROMPT_PREFIX
+    add_prefix: bool = True
+    negative_prompt: str | None = None
+    semantic: bool = True
+
+
+@dataclass
+class SamaEditOutput:
+    """Pipeline output: ``frames`` ``(T, H, W, 3)`` uint8 (None for ``output_type="latent"``) and
+    the final padded ``latents`` ``(1, C, T', H', W')``."""
+
+    frames: np.ndarray | None
+    latents: torch.Tensor
+
+
+def _as_frames(video: Any) -> np.ndarray:
+    """Normalise the accepted inputs to a ``(T, H, W, 3)`` uint8 array."""
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu().numpy()
+    elif isinstance(video, Sequence) and not isinstance(video, str | bytes):
+        if len(video) == 0:
+            raise ValueError("the source video has no frames")
+        video = np.stack([np.asarray(frame) for frame in video])
+    if not isinstance(video, np.ndarray):
+        raise TypeError(
+            f"video must be a (T, H, W, 3) uint8 array or a list of frames, got {type(video).__name__}"
+        )
+    if video.ndim == 3:
+        video = video[None]
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(
+            f"video must be shaped (T, H, W, 3) RGB (or (H, W, 3) for an image), got {video.shape}"
+        )
+    if video.dtype != np.uint8:
+        raise ValueError(f"video must be uint8, got {video.dtype}")
+    if video.shape[0] == 0:
+        raise ValueError("the source video has no frames")
+    if video.shape[1] == 0 or video.shape[2] == 0:
+        raise ValueError(f"the source video has empty frames of size {video.shape[1]}x{video.shape[2]}")
+    return video
+
+
+def pad_video(frames: np.ndarray, temporal: int, multiple_h: int, multiple_w: int) -> np.ndarray:
+    """Pad ``(T, H, W, 3)`` frames to ``k * temporal + 1`` frames and sizes multiple of the given values.
+
+    The last frame is repeated and the borders are edge-replicated (no new content is invented).
+    """
+    num_frames, height, width, _ = frames.shape
+    target_frames = -(-(num_frames - 1) // temporal) * temporal + 1
+    target_h = -(-height // multiple_h) * multiple_h
+    target_w = -(-width // multiple_w) * multiple_w
+    pads = ((0, target_frames - num_frames), (0, target_h - height), (0, target_w - width), (0, 0))
+    if not any(p[1] for p in pads):
+        return frames
+    return np.pad(frames, pads, mode="edge")
+
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """``(3, T, H, W)`` floats in ``[-1, 1]`` -> ``(T, H, W, 3)`` uint8."""
+    scaled = ((frames.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return scaled.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
+
+
+class SamaEditPipeline:
+    """Instruction-guided video editing with a SAMA model (see the module docstring).
+
+    Args:
+        transformer: the trained :class:`SamaTransformer3DModel`.
+        vae: the autoencoder it was trained with.
+        text_encoder: the text encoder (+ tokenizer) it was trained with.
+        scheduler: a ``FlowMatchEulerDiscreteScheduler``; default one with ``config.flow_shift``.
+        model_config: the :class:`ModelConfig` the model was built from (recorded on save).
+        config: inference defaults.
+    """
+
+    def __init__(
+        self,
+        transformer: SamaTransformer3DModel,
+        vae: LatentAutoencoder,
+        text_encoder: TextEncoder,
+        scheduler: Any = None,
+        model_config: ModelConfig | None = None,
+        config: PipelineConfig | None = None,
+    ):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.config = config or PipelineConfig()
+        self.scheduler = scheduler or FlowMatchEulerDiscreteScheduler(shift=self.config.flow_shift)
+        self.model_config = model_config
+        _check_compatible(transformer, vae, text_encoder, "<pipeline>")
+
+    @classmethod
+    def from_components(
+        cls, components: SamaComponents, config: PipelineConfig | None = None
+    ) -> SamaEditPipeline:
+        """A pipeline over :func:`sama.models.build_model`'s components (needs the vae and text encoder)."""
+        if components.vae is None or components.text_encoder is None:
+            raise ValueError(
+                "the pipeline needs the autoencoder and the text encoder (build them with build_model)"
+            )
+        return cls(
+            components.transformer, components.vae, components.text_encoder, None, components.config, config
+        )
+
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, device: torch.device | str) -> SamaEditPipeline:
+        """Move every model to ``device``; returns self."""
+        for module in (self.transformer, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+    @property
+    def num_semantic_tokens(self) -> int:
+        """Semantic tokens the sampler carries (0 when the branch is off or absent)."""
+        if not self.config.semantic or self.transformer.semantic_projector is None:
+            return 0
+        anchors = self.model_config.semantic.num_anchors if self.model_config is not None else 1
+        return anchors * self.transformer.semantic_tokens_per_anchor
+
+    def build_prompts(
+        self, instruction: str, add_prefix: bool | None = None, negative_prompt: str | None = None
+    ) -> tuple[str, str]:
+        """``(prompt, negative_prompt)`` for ``instruction``.
+
+        Raises:
+            ValueError: the instruction is empty or whitespace.
+        """
+        if not isinstance(instruction, str) or not clean_prompt(instruction):
+            raise ValueError("the instruction is empty: say what to change, e.g. 'make the ball red'")
+        use_prefix = self.config.add_prefix if add_prefix is None else add_prefix
+        text = clean_prompt(instruction)
+        prefix = self.config.prompt_prefix
+        prompt = text if not use_prefix or text.startswith(prefix.strip()) else prefix + text
+        if negative_prompt is None:
+            negative_prompt = self.config.negative_prompt
+        if negative_prompt is None:
+            negative_prompt = EDIT_NEGATIVE_PROMPT if prompt.startswith(prefix.strip()) else ""
+        return prompt, negative_prompt
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        video: np.ndarray | torch.Tensor | Sequence[np.ndarray],
+        instruction: str,
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        add_prefix: bool | None = None,
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        output_type: Literal["np", "latent"] = "np",
+        callback: Callable[[int, int], None] | None = None,
+    ) -> SamaEditOutput:
+        """Edit ``video`` as ``instruction`` says.
+
+        Args:
+            video: ``(T, H, W, 3)`` uint8 frames (a list of ``(H, W, 3)`` frames, or one
+                ``(H, W, 3)`` image, also work). Any T >= 1 and any size.
+            instruction: the edit, without the ``[Video edit] `` prefix (added when ``add_prefix``).
+            num_inference_steps / guidance_scale / negative_prompt / add_prefix: override the
+                pipeline's :class:`PipelineConfig`.
+            seed: seeds a CPU generator for the initial noise (ignored when ``generator`` is given).
+            generator: the noise generator.
+            output_type: ``"np"`` decodes frames; ``"latent"`` stops at the latents.
+            callback: called as ``callback(step, total)`` after every step.
+
+        Returns:
+            :class:`SamaEditOutput` with exactly the input's frame count and size.
+        """
+        frames = _as_frames(video)
+        prompt, negative = self.build_prompts(instruction, add_prefix, negative_prompt)
+        steps = int(num_inference_steps or self.config.num_inference_steps)
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+        do_cfg = scale != 1.0
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(int(seed or 0))
+
+        device, dtype = self.device, self.dtype
+        num_frames, height, width, _ = frames.shape
+        _, p_h, p_w = self.transformer.config.patch_size
+        spatial = self.vae.spatial_compression
+        padded = pad_video(frames, self.vae.temporal_compression, spatial * p_h, spatial * p_w)
+        pixels = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
+        pixels = pixels.permute(3, 0, 1, 2).unsqueeze(0).float().div(127.5).sub(1.0)
+        source = self.vae.encode(pixels).to(dtype)
+
+        text = self.text_encoder.encode([prompt], device=device, dtype=dtype)
+        if do_cfg:
+            negative_text = self.text_encoder.encode([negative], allow_empty=True, device=device, dtype=dtype)
+            text = torch.cat([text, negative_text])
+
+        latents = randn(source.shape, generator, device)
+        num_semantic = self.num_semantic_tokens
+        semantic = None
+        if num_semantic:
+            semantic_dim = int(self.transformer.config.semantic_dim)
+            semantic = randn((1, num_semantic, semantic_dim), generator, device)
+
+        scheduler = self._fresh_scheduler()
+        scheduler.set_timesteps(steps, device=device)
+        semantic_scheduler = copy.deepcopy(scheduler)
+        total = len(scheduler.timesteps)
+        for index, timestep in enumerate(scheduler.timesteps):
+            branches = 2 if do_cfg else 1
+            out = self.transformer(
+                hidden_states=latents.to(dtype).repeat(branches, 1, 1, 1, 1),
+                timestep=timestep.expand(branches).to(device),
+                encoder_hidden_states=text,
+                source_latents=source.repeat(branches, 1, 1, 1, 1),
+                semantic_tokens=semantic.to(dtype).repeat(branches, 1, 1) if semantic is not None else None,
+            )
+            # float32 so the scheduler (which returns the model output's dtype) keeps fp32 latents.
+            velocity = _guide(out.sample.float(), scale, do_cfg)
+            latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
+            if semantic is not None:
+                semantic_velocity = _guide(out.semantic.float(), scale, do_cfg)
+                semantic = semantic_scheduler.step(semantic_velocity, timestep, semantic, return_dict=False)[
+                    0
+                ]
+            if callback is not None:
+                callback(index + 1, total)
+
+        if output_type == "latent":
+            return SamaEditOutput(frames=None, latents=latents)
+        if output_type != "np":
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+        decoded = self.vae.decode(latents.float())[0, :, :num_frames, :height, :width]
+        return SamaEditOutput(frames=_to_uint8(decoded), latents=latents)
+
+    def _fresh_scheduler(self):
+        # A new instance per call: schedulers keep a step counter, and a pipeline may be shared.
+        return type(self.scheduler).from_config(self.scheduler.config)
+
+    # ----------------------------------------------------------------------------------------
+    # Persistence
+
+    def save_pretrained(self, directory: str, *, copy_frozen: bool = True) -> None:
+        """Write the whole pipeline to a local ``directory`` (see the module docstring).
+
+        With ``copy_frozen=False`` the autoencoder and text encoder are recorded by reference when
+        they came from a checkpoint (their ``pretrained`` source), which saves copying e.g. umT5-XXL
+        into every export; models built from scratch are always copied.
+        """
+        os.makedirs(directory, exist_ok=True)
+        self.transformer.save_pretrained(os.path.join(directory, "transformer"))
+        self.scheduler.save_pretrained(os.path.join(directory, "scheduler"))
+        components: dict[str, Any] = {
+            "transformer": {"path": "transformer"},
+            "scheduler": {"path": "scheduler"},
+        }
+        config = self.model_config
+        vae_ref = config.component_source("vae") if config is not None and not copy_frozen else None
+        text_ref = config.component_source("text") if config is not None and not copy_frozen else None
+        if vae_ref is not None and config is not None:
+            components["vae"] = {"pretrained": vae_ref, "subfolder": config.vae.subfolder}
+        else:
+            self.vae.save_pretrained(os.path.join(directory, "vae"))
+            components["vae"] = {"path": "vae"}
+        if text_ref is not None and config is not None:
+            components["text_encoder"] = {"pretrained": text_ref}
+        else:
+            self.text_encoder.save_pretrained(directory, "text_encoder", "tokenizer")
+            components["text_encoder"] = {"path": "text_encoder", "tokenizer": "tokenizer"}
+        manifest = {
+            "format": PIPELINE_FORMAT,
+            "format_version": PIPELINE_FORMAT_VERSION,
+            "model": config.to_dict() if config is not None else None,
+            "pipeline": asdict(self.config),
+            "text_max_length": self.text_encoder.max_length,
+            "components": components,
+        }
+        tmp = os.path.join(directory, PIPELINE_FILE + ".tmp")
+        with open(tmp, "w") as handle:
+            json.dump(manifest, handle, indent=2)
+        # Written last and atomically: a directory with the manifest is a complete export.
+        os.replace(tmp, os.path.join(directory, PIPELINE_FILE))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str,
+        *,
+        device: torch.device | str | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> SamaEditPipeline:
+        """Load a pipeline written by :meth:`save_pretrained` from a local directory.
+
+        Raises:
+            ModelDirectoryError: the directory is missing, is not a SAMA pipeline export, or holds
+                components that are missing, unreadable or do not fit together.
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        path = os.fspath(directory)
+        if not os.path.exists(path):
+            raise ModelDirectoryError(path, "model directory does not exist")
+        if not os.path.isdir(path):
+            raise ModelDirectoryError(path, "is a file, not a model directory")
+        manifest_path = os.path.join(path, PIPELINE_FILE)
+        if not os.path.isfile(manifest_path):
+            hint = (
+                " (it looks like a raw Wan checkpoint: build a model from it with "
+                "sama.models.build_model(preset, pretrained=...) and export it)"
+                if os.path.isdir(os.path.join(path, "transformer"))
+                else ""
+            )
+            raise ModelDirectoryError(path, f"not a SAMA model directory: {PIPELINE_FILE} is missing{hint}")
+        try:
+            with open(manifest_path) as handle:
+                manifest = json.load(handle)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelDirectoryError(path, f"{PIPELINE_FILE} is unreadable: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != PIPELINE_FORMAT:
+            raise ModelDirectoryError(path, f"{PIPELINE_FILE} is not a {PIPELINE_FORMAT} manifest")
+        if manifest.get("format_version") != PIPELINE_FORMAT_VERSION:
+            raise ModelDirectoryError(
+                path,
+                f"{PIPELINE_FILE} has format_version {manifest.get('format_version')!r}; this code reads "
+                f"version {PIPELINE_FORMAT_VERSION}",
+            )
+        try:
+            model_config = from_dict(ModelConfig, manifest["model"]) if manifest.get("model") else None
+            pipeline_config = from_dict(PipelineConfig, manifest.get("pipeline") or {})
+        except (ConfigError, KeyError) as exc:
+            raise ModelDirectoryError(path, f"{PIPELINE_FILE} has an invalid configuration: {exc}") from exc
+        components = manifest.get("components") or {}
+        dtype = torch_dtype or (torch_dtype_of(model_config) if model_config is not None else None)
+
+        def component(name: str, loader: Callable[[], Any]) -> Any:
+            entry = components.get(name)
+            if not isinstance(entry, dict):
+                raise ModelDirectoryError(path, f"{PIPELINE_FILE} does not describe the {name}")
+            local = entry.get("path")
+            if local is not None and not os.path.isdir(os.path.join(path, local)):
+                raise ModelDirectoryError(os.path.join(path, local), f"the {name} directory is missing")
+            try:
+                return loader()
+            except ModelDirectoryError:
+                raise
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+                where = os.path.join(path, local) if local is not None else entry.get("pretrained", path)
+                raise ModelDirectoryError(where, f"cannot load the {name}: {exc}") from exc
+
+        transformer = component(
+            "transformer",
+            lambda: SamaTransformer3DModel.from_pretrained(
+                os.path.join(path, components["transformer"]["path"]), torch_dtype=dtype
+            ),
+        )
+
+        def load_vae() -> LatentAutoencoder:
+            entry = components["vae"]
+            if "path" in entry:
+                sample = model_config.vae.sample_posterior if model_config is not None else False
+                kwargs = {"sample_posterior": sample}
+                vae_dir = os.path.join(path, entry["path"])
+                if os.path.isfile(os.path.join(vae_dir, "config.json")):
+                    return load_autoencoder(vae_dir, torch_dtype=dtype, **kwargs)
+                return load_autoencoder(vae_dir)
+            if model_config is None:
+                raise ValueError("a referenced autoencoder needs the model config in the manifest")
+            return build_autoencoder(model_config.vae, entry["pretrained"], dtype or torch.float32)
+
+        def load_text() -> TextEncoder:
+            entry = components["text_encoder"]
+            max_length = int(
+                manifest.get("text_max_length") or (model_config.text.max_length if model_config else 512)
+            )
+            if "path" in entry:
+                return TextEncoder.from_pretrained(
+                    path,
+                    max_length=max_length,
+                    subfolder=entry["path"],
+                    tokenizer_subfolder=entry.get("tokenizer", "tokenizer"),
+                    torch_dtype=dtype,
+                )
+            if model_config is None:
+                raise ValueError("a referenced text encoder needs the model config in the manifest")
+            return build_text_encoder(model_config.text, entry["pretrained"], dtype or torch.float32)
+
+        vae = component("vae", load_vae)
+        text_encoder = component("text_encoder", load_text)
+        scheduler = component(
+            "scheduler",
+            lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
+                os.path.join(path, components["scheduler"]["path"])
+            ),
+        )
+        _check_compatible(transformer, vae, text_encoder, path)
+        pipeline = cls(transformer, vae, text_encoder, scheduler, model_config, pipeline_config)
+        if device is not None:
+            pipeline.to(device)
+        return pipeline
+
+
+def _guide(prediction: torch.Tensor, scale: float, do_cfg: bool) -> torch.Tensor:
+    """Text CFG on a ``[cond, uncond]`` batch: ``uncond + scale * (cond - uncond)``."""
+    if not do_cfg:
+        return prediction
+    cond, uncond = prediction.float().chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def _check_compatible(
+    transformer: SamaTransformer3DModel, vae: LatentAutoencoder, text_encoder: TextEncoder, path: str
+) -> None:
+    problems = []
+    if int(transformer.config.in_channels) != vae.latent_channels:
+        problems.append(
+            f"the transformer takes {transformer.config.in_channels} latent channels but the autoencoder "
+            f"makes {vae.latent_channels}"
+        )
+    if int(transformer.config.text_dim) != text_encoder.hidden_size:
+        problems.append(
+            f"the transformer reads {transformer.config.text_dim}-d text but the text encoder is "
+            f"{text_encoder.hidden_size}-d"
+        )
+    if problems:
+        raise ModelDirectoryError(path, "incompatible components: " + "; ".join(problems))

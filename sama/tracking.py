@@ -1,0 +1,200 @@
+"""Experiment tracking with MLflow, from rank 0 only.
+
+One MLflow run per training run. Its id is stored in every checkpoint, so a resumed or restarted
+run continues the same MLflow run with continuous step numbers. Params are the flattened resolved
+configuration; metrics are namespaced (``train/*``, ``perf/*``, ``val/*``); sample edits are logged
+as browser-playable H.264 mp4 artifacts; the exported model is logged as an MLflow pyfunc model
+(code-based, nothing pickled) and registered in the model registry, tagged with its stage.
+
+The tracking URI comes from ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else a local store: a
+SQLite database ``mlflow.db`` with an ``artifacts/`` folder beside it (MLflow 3 retired the plain
+file store), under the run's storage when that is local. Credentials for a remote server come
+only from the environment (``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``..._TOKEN``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from sama import config as config_lib
+
+log = logging.getLogger(__name__)
+
+# MLflow caps a param value at 6000 characters and a log_batch call at 100 params.
+_MAX_PARAM_CHARS = 6000
+_PARAM_BATCH = 100
+
+
+@dataclass
+class TrackingConfig:
+    """Where and how runs are tracked."""
+
+    enabled: bool = True
+    # None: MLFLOW_TRACKING_URI, else a local file store.
+    uri: str | None = None
+    experiment: str = "sama"
+    # Register the exported model under this name (None: do not register).
+    registered_model: str | None = None
+    system_metrics: bool = True
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, default_local_dir: str | None) -> str:
+    if cfg.uri:
+        return cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    directory = os.path.abspath(default_local_dir or "mlruns")
+    os.makedirs(directory, exist_ok=True)
+    return f"sqlite:///{os.path.join(directory, 'mlflow.db')}"
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """Where a local SQLite store keeps artifacts (beside the database), else None."""
+    if tracking_uri.startswith("sqlite:///"):
+        return "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///") :]), "artifacts")
+    return None
+
+
+class Tracker:
+    """A thin, rank-0-only wrapper around one MLflow run. Every method is a no-op when disabled."""
+
+    def __init__(self, cfg: TrackingConfig, enabled: bool, default_local_dir: str | None = None):
+        self.cfg = cfg
+        self.enabled = enabled and cfg.enabled
+        self.run_id: str | None = None
+        self.tracking_uri = resolve_tracking_uri(cfg, default_local_dir) if self.enabled else None
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def start(
+        self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None
+    ) -> str | None:
+        """Start a new run, or continue ``run_id`` (after a resume or restart)."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+        if experiment is None:
+            # Another process may create it first: then the lookup below finds theirs.
+            with contextlib.suppress(Exception):
+                self.client.create_experiment(
+                    self.cfg.experiment, artifact_location=local_artifact_root(self.tracking_uri)
+                )
+            experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+        all_tags = {**self.cfg.tags, **(tags or {})}
+        if run_id:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+            self.run_id = run.info.run_id
+        if self.cfg.system_metrics:
+            self._start_system_metrics()
+        log.info(
+            "tracking to %s (experiment %s, run %s)", self.tracking_uri, self.cfg.experiment, self.run_id
+        )
+        return self.run_id
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
+            self._monitor.start()
+        except Exception as exc:  # psutil missing or the monitor's API moved: training goes on
+            log.warning("system metrics are not logged: %s", exc)
+            self._monitor = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log the flattened configuration (values stringified and capped as MLflow requires)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        existing = set(self.client.get_run(self.run_id).data.params)
+        items = [
+            Param(key, str(value)[:_MAX_PARAM_CHARS])
+            for key, value in config_lib.flatten(params).items()
+            if key not in existing  # a resumed run keeps its params (MLflow forbids changing them)
+        ]
+        for start in range(0, len(items), _PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[start : start + _PARAM_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled or not metrics:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def log_video(self, data: bytes, artifact_file: str) -> None:
+        """Log mp4 bytes as an artifact (the MLflow UI plays H.264 mp4 in the browser)."""
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, os.path.basename(artifact_file))
+            with open(path, "wb") as handle:
+                handle.write(data)
+            self.log_artifact(path, os.path.dirname(artifact_file) or None)
+
+    def log_model(self, export_dir: str, stage: int, registered_model: str | None = None) -> dict[str, Any]:
+        """Log the exported pipeline as an MLflow pyfunc model; register it when a name is set."""
+        if not self.enabled:
+            return {}
+        import mlflow
+
+        from sama import mlflow_model
+
+        name = registered_model or self.cfg.registered_model
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=mlflow_model.__file__,
+                artifacts={"pipeline": export_dir},
+                pip_requirements=["sama[train]"],
+                registered_model_name=name,
+                metadata={"sama_stage": stage},
+            )
+        result: dict[str, Any] = {"model_uri": info.model_uri}
+        if name:
+            version = info.registered_model_version
+            self.client.set_model_version_tag(name, str(version), "stage", f"stage{stage}")
+            self.client.set_registered_model_tag(name, "task", "instruction-guided video editing")
+            result.update({"registered_model": name, "version": version})
+            log.info("registered %s version %s (stage %d)", name, version, stage)
+        return result
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.finish()
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,1 @@
+"""Training on Ray Train: data, trainer steps, checkpoints, parallelism, EMA."""

@@ -1,0 +1,354 @@
+"""Training data: shards -> Ray Data (decode on CPU tasks) -> per-worker bucketed, mixed batches.
+
+Each data source is a shard prefix written by ``sama prep-pretext`` or ``sama prep-pairs`` (e.g.
+``.../shards/video`` or ``.../shards/image``). Every training worker streams its own part of every
+source through Ray Data: the raw tar members are read with ``read_webdataset`` (nothing is
+unpickled), block order is shuffled, and members are decoded in Ray Data CPU tasks, so decoding
+runs on the cluster's CPUs (CPU nodes included) next to, not inside, the GPU workers.
+
+Why per-worker datasets rather than ``get_dataset_shard``: Ray Train splits a dataset with
+``streaming_split``, whose iterators meet at a barrier before every epoch. Batches are grouped by
+shape (bucket, frame counts), so ranks finish an epoch after different numbers of steps; a rank
+waiting at the epoch barrier while the others wait for it in a gradient all-reduce would deadlock.
+Here each worker owns whole shards (``shards[rank::world]``; with fewer shards than workers, every
+worker reads all shards and keeps the samples whose key hashes to its rank), and runs its epochs
+independently, so no rank ever waits for another's data and every rank gets data.
+
+Inside a worker, :class:`MixedBatchIterator` interleaves the sources by their weights and groups
+rows into batches of one shape with the media's batch size (images and videos batch separately).
+
+Resume semantics: the data position (step, per-source passes, batches drawn) is saved with each
+checkpoint. On resume every source starts a new pass whose shuffle seeds derive from (seed, rank,
+source, pass, resume step), so the stream continues in a fresh order instead of replaying the
+interrupted pass in the same order. Samples of the interrupted pass may be seen again, in another
+order (at-least-once per pass, never the same sequence twice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from sama import schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceConfig:
+    """One stream of shards and its share of the training steps."""
+
+    name: str = ""
+    uri: str = ""
+    media: Literal["video", "image"] = "video"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from and how it is batched (per worker)."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Held-out shards for the validation loss (read on rank 0).
+    val_uri: str | None = None
+    val_samples: int = 8
+    # Per-worker batch sizes (SAMA code: 4 videos or 16 images per GPU).
+    video_batch_size: int = 4
+    image_batch_size: int = 16
+    # Rows shuffled in each worker's local buffer.
+    shuffle_buffer: int = 64
+    seed: int = 0
+    # CPUs per Ray Data decode task.
+    decode_num_cpus: float = 1.0
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("data.sources: at least one source is needed")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"data.sources: names must be unique and non-empty, got {names}")
+        for s in self.sources:
+            if not s.uri:
+                raise ValueError(f"data.sources.{s.name}: uri is empty")
+            if s.weight <= 0:
+                raise ValueError(f"data.sources.{s.name}: weight must be positive")
+        if self.video_batch_size < 1 or self.image_batch_size < 1:
+            raise ValueError("data.video_batch_size and data.image_batch_size must be >= 1")
+
+    def batch_size(self, media: str) -> int:
+        return self.image_batch_size if media == "image" else self.video_batch_size
+
+
+_EMPTY = np.zeros((0, 0, 0, 3), dtype=np.uint8)
+
+
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A raw shard row (``json``, ``tgt.mp4``...) -> decoded frames and the fields training needs.
+
+    Runs in Ray Data CPU tasks. A sample that fails to decode is kept as an ``error`` row rather
+    than raised: an exception would drop the whole block, losing good samples with it.
+    """
+    try:
+        sample = schema.Sample.from_members(row)
+        target = sample.decode_target()
+        source = sample.decode_source()
+        meta = sample.meta
+        return {
+            "key": meta.key,
+            "task": meta.task,
+            "media": meta.media,
+            "instruction": meta.instruction,
+            "bucket": meta.bucket,
+            "target": target,
+            "source": _EMPTY if source is None else source,
+            "error": "",
+        }
+    except Exception as exc:  # recorded and skipped by the batcher, with the reason in the log
+        key = str(row.get("__key__", "?"))
+        return {
+            "key": key,
+            "task": "",
+            "media": "",
+            "instruction": "",
+            "bucket": "",
+            "target": _EMPTY,
+            "source": _EMPTY,
+            "error": f"{row.get('__url__', '?')}:{key}: {type(exc).__name__}: {exc}",
+        }
+
+
+def worker_shards(uri: str, rank: int, world_size: int) -> tuple[list[str], bool]:
+    """The shards worker ``rank`` reads, and whether it must also filter samples by key."""
+    shards = schema.list_shards(uri)
+    if not shards:
+        raise FileNotFoundError(f"no shards (*.tar) under {uri}")
+    if len(shards) >= world_size:
+        return shards[rank::world_size], False
+    return shards, True
+
+
+def _keep_for_rank(rank: int, world_size: int):
+    def keep(row: dict) -> bool:
+        # Keys are uuid5 hex strings: uniformly spread, stable across runs.
+        return int(str(row["__key__"]).rsplit("/", 1)[-1][:8], 16) % world_size == rank
+
+    return keep
+
+
+def build_pass(
+    source: SourceConfig,
+    cfg: DataConfig,
+    rank: int,
+    world_size: int,
+    pass_index: int,
+    repeats: int,
+    salt: int,
+):
+    """One pass over this worker's part of ``source``: its shards listed ``repeats`` times.
+
+    Block order is shuffled over the whole pass, so the repeats interleave; one read over the
+    repeated file list keeps the plan flat however many repeats a small source needs.
+    """
+    shards, filter_by_key = worker_shards(source.uri, rank, world_size)
+    ds = schema.ray_dataset(shards * repeats)
+    if filter_by_key:
+        ds = ds.filter(_keep_for_rank(rank, world_size))
+    ds = ds.randomize_block_order(seed=_seed(cfg.seed, rank, source.name, pass_index, salt))
+    return ds.map(decode_row, num_cpus=cfg.decode_num_cpus)
+
+
+def _seed(*parts) -> int:
+    words = [
+        p if isinstance(p, int) else int.from_bytes(str(p).encode()[:8].ljust(8, b"\0"), "little")
+        for p in parts
+    ]
+    return int(np.random.SeedSequence([w % (2**63) for w in words]).generate_state(1)[0])
+
+
+def shape_key(row: dict[str, Any]) -> tuple:
+    """Rows batch together only when every tensor has the same shape."""
+    return (row["media"], tuple(np.shape(row["target"])), tuple(np.shape(row["source"])))
+
+
+@dataclass
+class DataPosition:
+    """Where the stream is; saved with checkpoints (see the module docstring for resume semantics)."""
+
+    step: int = 0
+    passes: dict[str, int] = field(default_factory=dict)
+    batches: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DataPosition:
+        return cls(**json.loads(text))
+
+
+class SourceStream:
+    """Endless batches of one shape from one source, pass after pass, for one worker.
+
+    A pass repeats the worker's part of the source until it holds at least ``min_rows_per_pass``
+    rows (learned from the first pass), so small sources do not pay a pipeline start every few steps.
+    """
+
+    def __init__(
+        self,
+        source: SourceConfig,
+        cfg: DataConfig,
+        position: DataPosition,
+        rank: int = 0,
+        world_size: int = 1,
+        min_rows_per_pass: int = 512,
+    ):
+        self.source = source
+        self.cfg = cfg
+        self.position = position
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = cfg.batch_size(source.media)
+        self.min_rows_per_pass = min_rows_per_pass
+        self.repeats = 1
+        self.rows_in_pass = 0
+        # A resumed run starts from a fresh pass with seeds salted by the resume step.
+        self.salt = position.step
+        self.pending: dict[tuple, list[dict]] = {}
+        self.rows: Iterator[dict] | None = None
+
+    def _new_pass(self) -> None:
+        index = self.position.passes.get(self.source.name, 0)
+        ds = build_pass(self.source, self.cfg, self.rank, self.world_size, index, self.repeats, self.salt)
+        seed = _seed(self.cfg.seed, self.rank, self.source.name, index, "buffer", self.salt)
+        self.rows = _shuffled(ds.iter_rows(), self.cfg.shuffle_buffer, seed)
+        self.rows_in_pass = 0
+        self.position.passes[self.source.name] = index + 1
+
+    def _end_pass(self) -> None:
+        if self.rows_in_pass == 0:
+            raise RuntimeError(
+                f"data source {self.source.name!r} ({self.source.uri}) gives worker {self.rank} no samples"
+            )
+        if self.rows_in_pass < self.min_rows_per_pass:
+            per_epoch = max(1, self.rows_in_pass // self.repeats)
+            self.repeats = max(1, -(-self.min_rows_per_pass // per_epoch))
+        self.rows = None
+
+    def next_batch(self) -> list[dict]:
+        while True:
+            if self.rows is None:
+                self._new_pass()
+            for row in self.rows:
+                self.rows_in_pass += 1
+                if row["error"]:
+                    self.position.skipped += 1
+                    log.warning("skipping an undecodable sample: %s", row["error"])
+                    continue
+                if row["media"] != self.source.media:
+                    raise ValueError(
+                        f"data source {self.source.name!r} is declared {self.source.media} but "
+                        f"{row['key']} is {row['media']} (point its uri at shards/{self.source.media})"
+                    )
+                key = shape_key(row)
+                group = self.pending.setdefault(key, [])
+                group.append(row)
+                if len(group) == self.batch_size:
+                    del self.pending[key]
+                    return self._count(group)
+            self._end_pass()
+            # Rows of rare shapes are not held across passes: emit the fullest partial batch.
+            if self.pending:
+                key = max(self.pending, key=lambda k: len(self.pending[k]))
+                return self._count(self.pending.pop(key))
+
+    def _count(self, rows: list[dict]) -> list[dict]:
+        self.position.batches[self.source.name] = self.position.batches.get(self.source.name, 0) + 1
+        return rows
+
+
+def _shuffled(rows: Iterator[dict], buffer_size: int, seed: int) -> Iterator[dict]:
+    """A local shuffle buffer over rows (Ray's own shuffles batches, which would mix shapes)."""
+    rng = np.random.default_rng(seed)
+    buffer: list[dict] = []
+    for row in rows:
+        buffer.append(row)
+        if len(buffer) >= max(1, buffer_size):
+            yield buffer.pop(int(rng.integers(len(buffer))))
+    while buffer:
+        yield buffer.pop(int(rng.integers(len(buffer))))
+
+
+def collate(rows: list[dict]) -> dict[str, Any]:
+    """Rows of one shape -> a batch: uint8 tensors (B, T, H, W, 3) and lists of strings."""
+    import torch
+
+    source = None
+    if rows[0]["source"].size:
+        source = torch.from_numpy(np.stack([r["source"] for r in rows]))
+    return {
+        "target": torch.from_numpy(np.stack([r["target"] for r in rows])),
+        "source": source,
+        "instructions": [r["instruction"] for r in rows],
+        "tasks": [r["task"] for r in rows],
+        "keys": [r["key"] for r in rows],
+        "media": rows[0]["media"],
+    }
+
+
+class MixedBatchIterator:
+    """Batches from several sources, interleaved by weight."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        position: DataPosition | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        min_rows_per_pass: int = 512,
+    ):
+        cfg.validate()
+        self.cfg = cfg
+        self.position = position or DataPosition()
+        self.streams = [
+            SourceStream(source, cfg, self.position, rank, world_size, min_rows_per_pass)
+            for source in cfg.sources
+        ]
+        weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
+        self.probs = weights / weights.sum()
+        self.wait_s = 0.0
+
+    def choose(self, step: int) -> int:
+        """The source of ``step``: a function of (seed, step), so a resumed run keeps the mix."""
+        rng = np.random.default_rng([self.cfg.seed, step])
+        return int(rng.choice(len(self.streams), p=self.probs))
+
+    def next(self) -> dict[str, Any]:
+        """The next batch; time spent waiting for data accumulates in ``wait_s``."""
+        started = time.perf_counter()
+        stream = self.streams[self.choose(self.position.step)]
+        batch = collate(stream.next_batch())
+        batch["source_name"] = stream.source.name
+        self.position.step += 1
+        self.wait_s += time.perf_counter() - started
+        return batch
+
+
+def load_validation(cfg: DataConfig) -> list[dict[str, Any]]:
+    """A fixed list of held-out samples (decoded), grouped later into single-sample batches."""
+    if not cfg.val_uri:
+        return []
+    rows = []
+    for sample in schema.iter_samples(cfg.val_uri):
+        row = decode_row({"__key__": sample.key, **sample.members()})
+        if not row["error"]:
+            rows.append(row)
+        if len(rows) >= cfg.val_samples:
+            break
+    return rows

@@ -1,0 +1,78 @@
+"""Parallelism and memory techniques, applied from outside the model (torchtitan style).
+
+* ``ddp``: the training module is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU).
+* ``fsdp2``: every transformer block, then the transformer itself, is sharded with ``fully_shard``
+  (bf16 parameters for compute, fp32 gradient reduction when mixed precision is on).
+* activation checkpointing: diffusers' own per-block gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ParallelConfig:
+    """How the transformer is spread over workers and how memory is saved."""
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    activation_checkpointing: bool = False
+    # bf16 autocast (ddp) or bf16 FSDP parameters (fsdp2) on GPU; CPUs always compute in fp32.
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"
+    # DDP only: needed when some trainable parameter can go unused in a step.
+    find_unused_parameters: bool = False
+
+
+def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if device.type == "cuda" and cfg.mixed_precision == "bf16":
+        return torch.bfloat16
+    return None
+
+
+def apply_activation_checkpointing(transformer: nn.Module) -> None:
+    if not getattr(transformer, "_supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(transformer).__name__} does not support activation checkpointing")
+    transformer.enable_gradient_checkpointing()
+
+
+def apply_fsdp2(transformer: nn.Module, cfg: ParallelConfig, device: torch.device) -> None:
+    """Shard each block, then the root, over the default process group."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = None
+    if compute_dtype(cfg, device) is not None:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": policy} if policy is not None else {}
+    for block in transformer.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(transformer, **kwargs)
+
+
+def parallelize(module: nn.Module, cfg: ParallelConfig, device: torch.device, world_size: int) -> nn.Module:
+    """Apply checkpointing and the sharding strategy; returns what the training step calls.
+
+    ``module`` is the :class:`~sama.models.training.SamaTrainingModule`; its ``transformer`` is the
+    only trainable part. With one worker no wrapper is added.
+    """
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(module.transformer)
+    if world_size <= 1:
+        return module
+    if cfg.strategy == "fsdp2":
+        apply_fsdp2(module.transformer, cfg, device)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(
+        module, device_ids=device_ids, find_unused_parameters=cfg.find_unused_parameters
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model

@@ -1,0 +1,549 @@
+"""The SAMA trainer: configuration, and the per-worker loop in small named steps.
+
+Stage 0 (factorized pre-training) and stage 1 (SFT) run the same loop with different recipes:
+stage 0 mixes image edits and motion-alignment pretext clips and starts from Wan weights (or a
+random tiny model); stage 1 mixes paired video edits with some image edits and starts from a
+stage-0 export (``model.init_from``).
+
+A worker's life (:class:`Trainer`): ``build`` the model, data stream, optimizer, scheduler and EMA;
+``restore`` from the latest checkpoint when there is one; then ``train_step`` until ``max_steps``,
+each made of ``forward_backward_step`` per micro-batch and one optimizer step, with ``validate``,
+``save_checkpoint`` and metric logging on their schedules; finally ``export`` the EMA model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sama import config as config_lib
+from sama.models.training import TrainingModuleConfig
+from sama.tracking import TrackingConfig
+from sama.train.data import DataConfig
+from sama.train.parallelize import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSection:
+    """Which model to train and where its starting weights come from."""
+
+    # A preset of sama.models.presets (tiny, wan2.1-1.3b, wan2.1-14b, wan2.2-5b).
+    preset: str = "tiny"
+    # Wan diffusers weights (local dir or hub id) for stage 0; None = random init.
+    pretrained: str | None = None
+    # A SAMA export (``save_pretrained`` directory) to start from: stage 1 starts from stage 0's.
+    init_from: str | None = None
+    # Dotted overrides of the preset's ModelConfig, e.g. {"transformer.num_layers": 2}.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then a constant rate (SAMA code defaults)."""
+
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("optim.lr must be positive")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError("optim.warmup_frac must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise ValueError("optim.grad_clip must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class ScalingSection:
+    """Ray Train workers."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    # CPUs each worker reserves; leave some for the Ray Data tasks that decode the shards.
+    cpus_per_worker: float = 1.0
+    # Torch intra-op threads per worker on CPU (None: what the worker's CPU budget allows).
+    torch_threads: int | None = None
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class ValidationSection:
+    """Validation loss on held-out shards, and sample edits rendered to mp4 artifacts."""
+
+    every_steps: int = 500
+    # Validation loss = mean over samples x this many (timestep, noise) draws, seeded identically
+    # at every validation so the values are comparable across steps.
+    draws: int = 4
+    render_samples: int = 1
+    render_steps: int = 20
+    render_cfg: float = 5.0
+
+
+@dataclass
+class RunSection:
+    """Where the run lives: checkpoints, the export and (by default) the MLflow store."""
+
+    name: str = "sama-run"
+    # A local directory or an s3:// prefix.
+    storage_uri: str = "runs"
+    # Worker failures survived per run (Ray Train FailureConfig).
+    max_failures: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """``sama train``: one training stage."""
+
+    stage: int = 0
+    max_steps: int = 1000
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    ema_decay: float = 0.9998
+    model: ModelSection = field(default_factory=ModelSection)
+    objective: TrainingModuleConfig = field(default_factory=TrainingModuleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def validate(self) -> None:
+        if self.stage not in (0, 1):
+            raise ValueError("stage must be 0 (pre-training) or 1 (SFT)")
+        if self.max_steps < 1 or self.grad_accum < 1 or self.log_every < 1:
+            raise ValueError("max_steps, grad_accum and log_every must be >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")
+        if self.scaling.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1")
+        if self.stage == 1 and not self.model.init_from:
+            raise ValueError("stage 1 (SFT) starts from a stage-0 export: set model.init_from")
+        self.data.validate()
+        self.optim.validate()
+        self.objective.validate()
+
+
+_LOCAL_EXPORTS: dict[str, str] = {}
+
+
+def local_export(uri: str) -> str:
+    """A local directory holding the SAMA export at ``uri`` (downloaded once when remote)."""
+    from sama import storage
+
+    local = storage.local_path(uri)
+    if local is not None:
+        return local
+    if uri not in _LOCAL_EXPORTS:
+        _LOCAL_EXPORTS[uri] = storage.download_dir(uri, tempfile.mkdtemp(prefix="sama-export-"))
+    return _LOCAL_EXPORTS[uri]
+
+
+def resolve_model_config(section: ModelSection):
+    """The ModelConfig to build: the export's own (init_from), else the preset with overrides."""
+    from sama.models.config import ModelConfig
+    from sama.models.presets import get_preset
+
+    if section.init_from:
+        import json
+
+        manifest_path = os.path.join(local_export(section.init_from), "sama_pipeline.json")
+        if not os.path.isfile(manifest_path):
+            raise FileNotFoundError(
+                f"model.init_from {section.init_from}: not a SAMA export (no sama_pipeline.json)"
+            )
+        with open(manifest_path) as handle:
+            model_config = config_lib.from_dict(ModelConfig, json.load(handle)["model"])
+    else:
+        model_config = get_preset(section.preset)
+        if section.pretrained:
+            model_config = dataclasses.replace(model_config, pretrained=section.pretrained)
+    for key, value in config_lib.flatten(section.overrides).items():
+        model_config = config_lib.apply_override(model_config, f"{key}={_override_text(value)}")
+    model_config.validate()
+    return model_config
+
+
+def _override_text(value: Any) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def lr_lambda(warmup_steps: int):
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return factor
+
+
+def transformer_flops_per_token(transformer) -> float:
+    """Training FLOPs per token: 6 x parameters (matmuls, forward + backward)."""
+    params = sum(p.numel() for p in transformer.parameters())
+    return 6.0 * params
+
+
+def attention_flops(seq_len: int, dim: int, layers: int) -> float:
+    """Self-attention score and value matmuls, forward + backward: 12 x layers x dim x seq^2."""
+    return 12.0 * layers * dim * float(seq_len) ** 2
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class Trainer:
+    """One worker's training loop. ``rank``/``world_size`` come from Ray Train (1/0 standalone)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        if cfg.scaling.use_gpu and torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.step = 0
+        self.samples_seen = 0
+        self.tracker = None
+        self.mlflow_run_id: str | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Build
+
+    def build(self) -> None:
+        """Model (with frozen encoders), optimizer, scheduler, EMA and the data stream."""
+        from sama.models.presets import build_model
+        from sama.models.training import SamaTrainingModule
+        from sama.train.data import DataPosition, MixedBatchIterator, load_validation
+        from sama.train.ema import EMA
+        from sama.train.parallelize import parallelize
+
+        cfg = self.cfg
+        if self.device.type == "cpu":
+            threads = cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker))
+            torch.set_num_threads(threads)
+        # Same seed on every rank: identical initial weights (and identical frozen encoders).
+        torch.manual_seed(cfg.seed)
+        self.model_config = resolve_model_config(cfg.model)
+        self.components = build_model(self.model_config)
+        if cfg.model.init_from:
+            self._load_init(cfg.model.init_from)
+        self.components.to(self.device)
+        self.module = SamaTrainingModule(self.components, cfg.objective)
+        self.module.train()
+        self.ema = EMA(self.module.transformer, cfg.ema_decay)
+        self.model = parallelize(self.module, cfg.parallel, self.device, self.world_size)
+        self.params = [p for p in self.module.transformer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        warmup = int(cfg.optim.warmup_frac * cfg.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup))
+        self.position = DataPosition()
+        self.batches = MixedBatchIterator(cfg.data, self.position, self.rank, self.world_size)
+        self.val_rows = load_validation(cfg.data)
+        self.flops_per_token = transformer_flops_per_token(self.module.transformer)
+        self.peak = peak_flops(self.device)
+
+    def _load_init(self, export_dir: str) -> None:
+        """Start from a SAMA export: its transformer, autoencoder and text encoder weights."""
+        from sama.pipeline_edit import SamaEditPipeline
+
+        pipeline = SamaEditPipeline.from_pretrained(local_export(export_dir))
+        missing, unexpected = self.components.transformer.load_state_dict(
+            pipeline.transformer.state_dict(), strict=False
+        )
+        if missing or unexpected:
+            raise ValueError(
+                f"model.init_from {export_dir} does not fit the model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        self.components.vae = pipeline.vae
+        self.components.text_encoder = pipeline.text_encoder
+        log.info("initialised from %s", export_dir)
+
+    # ------------------------------------------------------------------------------------------
+    # State
+
+    def state_dict(self) -> dict[str, Any]:
+        """Full (unsharded) model, EMA and optimizer states, gathered on every rank."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        transformer = self.module.transformer
+        model = {k: v for k, v in get_model_state_dict(transformer, options=options).items()}
+        optimizer = get_optimizer_state_dict(transformer, self.optimizer, options=options)
+        return {"model": model, "ema": self.ema.state_dict(), "optimizer": optimizer}
+
+    def load_state_dict(self, loaded) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        transformer = self.module.transformer
+        set_model_state_dict(transformer, loaded.model, options=options)
+        set_optimizer_state_dict(transformer, self.optimizer, loaded.optimizer, options=options)
+        self.ema.load_state_dict(loaded.ema)
+        self.scheduler.load_state_dict(loaded.state.scheduler)
+        self.step = loaded.state.step
+        self.samples_seen = loaded.state.samples_seen
+        self.mlflow_run_id = loaded.state.mlflow_run_id
+        from sama.train.checkpoint import set_rng_state
+        from sama.train.data import DataPosition, MixedBatchIterator
+
+        set_rng_state(loaded.rng)
+        # The stream restarts with fresh passes salted by the resume step (see sama.train.data).
+        self.position = (
+            DataPosition.from_json(loaded.state.data_position)
+            if loaded.state.data_position
+            else DataPosition()
+        )
+        self.position.step = self.step
+        self.batches = MixedBatchIterator(self.cfg.data, self.position, self.rank, self.world_size)
+
+    def restore(self, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is None:
+            return
+        from sama.train import checkpoint as ckpt
+
+        loaded = ckpt.load(checkpoint_dir)
+        self.load_state_dict(loaded)
+        log.info("rank %d resumed from %s at step %d", self.rank, checkpoint_dir, self.step)
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Every rank gathers (a collective under FSDP2); rank 0 writes ``directory``."""
+        from sama.train import checkpoint as ckpt
+
+        state = self.state_dict()
+        if self.rank != 0:
+            return
+        train_state = ckpt.TrainState(
+            step=self.step,
+            samples_seen=self.samples_seen,
+            scheduler=self.scheduler.state_dict(),
+            data_position=self.position.to_json(),
+            mlflow_run_id=self.mlflow_run_id,
+        )
+        ckpt.save(directory, state["model"], state["ema"], state["optimizer"], train_state)
+
+    # ------------------------------------------------------------------------------------------
+    # Steps
+
+    def _generator(self, *parts: int) -> torch.Generator:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(int(np.random.SeedSequence([self.cfg.seed, *parts]).generate_state(1)[0]))
+        return generator
+
+    def _sama_batch(self, batch: dict[str, Any]):
+        from sama.models.training import SamaBatch
+
+        return SamaBatch(prompts=batch["instructions"], target=batch["target"], source=batch["source"])
+
+    def _tokens(self, encoded) -> int:
+        transformer = self.module.transformer
+        p_t, p_h, p_w = transformer.config.patch_size
+        total = 0
+        for latents in (encoded.target_latents, encoded.source_latents):
+            if latents is not None:
+                b, _, t, h, w = latents.shape
+                total += b * (t // p_t) * (h // p_h) * (w // p_w)
+        if encoded.semantic_tokens is not None:
+            total += encoded.semantic_tokens.shape[0] * encoded.semantic_tokens.shape[1]
+        return total
+
+    def forward_backward_step(self, batch: dict[str, Any], micro: int) -> dict[str, float]:
+        """One micro-batch: encode with the frozen encoders, loss through the (wrapped) model, backward."""
+        from sama.train.parallelize import compute_dtype
+
+        generator = self._generator(self.rank, self.step, micro)
+        with torch.no_grad():
+            encoded = self.module.encode_batch(self._sama_batch(batch), generator)
+        dtype = compute_dtype(self.cfg.parallel, self.device)
+        sync = micro == self.cfg.grad_accum - 1
+        context = self.model.no_sync() if (hasattr(self.model, "no_sync") and not sync) else _null()
+        with context:
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                out = self.model(encoded, generator)
+            (out.loss / self.cfg.grad_accum).backward()
+        parts = out.to_dict()
+        parts["samples"] = len(batch["instructions"])
+        parts["tokens"] = self._tokens(encoded)
+        return parts
+
+    def train_step(self) -> dict[str, float]:
+        """``grad_accum`` micro-batches, clipping, one optimizer step, one EMA update."""
+        started = time.perf_counter()
+        wait_before = self.batches.wait_s
+        totals: dict[str, float] = {}
+        for micro in range(self.cfg.grad_accum):
+            batch = self.batches.next()
+            parts = self.forward_backward_step(batch, micro)
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.ema.update(self.module.transformer)
+        self.step += 1
+        samples = totals.pop("samples") * self.world_size
+        self.samples_seen += int(samples)
+        metrics = {f"train/{k}": v / self.cfg.grad_accum for k, v in totals.items() if k.startswith("loss")}
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/grad_norm"] = grad_norm
+        elapsed = time.perf_counter() - started
+        tokens = totals["tokens"] * self.world_size
+        metrics["perf/step_s"] = elapsed
+        metrics["perf/samples_per_s"] = samples / elapsed
+        metrics["perf/tokens_per_s"] = tokens / elapsed
+        metrics["perf/data_wait_frac"] = (self.batches.wait_s - wait_before) / elapsed
+        if self.peak:
+            metrics["perf/mfu"] = self.flops_per_token * tokens / elapsed / (self.peak * self.world_size)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    # Validation and export
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean loss over the held-out samples with the same timesteps and noise at every call."""
+        from sama.models.training import SamaBatch
+
+        if not self.val_rows:
+            return {}
+        self.module.eval()
+        losses, fm, sem = [], [], []
+        for index, row in enumerate(self.val_rows):
+            batch = SamaBatch(
+                prompts=[row["instruction"]],
+                target=torch.from_numpy(row["target"][None]),
+                source=torch.from_numpy(row["source"][None]) if row["source"].size else None,
+            )
+            encoded = self.module.encode_batch(batch, self._generator(10_000, index))
+            for j in range(self.cfg.validation.draws):
+                out = self.module.compute_loss(encoded, self._generator(20_000, index, j))
+                losses.append(float(out.loss))
+                fm.append(float(out.loss_fm))
+                if out.loss_sem is not None:
+                    sem.append(float(out.loss_sem))
+        self.module.train()
+        metrics = {"val/loss": float(np.mean(losses)), "val/loss_fm": float(np.mean(fm))}
+        if sem:
+            metrics["val/loss_sem"] = float(np.mean(sem))
+        return metrics
+
+    @torch.no_grad()
+    def render_edits(self) -> list[tuple[str, bytes]]:
+        """Edit held-out sources with the current weights: mp4s of [source | edit | target]."""
+        from sama import video
+        from sama.pipeline_edit import PipelineConfig, SamaEditPipeline
+
+        rendered = []
+        rows = [r for r in self.val_rows if r["source"].size][: self.cfg.validation.render_samples]
+        if not rows:
+            return rendered
+        pipeline = SamaEditPipeline(
+            self.module.transformer,
+            self.components.vae,
+            self.components.text_encoder,
+            model_config=self.model_config,
+            config=PipelineConfig(
+                num_inference_steps=self.cfg.validation.render_steps,
+                guidance_scale=self.cfg.validation.render_cfg,
+                add_prefix=False,
+            ),
+        )
+        self.module.eval()
+        for row in rows:
+            source = row["source"]
+            if source.shape[0] != row["target"].shape[0]:
+                continue  # a speed sample: the edit has the source's length, not the target's
+            edited = pipeline(source, row["instruction"], seed=0).frames
+            strip = np.concatenate([source, edited, row["target"]], axis=2)
+            fps = 8.0
+            if strip.shape[1] % 2 or strip.shape[2] % 2:
+                strip = strip[:, : strip.shape[1] // 2 * 2, : strip.shape[2] // 2 * 2]
+            rendered.append((row["key"], video.encode_mp4(strip, fps)))
+        self.module.train()
+        return rendered
+
+    def export(self, directory: str) -> None:
+        """The EMA weights as a ``save_pretrained`` pipeline that ``sama edit`` loads (rank 0 writes)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from sama.models.presets import build_transformer
+        from sama.pipeline_edit import SamaEditPipeline
+
+        # Both gathers are collectives under FSDP2: every rank calls them.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = dict(get_model_state_dict(self.module.transformer, options=options))
+        weights.update(self.ema.state_dict())
+        if self.rank != 0:
+            return
+        transformer = build_transformer(self.model_config)
+        transformer.load_state_dict(weights)
+        vae, text = self.components.vae, self.components.text_encoder
+        pipeline = SamaEditPipeline(
+            transformer, vae.to("cpu"), text.to("cpu"), model_config=self.model_config
+        )
+        pipeline.save_pretrained(directory)
+        vae.to(self.device)
+        text.to(self.device)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def steps_due(step: int, every: int, max_steps: int) -> bool:
+    return step % every == 0 or step == max_steps
