@@ -28,30 +28,33 @@ from sama import config, storage, synthetic
 
 log = logging.getLogger(__name__)
 
-# Small enough for 2 CPU cores in minutes; the same code runs the full-size recipes.
+# Small enough for the tiny model on 2 CPU cores in minutes (9-frame clips in 48x64-pixel
+# buckets); the same code runs the full-size recipes (49 or 81 frames at 480p).
+BUCKETS = [
+    "buckets.base_height=48",
+    "buckets.base_width=64",
+    "buckets.multiple=16",
+    'buckets.aspect_ratios=["3:4", "4:3"]',
+]
 PREP_SETTINGS = [
-    "clips.num_frames=17",
+    *BUCKETS,
+    "clips.num_frames=9",
     "clips.fps=8",
     "clips.max_clips_per_video=2",
-    "clips.min_side=64",
-    "buckets.base_height=64",
-    "buckets.base_width=112",
-    'buckets.aspect_ratios=["3:4", "1:1", "4:3", "2:1"]',
+    "clips.min_side=48",
     "input.videos_per_unit=4",
     "encode.preset=veryfast",
 ]
 PAIR_SETTINGS = [
+    *BUCKETS,
     "align.max_fps=8",
-    "align.max_frames=17",
-    "align.min_side=64",
-    "buckets.base_height=64",
-    "buckets.base_width=112",
-    'buckets.aspect_ratios=["3:4", "1:1", "4:3", "2:1"]',
+    "align.max_frames=9",
+    "align.min_side=48",
     "input.rows_per_unit=8",
     "encode.preset=veryfast",
 ]
-# Synthetic media sizes: landscape, square and portrait, all well above the minimum side.
-SIZES = [(96, 128), (128, 128), (128, 96), (96, 192)]
+# Synthetic media: landscape and portrait, a little larger than the buckets they are cut to.
+SIZES = [(72, 96), (96, 72)]
 
 
 class _Steps:
@@ -68,7 +71,7 @@ class _Steps:
 
 def _synthesise(store: str) -> None:
     if not storage.exists(storage.join(store, "raw", ".done")):
-        synthetic.write_raw_videos(storage.join(store, "raw"), 24, seed=1, fps=12.0, seconds=3.0, sizes=SIZES)
+        synthetic.write_raw_videos(storage.join(store, "raw"), 32, seed=1, fps=12.0, seconds=2.5, sizes=SIZES)
         synthetic.write_bad_inputs(storage.join(store, "raw", "broken"))
         synthetic.write_raw_videos(
             storage.join(store, "raw-val"), 4, seed=2, fps=12.0, seconds=1.5, sizes=SIZES
@@ -76,7 +79,7 @@ def _synthesise(store: str) -> None:
         storage.write_text(storage.join(store, "raw", ".done"), "")
     if not storage.exists(storage.join(store, "edits", ".done")):
         synthetic.write_edit_pairs(
-            storage.join(store, "edits"), 32, seed=3, media="mixed", fps=8.0, seconds=2.2, sizes=SIZES
+            storage.join(store, "edits"), 48, seed=3, media="mixed", fps=8.0, seconds=1.25, sizes=SIZES
         )
         synthetic.write_edit_pairs(
             storage.join(store, "edits-val"),
@@ -84,8 +87,8 @@ def _synthesise(store: str) -> None:
             seed=4,
             media="video",
             fps=8.0,
-            seconds=2.2,
-            sizes=SIZES,
+            seconds=1.25,
+            sizes=[(48, 64)],
             low_score_every=100,
         )
         storage.write_text(storage.join(store, "edits", ".done"), "")
@@ -149,7 +152,7 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
     os.makedirs(store, exist_ok=True)
     steps = _Steps(7)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(include_dashboard=False, configure_logging=False)
     try:
         import ray.data
 
