@@ -85,9 +85,7 @@ class Tracker:
         """Start a new run, or continue ``run_id`` (after a resume or restart)."""
         if not self.enabled:
             return None
-        import mlflow
-
-        mlflow.set_tracking_uri(self.tracking_uri)
+        # Only this tracker's client is used: no process-global MLflow state is touched.
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
         if experiment is None:
             # Another process may create it first: then the lookup below finds theirs.
@@ -173,15 +171,27 @@ class Tracker:
         from sama import mlflow_model
 
         name = registered_model or self.cfg.registered_model
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=mlflow_model.__file__,
-                artifacts={"pipeline": export_dir},
-                pip_requirements=["sama[train]"],
-                registered_model_name=name,
-                metadata={"sama_stage": stage},
-            )
+        # log_model works through MLflow's fluent (process-global) API: point it at this tracker's
+        # store for the call only, and put back whatever was there.
+        saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        try:
+            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=mlflow_model.__file__,
+                    artifacts={"pipeline": export_dir},
+                    pip_requirements=["sama[train]"],
+                    registered_model_name=name,
+                    metadata={"sama_stage": stage},
+                )
+        finally:
+            mlflow.set_tracking_uri(saved_uri)
+            if saved_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_env
         result: dict[str, Any] = {"model_uri": info.model_uri}
         if name:
             version = info.registered_model_version

@@ -94,7 +94,7 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory, s3_server):
-    """One local Ray instance for the session (2 CPUs, no dashboard).
+    """One local Ray instance for the session (2 CPUs).
 
     It depends on the S3 server so that Ray's worker processes inherit the AWS_* variables.
     """
@@ -103,14 +103,18 @@ def ray_cluster(tmp_path_factory, s3_server):
     if ray.is_initialized():
         yield ray
         return
-    ray.init(
+    context = ray.init(
         num_cpus=2,
-        include_dashboard=False,
+        # The dashboard serves the state API (ray.util.state), which tests use to find workers.
+        include_dashboard=True,
+        dashboard_port=_free_port(),
         log_to_driver=False,
         configure_logging=False,
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
         runtime_env={"env_vars": {k: v for k in _AWS_VARS if (v := os.environ.get(k))}},
     )
+    # Other Ray clusters may run on this machine: state-API calls must name ours.
+    ray.test_dashboard_url = f"http://{context.dashboard_url}"
     try:
         yield ray
     finally:

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -66,6 +69,10 @@ class DataConfig:
     seed: int = 0
     # CPUs per Ray Data decode task.
     decode_num_cpus: float = 1.0
+    # A pass over a small source repeats its shards until it holds this many rows.
+    min_rows_per_pass: int = 2048
+    # Decoded rows queued ahead of training, per source (each holds whole clips: keep it small).
+    prefetch_rows: int = 8
 
     def validate(self) -> None:
         if not self.sources:
@@ -80,6 +87,8 @@ class DataConfig:
                 raise ValueError(f"data.sources.{s.name}: weight must be positive")
         if self.video_batch_size < 1 or self.image_batch_size < 1:
             raise ValueError("data.video_batch_size and data.image_batch_size must be >= 1")
+        if self.min_rows_per_pass < 1 or self.prefetch_rows < 1:
+            raise ValueError("data.min_rows_per_pass and data.prefetch_rows must be >= 1")
 
     def batch_size(self, media: str) -> int:
         return self.image_batch_size if media == "image" else self.video_batch_size
@@ -135,8 +144,9 @@ def worker_shards(uri: str, rank: int, world_size: int) -> tuple[list[str], bool
 
 def _keep_for_rank(rank: int, world_size: int):
     def keep(row: dict) -> bool:
-        # Keys are uuid5 hex strings: uniformly spread, stable across runs.
-        return int(str(row["__key__"]).rsplit("/", 1)[-1][:8], 16) % world_size == rank
+        # A stable hash of the key (any schema-valid key, not only uuid hex) spreads samples evenly.
+        key = str(row["__key__"]).rsplit("/", 1)[-1]
+        return zlib.crc32(key.encode()) % world_size == rank
 
     return keep
 
@@ -196,8 +206,10 @@ class DataPosition:
 class SourceStream:
     """Endless batches of one shape from one source, pass after pass, for one worker.
 
-    A pass repeats the worker's part of the source until it holds at least ``min_rows_per_pass``
-    rows (learned from the first pass), so small sources do not pay a pipeline start every few steps.
+    A background thread runs the passes back to back into a small bounded queue, so the next pass's
+    pipeline starts while the current one is still being trained on. A pass repeats the worker's
+    part of the source until it holds at least ``DataConfig.min_rows_per_pass`` rows (learned from
+    the first pass), so a small source does not restart its pipeline every few steps.
     """
 
     def __init__(
@@ -207,7 +219,6 @@ class SourceStream:
         position: DataPosition,
         rank: int = 0,
         world_size: int = 1,
-        min_rows_per_pass: int = 512,
     ):
         self.source = source
         self.cfg = cfg
@@ -215,58 +226,102 @@ class SourceStream:
         self.rank = rank
         self.world_size = world_size
         self.batch_size = cfg.batch_size(source.media)
-        self.min_rows_per_pass = min_rows_per_pass
         self.repeats = 1
-        self.rows_in_pass = 0
         # A resumed run starts from a fresh pass with seeds salted by the resume step.
         self.salt = position.step
         self.pending: dict[tuple, list[dict]] = {}
-        self.rows: Iterator[dict] | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_rows))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _new_pass(self) -> None:
-        index = self.position.passes.get(self.source.name, 0)
-        ds = build_pass(self.source, self.cfg, self.rank, self.world_size, index, self.repeats, self.salt)
-        seed = _seed(self.cfg.seed, self.rank, self.source.name, index, "buffer", self.salt)
-        self.rows = _shuffled(ds.iter_rows(), self.cfg.shuffle_buffer, seed)
-        self.rows_in_pass = 0
-        self.position.passes[self.source.name] = index + 1
+    # -- producer (background thread) ---------------------------------------------------------
 
-    def _end_pass(self) -> None:
-        if self.rows_in_pass == 0:
-            raise RuntimeError(
-                f"data source {self.source.name!r} ({self.source.uri}) gives worker {self.rank} no samples"
-            )
-        if self.rows_in_pass < self.min_rows_per_pass:
-            per_epoch = max(1, self.rows_in_pass // self.repeats)
-            self.repeats = max(1, -(-self.min_rows_per_pass // per_epoch))
-        self.rows = None
+    def _put(self, item: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        name = self.source.name
+        try:
+            while not self._stop.is_set():
+                index = self.position.passes.get(name, 0)
+                ds = build_pass(
+                    self.source, self.cfg, self.rank, self.world_size, index, self.repeats, self.salt
+                )
+                self.position.passes[name] = index + 1
+                seed = _seed(self.cfg.seed, self.rank, name, index, "buffer", self.salt)
+                rows = usable = 0
+                for row in _shuffled(ds.iter_rows(), self.cfg.shuffle_buffer, seed):
+                    rows += 1
+                    usable += not row["error"]
+                    if not self._put(("row", row)):
+                        return
+                if usable == 0:
+                    raise RuntimeError(
+                        f"data source {name!r} ({self.source.uri}) gives worker {self.rank} no usable "
+                        f"samples ({rows} rows, all undecodable)"
+                        if rows
+                        else f"data source {name!r} ({self.source.uri}) gives worker {self.rank} no samples"
+                    )
+                if rows < self.cfg.min_rows_per_pass:
+                    per_epoch = max(1, rows // self.repeats)
+                    self.repeats = max(1, -(-self.cfg.min_rows_per_pass // per_epoch))
+                if not self._put(("end", index)):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it in the training loop
+            self._put(("error", exc))
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._produce, name=f"sama-data-{self.source.name}", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the background pass (the queue is drained so the producer can exit)."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+
+    # -- consumer -----------------------------------------------------------------------------
 
     def next_batch(self) -> list[dict]:
+        if self._thread is None:
+            self._start()
         while True:
-            if self.rows is None:
-                self._new_pass()
-            for row in self.rows:
-                self.rows_in_pass += 1
-                if row["error"]:
-                    self.position.skipped += 1
-                    log.warning("skipping an undecodable sample: %s", row["error"])
-                    continue
-                if row["media"] != self.source.media:
-                    raise ValueError(
-                        f"data source {self.source.name!r} is declared {self.source.media} but "
-                        f"{row['key']} is {row['media']} (point its uri at shards/{self.source.media})"
-                    )
-                key = shape_key(row)
-                group = self.pending.setdefault(key, [])
-                group.append(row)
-                if len(group) == self.batch_size:
-                    del self.pending[key]
-                    return self._count(group)
-            self._end_pass()
-            # Rows of rare shapes are not held across passes: emit the fullest partial batch.
-            if self.pending:
-                key = max(self.pending, key=lambda k: len(self.pending[k]))
-                return self._count(self.pending.pop(key))
+            kind, item = self._queue.get()
+            if kind == "error":
+                raise item
+            if kind == "end":
+                # Rows of rare shapes are not held across passes: emit the fullest partial batch.
+                if self.pending:
+                    key = max(self.pending, key=lambda k: len(self.pending[k]))
+                    return self._count(self.pending.pop(key))
+                continue
+            row = item
+            if row["error"]:
+                self.position.skipped += 1
+                log.warning("skipping an undecodable sample: %s", row["error"])
+                continue
+            if row["media"] != self.source.media:
+                raise ValueError(
+                    f"data source {self.source.name!r} is declared {self.source.media} but "
+                    f"{row['key']} is {row['media']} (point its uri at shards/{self.source.media})"
+                )
+            key = shape_key(row)
+            group = self.pending.setdefault(key, [])
+            group.append(row)
+            if len(group) == self.batch_size:
+                del self.pending[key]
+                return self._count(group)
 
     def _count(self, rows: list[dict]) -> list[dict]:
         self.position.batches[self.source.name] = self.position.batches.get(self.source.name, 0) + 1
@@ -311,15 +366,11 @@ class MixedBatchIterator:
         position: DataPosition | None = None,
         rank: int = 0,
         world_size: int = 1,
-        min_rows_per_pass: int = 512,
     ):
         cfg.validate()
         self.cfg = cfg
         self.position = position or DataPosition()
-        self.streams = [
-            SourceStream(source, cfg, self.position, rank, world_size, min_rows_per_pass)
-            for source in cfg.sources
-        ]
+        self.streams = [SourceStream(source, cfg, self.position, rank, world_size) for source in cfg.sources]
         weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
         self.probs = weights / weights.sum()
         self.wait_s = 0.0
@@ -328,6 +379,10 @@ class MixedBatchIterator:
         """The source of ``step``: a function of (seed, step), so a resumed run keeps the mix."""
         rng = np.random.default_rng([self.cfg.seed, step])
         return int(rng.choice(len(self.streams), p=self.probs))
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
 
     def next(self) -> dict[str, Any]:
         """The next batch; time spent waiting for data accumulates in ``wait_s``."""
@@ -341,14 +396,17 @@ class MixedBatchIterator:
 
 
 def load_validation(cfg: DataConfig) -> list[dict[str, Any]]:
-    """A fixed list of held-out samples (decoded), grouped later into single-sample batches."""
+    """A fixed list of decoded held-out samples; broken ones are skipped like in training."""
     if not cfg.val_uri:
         return []
     rows = []
-    for sample in schema.iter_samples(cfg.val_uri):
-        row = decode_row({"__key__": sample.key, **sample.members()})
-        if not row["error"]:
+    for uri in schema.list_shards(cfg.val_uri):
+        for members in schema.iter_members(uri):
+            row = decode_row(members)
+            if row["error"]:
+                log.warning("skipping an undecodable validation sample: %s", row["error"])
+                continue
             rows.append(row)
-        if len(rows) >= cfg.val_samples:
-            break
+            if len(rows) >= cfg.val_samples:
+                return rows
     return rows

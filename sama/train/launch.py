@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 RUN_INFO_FILE = "run_info.json"
 EXPORT_DIR = "export"
-CHECKPOINT_PREFIX = "checkpoint_"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 def run_uri(cfg: TrainConfig) -> str:
@@ -35,10 +35,17 @@ def run_uri(cfg: TrainConfig) -> str:
 
 
 def latest_checkpoint(cfg: TrainConfig) -> str | None:
-    """The newest checkpoint directory of the run (Ray names them by time), or None."""
-    dirs = [d for d in storage.list_dirs(run_uri(cfg)) if storage.basename(d).startswith(CHECKPOINT_PREFIX)]
-    complete = [d for d in dirs if storage.exists(storage.join(d, "state.json"))]
-    return complete[-1] if complete else None
+    """The run's latest *registered* checkpoint (what Ray Train restores from), or None.
+
+    Ray Train records reported checkpoints in ``checkpoint_manager_snapshot.json``; a checkpoint
+    directory it does not list (a worker died while reporting it) is never restored from.
+    """
+    snapshot = storage.join(run_uri(cfg), SNAPSHOT_FILE)
+    if not storage.exists(snapshot):
+        return None
+    latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}
+    name = latest.get("checkpoint_dir_name")
+    return storage.join(run_uri(cfg), name) if name else None
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -154,7 +161,12 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         raise RunExistsError(f"--resume: run {cfg.run.name!r} has no checkpoint in {run_uri(cfg)}")
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
+        address = os.environ.get("RAY_ADDRESS") or None
+        if address is None:
+            # A local cluster started here: Ray's default niceness 15 for workers would let any
+            # other load on the machine starve the training processes.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+        ray.init(address=address, configure_logging=False)
     storage_fs, storage_path = storage.pyarrow_filesystem(cfg.run.storage_uri)
     if not storage.parse(cfg.run.storage_uri).is_s3:
         storage.makedirs(cfg.run.storage_uri)
@@ -166,9 +178,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if not storage.parse(cfg.run.storage_uri).is_s3:
         # The embedded default: a local MLflow store beside the runs, shared by every stage.
         mlflow_dir = os.path.join(storage.parse(cfg.run.storage_uri).path, "mlruns")
-    resume_from = None
     if latest:
-        resume_from = ray.train.Checkpoint(path=storage.parse(latest).path, filesystem=storage_fs)
+        # Ray Train V2 restores a run from its storage (same name and storage path): the workers'
+        # ray.train.get_checkpoint() returns the run's latest checkpoint.
         log.info("resuming %s from %s", cfg.run.name, latest)
     trainer = TorchTrainer(
         train_loop,
@@ -184,7 +196,6 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
-        resume_from_checkpoint=resume_from,
     )
     trainer.fit()
     info_uri = storage.join(run_uri(cfg), RUN_INFO_FILE)

@@ -139,6 +139,10 @@ class TrainConfig:
             raise ValueError("ema_decay must be in [0, 1)")
         if self.scaling.num_workers < 1:
             raise ValueError("scaling.num_workers must be >= 1")
+        if self.checkpoint.every_steps < 1 or self.validation.every_steps < 1:
+            raise ValueError("checkpoint.every_steps and validation.every_steps must be >= 1")
+        if self.checkpoint.keep_last < 1:
+            raise ValueError("checkpoint.keep_last must be >= 1")
         if self.stage == 1 and not self.model.init_from:
             raise ValueError("stage 1 (SFT) starts from a stage-0 export: set model.init_from")
         self.data.validate()
@@ -190,6 +194,17 @@ def _override_text(value: Any) -> str:
     import json
 
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def without_weight_sources(model_config):
+    """The config with the transformer/VAE/text weight sources removed (SigLIP's kept)."""
+    return dataclasses.replace(
+        model_config,
+        pretrained=None,
+        transformer=dataclasses.replace(model_config.transformer, pretrained=None),
+        vae=dataclasses.replace(model_config.vae, pretrained=None),
+        text=dataclasses.replace(model_config.text, pretrained=None),
+    )
 
 
 def lr_lambda(warmup_steps: int):
@@ -258,7 +273,12 @@ class Trainer:
         # Same seed on every rank: identical initial weights (and identical frozen encoders).
         torch.manual_seed(cfg.seed)
         self.model_config = resolve_model_config(cfg.model)
-        self.components = build_model(self.model_config)
+        build_config = self.model_config
+        if cfg.model.init_from:
+            # Every weight but SigLIP's comes from the export: do not read stage 0's sources again.
+            build_config = without_weight_sources(self.model_config)
+            self.model_config = build_config
+        self.components = build_model(build_config)
         if cfg.model.init_from:
             self._load_init(cfg.model.init_from)
         self.components.to(self.device)
@@ -342,6 +362,7 @@ class Trainer:
             else DataPosition()
         )
         self.position.step = self.step
+        self.batches.close()
         self.batches = MixedBatchIterator(self.cfg.data, self.position, self.rank, self.world_size)
 
     def restore(self, checkpoint_dir: str | None) -> None:
@@ -430,6 +451,7 @@ class Trainer:
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -438,7 +460,7 @@ class Trainer:
         samples = totals.pop("samples") * self.world_size
         self.samples_seen += int(samples)
         metrics = {f"train/{k}": v / self.cfg.grad_accum for k, v in totals.items() if k.startswith("loss")}
-        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/lr"] = lr
         metrics["train/grad_norm"] = grad_norm
         elapsed = time.perf_counter() - started
         tokens = totals["tokens"] * self.world_size
@@ -488,7 +510,9 @@ class Trainer:
         from sama.pipeline_edit import PipelineConfig, SamaEditPipeline
 
         rendered = []
-        rows = [r for r in self.val_rows if r["source"].size][: self.cfg.validation.render_samples]
+        # An edit keeps its source's length, so samples whose source is shorter (speed) are left out.
+        rows = [r for r in self.val_rows if r["source"].size and r["source"].shape[0] == r["target"].shape[0]]
+        rows = rows[: self.cfg.validation.render_samples]
         if not rows:
             return rendered
         pipeline = SamaEditPipeline(
@@ -505,8 +529,6 @@ class Trainer:
         self.module.eval()
         for row in rows:
             source = row["source"]
-            if source.shape[0] != row["target"].shape[0]:
-                continue  # a speed sample: the edit has the source's length, not the target's
             edited = pipeline(source, row["instruction"], seed=0).frames
             strip = np.concatenate([source, edited, row["target"]], axis=2)
             fps = 8.0

@@ -1,0 +1,334 @@
+"""``sama quickstart`` end to end, and its MLflow runs as a person sees them in the MLflow UI.
+
+One quickstart run (the real ``sama quickstart --workdir DIR`` command, in a subprocess: it starts
+its own local Ray) is shared by the tests of this module. They check what the quickstart promises
+(shards, two MLflow runs with metrics and mp4 samples, two registered models, an edited video), then
+serve its MLflow store with ``mlflow ui`` and open the UI in headless Chromium (Debian's
+``chromium``: ``--dump-dom`` for the rendered page, ``--screenshot`` for a picture). The UI tests
+skip when ``chromium`` is not installed; ``.ci/run`` installs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# The quickstart (fixture set-up, counted in the first test's time) takes ~5 min on 2 idle cores.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+BIN = Path(sys.executable).parent
+EXPERIMENT = "sama-debug"
+RUN_NAMES = ("debug-stage0", "debug-stage1")
+MODELS = ("sama-debug-stage0", "sama-debug-stage1")
+SAMPLE_DIR = "samples/step_0000150"  # the last validation of the debug recipes (150 steps)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, chars: int = 6000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"<{path}: {exc}>"
+
+
+def _alive(proc) -> bool:
+    """Running and not a zombie (an exited child whose parent has not reaped it yet)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list, timeout: float) -> list:
+    """Wait until ``procs`` have exited, SIGKILL what is left after ``timeout``; return those."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+        time.sleep(0.5)
+    left = [p for p in procs if _alive(p)]
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return left
+
+
+@dataclass
+class Quickstart:
+    workdir: Path
+    output: str  # what the command printed
+
+    @property
+    def tracking_db(self) -> Path:
+        return self.workdir / "runs" / "mlruns" / "mlflow.db"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.workdir / "runs" / "mlruns" / "artifacts"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.tracking_db}"
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory) -> Quickstart:
+    """One ``sama quickstart --workdir DIR`` run (a few minutes on 2 cores) for the whole session."""
+    workdir = tmp_path_factory.mktemp("quickstart")
+    sama = BIN / "sama"
+    cmd = [str(sama)] if sama.exists() else [sys.executable, "-m", "sama.cli"]
+    cmd += ["quickstart", "--workdir", str(workdir)]
+    # The quickstart runs on the embedded default: its own local Ray and a local MLflow store.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    log_path = workdir.parent / f"{workdir.name}.log"
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        try:
+            done = subprocess.run(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=1200, check=False
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"sama quickstart did not finish in 20 min:\n{_tail(log_path)}")
+    output = log_path.read_text(errors="replace")
+    assert done.returncode == 0, f"sama quickstart exited {done.returncode}:\n{_tail(log_path)}"
+    print(f"sama quickstart took {time.monotonic() - started:.0f}s (log: {log_path})")
+    return Quickstart(workdir, output)
+
+
+def _runs_by_name(tracking_uri: str) -> tuple[str, dict]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None, f"no experiment {EXPERIMENT!r} at {tracking_uri}"
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    return experiment.experiment_id, {r.info.run_name: r for r in runs}
+
+
+def _sample_mp4(client, run_id: str) -> str:
+    listed = [a.path for a in client.list_artifacts(run_id, SAMPLE_DIR)]
+    mp4s = sorted(p for p in listed if p.endswith(".mp4"))
+    assert mp4s, f"run {run_id}: no mp4 under {SAMPLE_DIR}: {listed}"
+    return mp4s[0]
+
+
+def test_quickstart_outputs(quickstart: Quickstart):
+    from mlflow import MlflowClient
+
+    from sama import schema, storage, video
+    from sama.prep import ledger
+
+    store = quickstart.workdir / "store"
+    for prefix in ("pretext", "pretext-val", "pairs", "pairs-val"):
+        shards = storage.list_files(ledger.shards_uri(str(store / prefix)), suffixes=(".tar",))
+        assert shards, f"no shards under {store / prefix}"
+    first = next(iter(schema.iter_samples(ledger.shards_uri(str(store / "pairs")))))
+    assert first.target
+
+    assert quickstart.tracking_db.is_file(), quickstart.output[-3000:]
+    client = MlflowClient(tracking_uri=quickstart.tracking_uri)
+    _, runs = _runs_by_name(quickstart.tracking_uri)
+    assert set(RUN_NAMES) <= set(runs), sorted(runs)
+    for name in RUN_NAMES:
+        run = runs[name]
+        assert run.info.status == "FINISHED", (name, run.info.status)
+        for key in ("train/loss", "val/loss"):
+            assert key in run.data.metrics, (name, sorted(run.data.metrics))
+        assert run.data.params.get("run.name") == name
+        mp4 = _sample_mp4(client, run.info.run_id)
+        local = Path(client.download_artifacts(run.info.run_id, mp4, dst_path=tempfile.mkdtemp()))
+        assert local.read_bytes()[4:8] == b"ftyp", mp4
+        assert quickstart.artifacts in local.resolve().parents or local.stat().st_size > 0
+
+    for stage, name in enumerate(MODELS):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert versions, f"registered model {name} has no version"
+        latest = max(versions, key=lambda v: int(v.version))
+        assert latest.run_id == runs[RUN_NAMES[stage]].info.run_id
+        assert latest.tags.get("stage") == f"stage{stage}"
+
+    edited = quickstart.workdir / "edited.mp4"
+    assert edited.is_file(), quickstart.output[-3000:]
+    held_out = sorted((store / "edits-val" / "pairs").glob("*_source.mp4"))[0]
+    out_info, src_info = video.probe(str(edited)), video.probe(str(held_out))
+    assert (out_info.num_frames, out_info.width, out_info.height) == (
+        src_info.num_frames,
+        src_info.width,
+        src_info.height,
+    )
+
+
+# --- the MLflow UI ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_ui(quickstart: Quickstart, tmp_path_factory):
+    """``mlflow ui`` over the quickstart's store; yields its URL."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("mlflow-ui") / "mlflow-ui.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        quickstart.tracking_uri,
+        # Runs keep their own artifact location (file://.../mlruns/artifacts, which the UI reads
+        # directly); this is where artifacts of anything logged through this server would go.
+        "--artifacts-destination",
+        str(quickstart.artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    members: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow ui did not start:\n{_tail(log_path)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        # The server runs uvicorn and job-runner (huey) children in its process group: stop them all.
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            members = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        _wait_gone(members, timeout=30)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); .ci/run installs it")
+    return path
+
+
+class Browser:
+    """Headless Chromium, one fresh profile per page load."""
+
+    def __init__(self, executable: str, workdir: Path):
+        self.executable = executable
+        self.workdir = workdir
+
+    def _run(self, url: str, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=self.workdir)
+        cmd = [
+            self.executable,
+            "--headless",
+            "--no-sandbox",  # running as root
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=1600,1000",
+            # The UI is a React app: give it (virtual) time to fetch and render before the dump.
+            "--virtual-time-budget=20000",
+            *flags,
+            url,
+        ]
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        finally:
+            shutil.rmtree(profile, ignore_errors=True)
+
+    def dom(self, url: str) -> str:
+        done = self._run(url, "--dump-dom")
+        assert done.returncode == 0 and "<html" in done.stdout, (
+            f"chromium --dump-dom {url} failed ({done.returncode}):\n{done.stderr[-3000:]}"
+        )
+        return done.stdout
+
+    def screenshot(self, url: str, path: Path) -> Path:
+        done = self._run(url, f"--screenshot={path}")
+        assert path.is_file() and path.stat().st_size > 0, (
+            f"chromium --screenshot {url} failed ({done.returncode}):\n{done.stderr[-3000:]}"
+        )
+        return path
+
+
+@pytest.fixture(scope="session")
+def browser(chromium, tmp_path_factory) -> Browser:
+    return Browser(chromium, tmp_path_factory.mktemp("chromium"))
+
+
+def test_mlflow_ui_shows_the_runs(mlflow_ui: str, browser: Browser, tmp_path: Path):
+    exp_id, runs = _runs_by_name(mlflow_ui)  # through the UI server's REST API
+    assert set(RUN_NAMES) <= set(runs), sorted(runs)
+
+    page = f"{mlflow_ui}/#/experiments/{exp_id}/runs"
+    dom = browser.dom(page)
+    missing = [name for name in RUN_NAMES if name not in dom]
+    assert not missing, f"{missing} not on {page}; page text (head): {dom[:3000]}"
+
+    png = browser.screenshot(page, tmp_path / "mlflow_ui_runs.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"screenshot of the experiment page: {png}")
+
+
+def test_mlflow_ui_serves_the_sample_video(mlflow_ui: str, browser: Browser, tmp_path: Path):
+    from mlflow import MlflowClient
+
+    exp_id, runs = _runs_by_name(mlflow_ui)
+    run_id = runs["debug-stage1"].info.run_id
+    mp4 = _sample_mp4(MlflowClient(tracking_uri=mlflow_ui), run_id)
+
+    # The bytes the UI's player loads, through the UI's own artifact endpoint.
+    query = urllib.parse.urlencode({"path": mp4, "run_uuid": run_id})
+    with urllib.request.urlopen(f"{mlflow_ui}/get-artifact?{query}", timeout=30) as resp:
+        data = resp.read()
+    assert data[4:8] == b"ftyp", data[:16]
+
+    # The run's artifact page with the mp4 selected: the file is listed and shown in a player.
+    page = f"{mlflow_ui}/#/experiments/{exp_id}/runs/{run_id}/artifactPath/{mp4}"
+    dom = browser.dom(page)
+    name = mp4.rsplit("/", 1)[-1]
+    assert name in dom, f"{name} not on {page}; page (head): {dom[:3000]}"
+    assert "<video" in dom, f"no <video> player on {page}"
+
+    png = browser.screenshot(page, tmp_path / "mlflow_ui_artifact.png")
+    print(f"screenshot of the artifact page: {png}")
+    print(json.dumps({"run_id": run_id, "artifact": mp4, "bytes": len(data)}))

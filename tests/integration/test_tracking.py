@@ -1,0 +1,301 @@
+"""MLflow tracking (sama.tracking.Tracker) against a real tracking server and the local default store."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from sama import config as config_lib  # noqa: E402
+from sama import synthetic, video  # noqa: E402
+from sama.tracking import Tracker, TrackingConfig, local_artifact_root, resolve_tracking_uri  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def clean_tracking_env(monkeypatch):
+    """No MLFLOW_TRACKING_URI before a test, and none left after it.
+
+    ``mlflow.set_tracking_uri`` (called by ``Tracker.start``) writes the variable into os.environ;
+    setting it through monkeypatch first makes the teardown remove whatever MLflow put there.
+    """
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _tracker(uri: str | None, experiment: str | None = None, **kwargs) -> Tracker:
+    cfg = TrackingConfig(uri=uri, experiment=experiment or _name("exp"), system_metrics=False, **kwargs)
+    return Tracker(cfg, enabled=True)
+
+
+def _debug_config():
+    from sama.train.recipes import recipe_path
+    from sama.train.trainer import TrainConfig
+
+    return config_lib.load(TrainConfig, recipe_path("debug"))
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    pytest.importorskip("torch")
+    import torch
+
+    from sama.models.presets import build_model
+    from sama.pipeline_edit import SamaEditPipeline
+
+    torch.manual_seed(0)
+    directory = str(tmp_path_factory.mktemp("export"))
+    SamaEditPipeline.from_components(build_model("tiny")).save_pretrained(directory)
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the tracking server
+
+
+def test_start_creates_a_run_in_the_experiment(mlflow_server):
+    experiment = _name("sama-start")
+    tracker = _tracker(mlflow_server, experiment, tags={"team": "video"})
+    run_id = tracker.start("stage0-run", tags={"stage": "0"})
+    assert run_id and tracker.run_id == run_id and tracker.tracking_uri == mlflow_server
+    run = tracker.client.get_run(run_id)
+    exp = tracker.client.get_experiment_by_name(experiment)
+    assert run.info.experiment_id == exp.experiment_id
+    assert run.info.run_name == "stage0-run" and run.info.status == "RUNNING"
+    assert run.data.tags["team"] == "video" and run.data.tags["stage"] == "0"
+    # A second tracker reuses the experiment and makes another run.
+    other = _tracker(mlflow_server, experiment)
+    second = other.start("stage0-run-2")
+    assert second != run_id
+    assert other.client.get_run(second).info.experiment_id == exp.experiment_id
+    runs = tracker.client.search_runs([exp.experiment_id])
+    assert {r.info.run_id for r in runs} == {run_id, second}
+    tracker.end()
+    other.end()
+
+
+def test_log_params_logs_the_flattened_config_and_a_resume_relogs_safely(mlflow_server):
+    cfg = _debug_config()
+    flat = config_lib.flatten(config_lib.to_dict(cfg))
+    tracker = _tracker(mlflow_server)
+    run_id = tracker.start("params")
+    tracker.log_params(config_lib.to_dict(cfg))
+    params = tracker.client.get_run(run_id).data.params
+    assert params == {key: str(value) for key, value in flat.items()}
+    assert params["optim.lr"] == "0.001" and params["scaling.num_workers"] == "2"
+    assert params["model.preset"] == "tiny" and params["model.init_from"] == "None"
+    assert "'name': 'pretext'" in params["data.sources"]
+    tracker.end()
+
+    # A resumed run (same run id, e.g. after --resume with more steps) re-logs without failing and
+    # keeps the values it started with; keys it did not have are added.
+    resumed = _tracker(mlflow_server, tracker.cfg.experiment)
+    assert resumed.start("params", run_id=run_id) == run_id
+    assert resumed.client.get_run(run_id).info.status == "RUNNING"
+    changed = config_lib.to_dict(cfg)
+    changed["max_steps"] = 300
+    changed["extra_key"] = "x" * 7000
+    resumed.log_params(changed)
+    params = resumed.client.get_run(run_id).data.params
+    assert params["max_steps"] == "150"
+    assert params["extra_key"] == "x" * 6000  # MLflow's cap on a param value
+    resumed.end()
+
+
+def test_log_params_in_batches_of_one_hundred(mlflow_server):
+    # MLflow takes at most 100 params per log_batch call.
+    tracker = _tracker(mlflow_server)
+    run_id = tracker.start("many")
+    many = {"section": {f"key{i:03d}": i for i in range(250)}}
+    tracker.log_params(many)
+    params = tracker.client.get_run(run_id).data.params
+    assert params == {f"section.key{i:03d}": str(i) for i in range(250)}
+    tracker.end()
+
+
+def test_log_metrics_with_steps(mlflow_server):
+    tracker = _tracker(mlflow_server)
+    run_id = tracker.start("metrics")
+    for step, loss in [(10, 1.5), (20, 1.25), (30, 1.0)]:
+        tracker.log_metrics({"train/loss": loss, "perf/samples_per_s": step * 2}, step)
+    tracker.log_metrics({}, 40)  # nothing to log: no call
+    history = tracker.client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(10, 1.5), (20, 1.25), (30, 1.0)]
+    assert tracker.client.get_run(run_id).data.metrics["perf/samples_per_s"] == 60.0
+    tracker.end()
+
+
+def test_log_video_stores_an_mp4_artifact(mlflow_server, tmp_path):
+    frames = synthetic.render(synthetic.random_scene(3), 5, 8.0, 32, 48)
+    data = video.encode_mp4(frames, 8.0)
+    tracker = _tracker(mlflow_server)
+    run_id = tracker.start("video")
+    tracker.log_video(data, "samples/step_0000050/abc123.mp4")
+    tracker.log_video(data, "top.mp4")
+    listed = [a.path for a in tracker.client.list_artifacts(run_id, "samples/step_0000050")]
+    assert listed == ["samples/step_0000050/abc123.mp4"]
+    assert "top.mp4" in [a.path for a in tracker.client.list_artifacts(run_id)]
+    local = tracker.client.download_artifacts(run_id, "samples/step_0000050/abc123.mp4", str(tmp_path))
+    with open(local, "rb") as handle:
+        assert handle.read() == data
+    assert video.decode_video_bytes(data).shape == (5, 32, 48, 3)
+    tracker.end()
+
+
+def test_log_model_logs_and_registers_with_the_stage(mlflow_server, tiny_export, tmp_path):
+    import pandas as pd
+
+    name = _name("sama-model")
+    tracker = _tracker(mlflow_server, registered_model=name)
+    run_id = tracker.start("model")
+    first = tracker.log_model(tiny_export, 0)
+    assert first["registered_model"] == name and int(first["version"]) == 1
+    second = tracker.log_model(tiny_export, 1)
+    assert int(second["version"]) == 2
+    client = tracker.client
+    assert client.get_model_version(name, "1").tags["stage"] == "stage0"
+    assert client.get_model_version(name, "2").tags["stage"] == "stage1"
+    assert client.get_model_version(name, "1").run_id == run_id
+    assert client.get_registered_model(name).tags["task"] == "instruction-guided video editing"
+    model_id = first["model_uri"].split("/")[-1]
+    assert client.get_logged_model(model_id).source_run_id == run_id
+    tracker.end()
+    # Without a registered name (in the call or the config) the model is logged only.
+    plain = _tracker(mlflow_server)
+    plain.start("unregistered")
+    unregistered = plain.log_model(tiny_export, 0)
+    assert set(unregistered) == {"model_uri"}
+    plain.end()
+
+    # The logged pyfunc model edits a video with the exported pipeline.
+    model = mlflow.pyfunc.load_model(second["model_uri"])
+    assert model.metadata.metadata == {"sama_stage": 1}
+    clip = synthetic.render(synthetic.random_scene(5), 5, 8.0, 32, 32)
+    source = tmp_path / "in.mp4"
+    source.write_bytes(video.encode_mp4(clip, 8.0))
+    output = tmp_path / "out.mp4"
+    frame = pd.DataFrame(
+        [{"video": str(source), "instruction": "make it red", "output": str(output), "steps": 2, "cfg": 1.0}]
+    )
+    reports = model.predict(frame)
+    assert reports[0]["frames"] == 5 and reports[0]["steps"] == 2
+    assert video.decode_video_bytes(output.read_bytes()).shape == (5, 32, 32, 3)
+
+
+def test_end_sets_the_final_status(mlflow_server):
+    tracker = _tracker(mlflow_server)
+    run_id = tracker.start("ends")
+    tracker.end()
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time is not None
+    failing = _tracker(mlflow_server, tracker.cfg.experiment)
+    failed_id = failing.start("fails")
+    failing.end("FAILED")
+    assert failing.client.get_run(failed_id).info.status == "FAILED"
+
+
+def test_system_metrics_monitor_starts_and_stops(mlflow_server):
+    cfg = TrackingConfig(uri=mlflow_server, experiment=_name("sysmetrics"), system_metrics=True)
+    tracker = Tracker(cfg, enabled=True)
+    run_id = tracker.start("system")
+    tracker.end()
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_aws_secret_never_reaches_the_run(mlflow_server, monkeypatch):
+    secret = f"secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    cfg = _debug_config()
+    tracker = _tracker(mlflow_server)
+    run_id = tracker.start(cfg.run.name, tags={"stage": "0"})
+    tracker.log_params(config_lib.to_dict(cfg))
+    tracker.log_text(config_lib.dumps(cfg), "config.yaml")
+    run = tracker.client.get_run(run_id)
+    assert run.data.params
+    for key, value in [*run.data.params.items(), *run.data.tags.items()]:
+        assert secret not in key and secret not in value, key
+    with open(tracker.client.download_artifacts(run_id, "config.yaml")) as handle:
+        assert secret not in handle.read()
+    tracker.end()
+
+
+def test_a_disabled_tracker_does_nothing(tmp_path):
+    for tracker in (
+        Tracker(TrackingConfig(), enabled=False, default_local_dir=str(tmp_path / "a")),
+        Tracker(TrackingConfig(enabled=False), enabled=True, default_local_dir=str(tmp_path / "b")),
+    ):
+        assert tracker.tracking_uri is None
+        assert tracker.start("x") is None
+        tracker.log_params({"a": 1})
+        tracker.log_metrics({"m": 1.0}, 1)
+        tracker.log_video(b"data", "v.mp4")
+        assert tracker.log_model(str(tmp_path), 0) == {}
+        tracker.end()
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------------------------
+# The local default store
+
+
+def test_default_local_store_is_sqlite_with_artifacts_beside_it(tmp_path):
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    directory = tmp_path / "runs" / "mlruns"
+    tracker = Tracker(
+        TrackingConfig(experiment="sama-local", system_metrics=False), True, default_local_dir=str(directory)
+    )
+    database = directory / "mlflow.db"
+    assert tracker.tracking_uri == f"sqlite:///{database}"
+    assert local_artifact_root(tracker.tracking_uri) == f"file://{directory / 'artifacts'}"
+    run_id = tracker.start("local")
+    tracker.log_text("hello", "notes/config.yaml")
+    tracker.log_metrics({"train/loss": 0.5}, 1)
+    tracker.end()
+    assert database.is_file()
+    experiment = tracker.client.get_experiment_by_name("sama-local")
+    assert experiment.artifact_location == f"file://{directory / 'artifacts'}"
+    artifact_uri = tracker.client.get_run(run_id).info.artifact_uri
+    assert artifact_uri.startswith(f"file://{directory / 'artifacts'}/")
+    stored = os.path.join(artifact_uri[len("file://") :], "notes", "config.yaml")
+    with open(stored) as handle:
+        assert handle.read() == "hello"
+    assert sorted(os.listdir(directory)) == ["artifacts", "mlflow.db"]
+
+
+def test_tracking_uri_resolution_order(tmp_path, monkeypatch):
+    local = str(tmp_path / "store")
+    assert resolve_tracking_uri(TrackingConfig(), local) == f"sqlite:///{local}/mlflow.db"
+    assert os.path.isdir(local)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert resolve_tracking_uri(TrackingConfig(), local) == "http://tracking.example:5000"
+    assert resolve_tracking_uri(TrackingConfig(uri="http://explicit:1"), local) == "http://explicit:1"
+    assert local_artifact_root("http://explicit:1") is None
+
+
+def test_two_local_trackers_in_one_process_keep_their_own_stores(tmp_path):
+    first = Tracker(TrackingConfig(system_metrics=False), True, default_local_dir=str(tmp_path / "a"))
+    first.start("a")
+    first.end()
+    second = Tracker(TrackingConfig(system_metrics=False), True, default_local_dir=str(tmp_path / "b"))
+    assert second.tracking_uri == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+
+
+def test_log_model_uses_the_trackers_own_store(tmp_path, tiny_export):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = _tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    first.start("a")
+    second = _tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    second.start("b")
+    result = first.log_model(tiny_export, 0)
+    model_id = result["model_uri"].split("/")[-1]
+    assert first.client.get_logged_model(model_id).source_run_id == first.run_id

@@ -1,0 +1,409 @@
+"""The Trainer's steps on the tiny model, one CPU worker, no Ray.
+
+The training stream reads real shards written here; only ``build_pass`` (the Ray Data pipeline) is
+replaced by an in-process reader that lists the same worker shards, filters and decodes the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from sama import schema, synthetic, video  # noqa: E402
+from sama.models.training import SamaBatch  # noqa: E402
+from sama.schema import Sample, SampleMeta, ShardConfig, ShardWriter  # noqa: E402
+from sama.train import checkpoint as ckpt  # noqa: E402
+from sama.train import data as data_lib  # noqa: E402
+from sama.train.data import DataConfig, SourceConfig, collate, decode_row  # noqa: E402
+from sama.train.trainer import (  # noqa: E402
+    ModelSection,
+    OptimConfig,
+    ScalingSection,
+    TrainConfig,
+    Trainer,
+    ValidationSection,
+    lr_lambda,
+    steps_due,
+)
+
+LR = 1e-3
+MAX_STEPS = 10
+WARMUP = 3  # int(0.3 * MAX_STEPS)
+
+
+def _write(prefix: str, media: str, count: int, seed: int) -> None:
+    with ShardWriter(prefix, "part", ShardConfig(max_samples=3)) as writer:
+        for index in range(count):
+            frames = 1 if media == "image" else 5
+            scene = synthetic.random_scene(seed + index)
+            edited, instruction = synthetic.make_edit(scene, "recolor", seed + index, video=media == "video")
+            source = synthetic.render(scene, frames, 8.0, 32, 32)
+            target = synthetic.render(edited, frames, 8.0, 32, 32)
+            if media == "image":
+                source_bytes, target_bytes = video.encode_image(source[0]), video.encode_image(target[0])
+            else:
+                source_bytes = video.encode_mp4(source, 8.0, crf=12, preset="ultrafast")
+                target_bytes = video.encode_mp4(target, 8.0, crf=12, preset="ultrafast")
+            meta = SampleMeta(
+                key=schema.sample_key(media, seed, index),
+                task="image_edit" if media == "image" else "video_edit",
+                media=media,
+                instruction=f"[Video edit] {instruction}",
+                fps=8.0,
+                num_frames=frames,
+                height=32,
+                width=32,
+                bucket="32x32",
+                source_uri=f"raw/{index}",
+            )
+            writer.write(Sample(meta=meta, target=target_bytes, source=source_bytes))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    paths = {name: str(root / name) for name in ("video", "image", "val")}
+    _write(paths["video"], "video", 6, seed=10)
+    _write(paths["image"], "image", 6, seed=20)
+    _write(paths["val"], "video", 2, seed=30)
+    return paths
+
+
+_DECODED: dict[str, list[dict]] = {}
+
+
+class _Rows:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def iter_rows(self):
+        return iter(self.rows)
+
+
+def local_pass(source, cfg, rank, world_size, pass_index, repeats, salt):
+    """build_pass without Ray: this worker's shards (or key-filtered rows), decoded, ``repeats`` times."""
+    shard_list, filter_by_key = data_lib.worker_shards(source.uri, rank, world_size)
+    keep = data_lib._keep_for_rank(rank, world_size) if filter_by_key else (lambda row: True)
+    rows = []
+    for shard in shard_list:
+        if shard not in _DECODED:
+            _DECODED[shard] = [(raw["__key__"], decode_row(raw)) for raw in schema.iter_members(shard)]
+        rows.extend(row for key, row in _DECODED[shard] if keep({"__key__": key}))
+    order = np.random.default_rng(data_lib._seed(cfg.seed, rank, source.name, pass_index, salt))
+    rows = rows * repeats
+    return _Rows([rows[i] for i in order.permutation(len(rows))])
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    monkeypatch.setattr(data_lib, "build_pass", local_pass)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # Trainer.build sets the worker's thread count
+
+
+def _config(shards, **changes) -> TrainConfig:
+    cfg = TrainConfig(
+        stage=0,
+        max_steps=MAX_STEPS,
+        grad_accum=1,
+        seed=0,
+        ema_decay=0.5,
+        model=ModelSection(preset="tiny"),
+        data=DataConfig(
+            sources=[
+                SourceConfig("videos", shards["video"], "video", 1.0),
+                SourceConfig("images", shards["image"], "image", 1.0),
+            ],
+            val_uri=shards["val"],
+            val_samples=2,
+            video_batch_size=2,
+            image_batch_size=3,
+            shuffle_buffer=4,
+        ),
+        optim=OptimConfig(lr=LR, warmup_frac=0.3, grad_clip=1.0),
+        scaling=ScalingSection(num_workers=1, cpus_per_worker=1.0, torch_threads=1),
+        validation=ValidationSection(draws=2, render_samples=1, render_steps=2),
+    )
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def _trainer(cfg: TrainConfig) -> Trainer:
+    trainer = Trainer(cfg)
+    trainer.build()
+    return trainer
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.module.transformer.state_dict().items()}
+
+
+def _record_lr(trainer: Trainer) -> list[float]:
+    used: list[float] = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    return used
+
+
+def _fixed_batches(trainer: Trainer, batches: list[dict]) -> None:
+    it = iter(batches)
+
+    def next_batch():
+        trainer.batches.position.step += 1
+        return next(it)
+
+    trainer.batches.next = next_batch
+
+
+def test_lr_lambda_and_steps_due():
+    factor = lr_lambda(4)
+    assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_lambda(0)(0) == 1.0 and lr_lambda(0)(100) == 1.0
+    assert [s for s in range(1, 13) if steps_due(s, 5, 12)] == [5, 10, 12]
+
+
+def test_train_steps(shards):
+    trainer = _trainer(_config(shards))
+    assert trainer.step == 0 and trainer.device.type == "cpu"
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(LR / WARMUP)
+    initial = {n: p.detach().clone() for n, p in trainer.module.transformer.named_parameters()}
+    assert all(torch.equal(trainer.ema.shadow[n], initial[n]) for n in trainer.ema.names)
+    frozen = {n: p.detach().clone() for n, p in trainer.module.text_encoder.named_parameters()}
+    used_lr = _record_lr(trainer)
+
+    history = []
+    for _ in range(4):
+        before = {n: p.detach().clone() for n, p in trainer.module.transformer.named_parameters()}
+        shadow_before = {n: t.clone() for n, t in trainer.ema.shadow.items()}
+        metrics = trainer.train_step()
+        history.append(metrics)
+        assert {
+            "train/loss",
+            "train/loss_fm",
+            "train/loss_sem",
+            "train/lr",
+            "train/grad_norm",
+            "perf/step_s",
+            "perf/samples_per_s",
+            "perf/tokens_per_s",
+            "perf/data_wait_frac",
+        } <= set(metrics)
+        assert "perf/mfu" not in metrics  # no peak FLOPs known on a CPU
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert metrics["train/loss"] == pytest.approx(
+            metrics["train/loss_fm"] + 0.1 * metrics["train/loss_sem"]
+        )
+        assert metrics["train/grad_norm"] > 0
+        assert (
+            metrics["perf/samples_per_s"] > 0 and metrics["perf/tokens_per_s"] > metrics["perf/samples_per_s"]
+        )
+        assert 0 <= metrics["perf/data_wait_frac"] < 1
+        # The weights moved, and the EMA moved half way (decay 0.5) from its old value to them.
+        after = dict(trainer.module.transformer.named_parameters())
+        assert any(not torch.equal(before[n], after[n]) for n in trainer.ema.names)
+        for name in trainer.ema.names:
+            expected = 0.5 * shadow_before[name] + 0.5 * after[name].detach()
+            torch.testing.assert_close(trainer.ema.shadow[name], expected, rtol=0, atol=1e-6)
+
+    # Linear warmup over 3 steps: the k-th update uses lr * min(1, k / 3).
+    assert used_lr == pytest.approx([LR / 3, 2 * LR / 3, LR, LR])
+    # train/lr is the rate the step's update used.
+    assert [m["train/lr"] for m in history] == pytest.approx(used_lr)
+    assert trainer.step == 4 and trainer.position.step == 4
+    assert sum(trainer.position.batches.values()) == 4
+    # samples_seen counts every batch: 2 videos or 3 images per step.
+    per_step = [m["perf/samples_per_s"] * m["perf/step_s"] for m in history]
+    assert trainer.samples_seen == round(sum(per_step))
+    assert trainer.samples_seen == sum(
+        count * (2 if name == "videos" else 3) for name, count in trainer.position.batches.items()
+    )
+    # Only the transformer trains: the frozen text encoder is untouched.
+    for name, value in trainer.module.text_encoder.named_parameters():
+        assert torch.equal(value, frozen[name]), name
+    assert not any(p.requires_grad for p in trainer.module.text_encoder.parameters())
+
+
+def test_checkpoint_then_restore_in_a_fresh_trainer(shards, tmp_path):
+    cfg = _config(shards)
+    trainer = _trainer(cfg)
+    for _ in range(2):
+        trainer.train_step()
+    trainer.mlflow_run_id = "run-123"
+    trainer.save_checkpoint(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIMIZER_FILE, ckpt.RNG_FILE, ckpt.STATE_FILE]
+    )
+
+    fresh = _trainer(cfg)
+    fresh.restore(None)  # nothing to restore: unchanged
+    assert fresh.step == 0
+    fresh.restore(str(tmp_path))
+    assert fresh.step == 2 and fresh.samples_seen == trainer.samples_seen
+    assert fresh.mlflow_run_id == "run-123"
+    for name, value in _weights(trainer).items():
+        assert torch.equal(_weights(fresh)[name], value), name
+    for name in trainer.ema.names:
+        assert torch.equal(fresh.ema.shadow[name], trainer.ema.shadow[name]), name
+    original, restored = trainer.optimizer.state_dict(), fresh.optimizer.state_dict()
+    # torch's set_optimizer_state_dict hands betas back as a list, whatever it is given.
+    normalise = [dict(g, betas=tuple(g["betas"])) for g in restored["param_groups"]]
+    assert original["param_groups"] == normalise
+    for index, per_param in original["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(restored["state"][index][key], value), (index, key)
+    assert fresh.scheduler.state_dict() == trainer.scheduler.state_dict()
+    assert fresh.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
+    assert fresh.position.step == 2
+    assert fresh.position.batches == trainer.position.batches
+    assert fresh.position.passes == trainer.position.passes
+    assert fresh.batches.position is fresh.position
+    # The resumed stream starts fresh passes salted by the resume step.
+    assert all(stream.salt == 2 for stream in fresh.batches.streams)
+
+    # From here both take the same step on the same batch, and stay identical.
+    rows = local_pass(cfg.data.sources[0], cfg.data, 0, 1, 0, 1, 0).rows[:2]
+    batch = {**collate(rows), "source_name": "videos"}
+    _fixed_batches(trainer, [batch])
+    _fixed_batches(fresh, [batch])
+    a, b = trainer.train_step(), fresh.train_step()
+    for key in ("train/loss", "train/loss_fm", "train/loss_sem", "train/grad_norm", "train/lr"):
+        assert a[key] == b[key], key
+    for name, value in _weights(trainer).items():
+        assert torch.equal(_weights(fresh)[name], value), name
+    for name in trainer.ema.names:
+        assert torch.equal(fresh.ema.shadow[name], trainer.ema.shadow[name]), name
+
+
+def test_validate_is_deterministic(shards):
+    trainer = _trainer(_config(shards))
+    assert len(trainer.val_rows) == 2
+    first = trainer.validate()
+    assert set(first) == {"val/loss", "val/loss_fm", "val/loss_sem"}
+    assert first["val/loss"] == pytest.approx(first["val/loss_fm"] + 0.1 * first["val/loss_sem"])
+    assert trainer.validate() == first
+    assert trainer.module.training  # back in training mode
+    trainer.train_step()
+    after = trainer.validate()
+    assert after != first
+    assert trainer.validate() == after
+
+    cfg = _config(shards)
+    cfg.data.val_uri = None
+    assert _trainer(cfg).validate() == {}
+
+
+def test_export_holds_the_ema_weights_and_starts_stage_one(shards, tmp_path):
+    from sama.pipeline_edit import SamaEditPipeline
+
+    trainer = _trainer(_config(shards))
+    for _ in range(2):
+        trainer.train_step()
+    export_dir = str(tmp_path / "export")
+    trainer.export(export_dir)
+    pipeline = SamaEditPipeline.from_pretrained(export_dir)
+    exported = pipeline.transformer.state_dict()
+    raw = _weights(trainer)
+    assert set(exported) == set(raw)
+    for name in trainer.ema.names:
+        assert torch.equal(exported[name], trainer.ema.shadow[name]), name
+    assert any(not torch.equal(exported[n], raw[n]) for n in trainer.ema.names)  # EMA, not the raw weights
+    assert pipeline.model_config == trainer.model_config
+    # The trainer keeps working after the export (its encoders are back on its device).
+    trainer.train_step()
+
+    stage1 = _config(shards, stage=1, model=ModelSection(preset="wan2.1-14b", init_from=export_dir))
+    follower = _trainer(stage1)
+    assert follower.model_config.preset == "tiny"
+    for name, value in follower.module.transformer.state_dict().items():
+        assert torch.equal(value, exported[name]), name
+    for name in follower.ema.names:
+        assert torch.equal(follower.ema.shadow[name], exported[name]), name
+    # The exported text encoder is the one stage 1 uses: same embeddings for the same prompt.
+    prompt = ["[Video edit] make it red"]
+    assert torch.equal(
+        follower.module.text_encoder.encode(prompt), trainer.module.text_encoder.encode(prompt)
+    )
+    assert follower.train_step()["train/loss"] > 0
+
+
+def test_stage_one_needs_only_the_export(shards, tmp_path):
+    import json
+
+    from sama.models.presets import build_model
+    from sama.pipeline_edit import SamaEditPipeline
+
+    export_dir = tmp_path / "export"
+    SamaEditPipeline.from_components(build_model("tiny")).save_pretrained(str(export_dir))
+    # As written by a stage 0 that started from Wan weights which are no longer there.
+    gone = tmp_path / "wan-weights-gone"
+    gone.mkdir()
+    manifest = json.loads((export_dir / "sama_pipeline.json").read_text())
+    manifest["model"]["pretrained"] = str(gone)
+    (export_dir / "sama_pipeline.json").write_text(json.dumps(manifest))
+    SamaEditPipeline.from_pretrained(str(export_dir))  # the export itself is complete
+
+    follower = _trainer(_config(shards, stage=1, model=ModelSection(init_from=str(export_dir))))
+    assert follower.model_config.preset == "tiny"
+
+
+def test_render_edits_writes_source_edit_target_strips(shards):
+    trainer = _trainer(_config(shards))
+    rendered = trainer.render_edits()
+    assert len(rendered) == 1
+    key, data = rendered[0]
+    assert key == trainer.val_rows[0]["key"]
+    frames = video.decode_video_bytes(data)
+    assert frames.shape == (5, 32, 96, 3)
+    assert trainer.module.training
+
+
+def test_grad_accum_averages_micro_batches(shards):
+    cfg = _config(shards, grad_accum=2)
+    cfg.optim.grad_clip = 0.0  # no clipping: the captured gradient is the accumulated one
+    trainer = _trainer(cfg)
+    module = trainer.module
+    params = trainer.params
+    video_rows = local_pass(cfg.data.sources[0], cfg.data, 0, 1, 0, 1, 0).rows
+    batches = [collate(video_rows[0:2]), collate(video_rows[2:4])]
+    assert batches[0]["keys"] != batches[1]["keys"]
+
+    # Reference, computed directly on the module: per micro-batch loss and gradient.
+    losses, grads = [], []
+    for micro, batch in enumerate(batches):
+        generator = trainer._generator(0, 0, micro)
+        encoded = module.encode_batch(
+            SamaBatch(prompts=batch["instructions"], target=batch["target"], source=batch["source"]),
+            generator,
+        )
+        out = module.compute_loss(encoded, generator)
+        losses.append(float(out.loss.detach()))
+        grads.append(torch.autograd.grad(out.loss, params))
+    assert losses[0] != losses[1]
+
+    captured = {}
+
+    def capture(optimizer, args, kwargs):
+        captured["grads"] = [p.grad.detach().clone() for p in params]
+
+    trainer.optimizer.register_step_pre_hook(capture)
+    _fixed_batches(trainer, batches)
+    metrics = trainer.train_step()
+
+    assert metrics["train/loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    for got, first, second in zip(captured["grads"], *grads, strict=True):
+        torch.testing.assert_close(got, (first + second) / 2, rtol=1e-4, atol=1e-7)
+    total_norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in captured["grads"]])
+    )
+    assert metrics["train/grad_norm"] == pytest.approx(float(total_norm), rel=1e-5)
+    assert trainer.step == 1 and trainer.samples_seen == 4
+    assert all(p.grad is None for p in params)  # zeroed for the next step
