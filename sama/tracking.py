@@ -176,6 +176,7 @@ class Tracker:
         saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
         saved_env = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
         try:
             with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
                 info = mlflow.pyfunc.log_model(

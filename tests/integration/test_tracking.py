@@ -175,7 +175,10 @@ def test_log_model_logs_and_registers_with_the_stage(mlflow_server, tiny_export,
     assert set(unregistered) == {"model_uri"}
     plain.end()
 
+    # The tracker left MLflow's global tracking URI alone.
+    assert os.environ.get("MLFLOW_TRACKING_URI") != mlflow_server
     # The logged pyfunc model edits a video with the exported pipeline.
+    mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(second["model_uri"])
     assert model.metadata.metadata == {"sama_stage": 1}
     clip = synthetic.render(synthetic.random_scene(5), 5, 8.0, 32, 32)
