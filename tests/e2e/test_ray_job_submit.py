@@ -262,8 +262,9 @@ def ray_head():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        exited = time.monotonic() - stopping
         killed = _wait_gone(_processes_of(temp_dir, seen), timeout=20)
-        print(f"the Ray head stopped in {time.monotonic() - stopping:.0f}s")
+        print(f"the Ray head stopped in {time.monotonic() - stopping:.0f}s (ray start: {exited:.0f}s)")
         if killed:
             print(f"killed after the head's shutdown: {killed}")
         time.sleep(1)

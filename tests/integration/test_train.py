@@ -190,9 +190,8 @@ def test_killed_worker_recovers_from_the_last_checkpoint(store, mlflow_server, r
     killed = None
     while time.monotonic() < deadline and thread.is_alive():
         if latest_checkpoint(cfg):
-            workers = [
-                a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "RayTrainWorker" in a.class_name
-            ]
+            alive = list_actors(address=ray_cluster.test_dashboard_url, filters=[("state", "=", "ALIVE")])
+            workers = [a for a in alive if "RayTrainWorker" in a.class_name]
             if workers:
                 killed = workers[-1].pid
                 os.kill(killed, signal.SIGKILL)
