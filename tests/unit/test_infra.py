@@ -443,14 +443,10 @@ def test_prep_entrypoint_config_resolves(name, capsys):
     assert cli.main([JOB_MODULES[module], *args, "--print-config"]) == 0, capsys.readouterr().err
 
 
-def _train_landed() -> bool:
-    return (ROOT / "jobs" / "train.py").is_file() and "train" not in cli.PENDING
-
-
-@pytest.mark.skipif(not _train_landed(), reason="jobs/train.py has not landed yet")
 @pytest.mark.parametrize("name", GPU_RAYJOB_FILES)
 def test_train_entrypoint_config_resolves(name):
-    """Once the train job exists: its recipe and --set keys resolve (`--print-config`, no cluster)."""
+    """The train job's recipe and --set keys resolve (`--print-config`, no cluster), and the
+    recipe's worker count is the GPU group's GPUs."""
     _, args = check_entrypoint(rayjob(name)["spec"]["entrypoint"])
     env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"}}
     proc = subprocess.run(
@@ -462,6 +458,12 @@ def test_train_entrypoint_config_resolves(name):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    resolved = yaml.safe_load(proc.stdout)
+    gpus = 0
+    for group in rayjob(name)["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+        gpus += int(group.get("replicas", 0)) * int(limits.get("nvidia.com/gpu", 0))
+    assert resolved["scaling"]["num_workers"] == gpus and resolved["scaling"]["use_gpu"]
 
 
 @pytest.mark.parametrize("name", GPU_RAYJOB_FILES)
