@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +14,7 @@ from sama.config import apply_override
 from sama.prep import ledger
 from sama.prep.inputs import read_table
 from sama.prep.pairs_job import PrepPairsConfig
+from tests.integration.killing import kill_after_markers
 
 pytestmark = pytest.mark.integration
 
@@ -147,8 +143,6 @@ def test_aligned_pair_content(ray_cluster, tmp_path):
 
 
 def test_kill_and_rerun_loses_and_duplicates_nothing(ray_cluster, tmp_path):
-    import ray
-
     manifest = synthetic.write_edit_pairs(str(tmp_path / "in"), 12, seed=9, media="mixed", fps=12.0)
     reference = str(tmp_path / "reference")
     prep_pairs.run(small_config([manifest], reference, "input.rows_per_unit=1"))
@@ -157,31 +151,8 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(ray_cluster, tmp_path):
 
     out = str(tmp_path / "killed")
     args = [f"--set={a}" for a in [*SMALL, "input.rows_per_unit=1", "shards.max_samples=1"]]
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "RAY_AUTH_MODE": "token",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.prep_pairs", "--manifest", manifest, "--output", out, *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    markers = os.path.join(out, ledger.MARKERS_DIR)
-    deadline = time.monotonic() + 120
-    killed_at = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = len(storage.list_files(markers, suffixes=(".json",)))
-        if done >= 2:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed_at = done
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=30)
+    killed_at = kill_after_markers(["jobs.prep_pairs", "--manifest", manifest, "--output", out, *args], out)
     assert 2 <= killed_at < 12, f"the job was not killed mid-run (markers at kill: {killed_at})"
-    time.sleep(2)
 
     summary = prep_pairs.run(small_config([manifest], out, "input.rows_per_unit=1", "shards.max_samples=1"))
     got = list(schema.webdataset_samples(ledger.shards_uri(out)))

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -17,6 +13,7 @@ from sama.buckets import Bucket
 from sama.config import apply_override
 from sama.prep import ledger
 from sama.prep.pretext_job import PrepPretextConfig
+from tests.integration.killing import kill_after_markers
 
 pytestmark = pytest.mark.integration
 
@@ -146,12 +143,6 @@ def test_tar_inputs_with_member_captions(ray_cluster, tmp_path):
     assert all(s.meta.source_uri.startswith(str(raw / "shard-0000.tar") + "#clip") for s in samples)
 
 
-def _ray_address() -> str:
-    import ray
-
-    return ray.get_runtime_context().gcs_address
-
-
 def test_kill_and_rerun_loses_and_duplicates_nothing(ray_cluster, tmp_path):
     raw = str(tmp_path / "raw")
     synthetic.write_raw_videos(raw, 10, seed=11, fps=12.0, seconds=5.0)
@@ -162,28 +153,8 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(ray_cluster, tmp_path):
 
     out = str(tmp_path / "killed")
     args = [f"--set={a}" for a in [*SMALL, "input.videos_per_unit=1", "shards.max_samples=1"]]
-    env = {**os.environ, "RAY_ADDRESS": _ray_address(), "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.prep_pretext", "--input", raw, "--output", out, *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    markers = os.path.join(out, ledger.MARKERS_DIR)
-    deadline = time.monotonic() + 120
-    killed_at = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        # Committed markers only: an atomic write in flight is a hidden temporary file.
-        done = len(storage.list_files(markers, suffixes=(".json",)))
-        if done >= 2:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed_at = done
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=30)
+    killed_at = kill_after_markers(["jobs.prep_pretext", "--input", raw, "--output", out, *args], out)
     assert 2 <= killed_at < 10, f"the job was not killed mid-run (markers at kill: {killed_at})"
-    time.sleep(2)  # let Ray cancel the dead driver's tasks
 
     summary = prep_pretext.run(small_config(raw, out, "input.videos_per_unit=1", "shards.max_samples=1"))
     assert summary.run_units_skipped >= killed_at
