@@ -57,14 +57,18 @@ def parallelize(module: nn.Module, cfg: ParallelConfig, device: torch.device, wo
     """Apply checkpointing and the sharding strategy; returns what the training step calls.
 
     ``module`` is the :class:`~sama.models.training.SamaTrainingModule`; its ``transformer`` is the
-    only trainable part. With one worker no wrapper is added.
+    only trainable part. DDP is skipped for a single worker; FSDP2 applies whenever a process group
+    exists.
     """
+    import torch.distributed as dist
+
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(module.transformer)
-    if world_size <= 1:
-        return module
-    if cfg.strategy == "fsdp2":
+    if cfg.strategy == "fsdp2" and dist.is_available() and dist.is_initialized():
+        # Sharded even on one rank, so the same (DTensor) code path runs at every scale.
         apply_fsdp2(module.transformer, cfg, device)
+        return module
+    if world_size <= 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
