@@ -44,13 +44,21 @@ def apply_fsdp2(transformer: nn.Module, cfg: ParallelConfig, device: torch.devic
     """Shard each block, then the root, over the default process group."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = None
+    block_kwargs: dict = {}
+    root_kwargs: dict = {}
     if compute_dtype(cfg, device) is not None:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kwargs = {"mp_policy": policy} if policy is not None else {}
+        # Inputs are cast once, at the root. Casting again at each block would cast inside the
+        # activation-checkpointed region, and the recomputation would then see fp32 tensors where
+        # the forward saved bf16 ones (a CheckpointError, seen on an H200).
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+        block_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     for block in transformer.blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(transformer, **kwargs)
+        fully_shard(block, **block_kwargs)
+    fully_shard(transformer, **root_kwargs)
 
 
 def parallelize(module: nn.Module, cfg: ParallelConfig, device: torch.device, world_size: int) -> nn.Module:

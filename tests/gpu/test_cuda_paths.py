@@ -54,13 +54,14 @@ def test_fsdp2_bf16_steps_checkpoint_and_export(process_group, tmp_path):
         generator = torch.Generator().manual_seed(step)
         with torch.no_grad():
             encoded = module.encode_batch(batch, generator)
-        out = model(encoded, generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(encoded, generator)
         out.loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(module.transformer)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         assert torch.isfinite(
             torch.as_tensor(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
         )
