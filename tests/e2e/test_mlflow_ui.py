@@ -296,7 +296,7 @@ def browser(chromium, tmp_path_factory) -> Browser:
     return Browser(chromium, tmp_path_factory.mktemp("chromium"))
 
 
-def test_mlflow_ui_shows_the_runs(mlflow_ui: str, browser: Browser, tmp_path: Path):
+def test_mlflow_ui_shows_the_runs(browser: Browser, mlflow_ui: str, tmp_path: Path):
     exp_id, runs = _runs_by_name(mlflow_ui)  # through the UI server's REST API
     assert set(RUN_NAMES) <= set(runs), sorted(runs)
 
@@ -310,7 +310,7 @@ def test_mlflow_ui_shows_the_runs(mlflow_ui: str, browser: Browser, tmp_path: Pa
     print(f"screenshot of the experiment page: {png}")
 
 
-def test_mlflow_ui_serves_the_sample_video(mlflow_ui: str, browser: Browser, tmp_path: Path):
+def test_mlflow_ui_serves_the_sample_video(browser: Browser, mlflow_ui: str, tmp_path: Path):
     from mlflow import MlflowClient
 
     exp_id, runs = _runs_by_name(mlflow_ui)
