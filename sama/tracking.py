@@ -112,7 +112,9 @@ class Tracker:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=True, tracking_uri=self.tracking_uri
+            )
             self._monitor.start()
         except Exception as exc:  # psutil missing or the monitor's API moved: training goes on
             log.warning("system metrics are not logged: %s", exc)
@@ -144,13 +146,35 @@ class Tracker:
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    @contextlib.contextmanager
+    def _global_uri(self):
+        """Point MLflow's process-global tracking and registry URIs at this tracker's store for a
+        block, then put back what was there. MLflow's fluent API (log_model) and its proxied
+        ``mlflow-artifacts:`` locations resolve the server from the global URI, not the client's."""
+        import mlflow
+
+        saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved_uri)
+            if saved_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
-            self.client.log_text(self.run_id, text, artifact_file)
+            with self._global_uri():
+                self.client.log_text(self.run_id, text, artifact_file)
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         if self.enabled:
-            self.client.log_artifact(self.run_id, local_path, artifact_path)
+            with self._global_uri():
+                self.client.log_artifact(self.run_id, local_path, artifact_path)
 
     def log_video(self, data: bytes, artifact_file: str) -> None:
         """Log mp4 bytes as an artifact (the MLflow UI plays H.264 mp4 in the browser)."""
@@ -171,28 +195,15 @@ class Tracker:
         from sama import mlflow_model
 
         name = registered_model or self.cfg.registered_model
-        # log_model works through MLflow's fluent (process-global) API: point it at this tracker's
-        # store for the call only, and put back whatever was there.
-        saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        try:
-            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=mlflow_model.__file__,
-                    artifacts={"pipeline": export_dir},
-                    pip_requirements=["sama[train]"],
-                    registered_model_name=name,
-                    metadata={"sama_stage": stage},
-                )
-        finally:
-            mlflow.set_tracking_uri(saved_uri)
-            if saved_env is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved_env
+        with self._global_uri(), mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=mlflow_model.__file__,
+                artifacts={"pipeline": export_dir},
+                pip_requirements=["sama[train]"],
+                registered_model_name=name,
+                metadata={"sama_stage": stage},
+            )
         result: dict[str, Any] = {"model_uri": info.model_uri}
         if name:
             version = info.registered_model_version

@@ -16,7 +16,8 @@ the uploaded copy; the dependencies come from the venv.
 
 The head is stopped by SIGTERM to its ``ray start --block`` process (which then stops everything it
 started), never by ``ray stop``, which would stop every Ray instance on the machine, the session's
-in-process one included. Leftovers are found by the head's unique temp dir and killed.
+in-process one included. What is left after a grace period (the head's processes as seen while it
+ran, and anything naming its unique temp dir) is killed, and the test checks none survive.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUNTIME_ENV = REPO / "infra" / "runtime_env.yaml"
 BIN = Path(sys.executable).parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+STOP_GRACE_S = 15
 
 
 def _free_ports(count: int) -> list[int]:
@@ -159,7 +161,7 @@ def _describe(proc) -> str:
     import psutil
 
     try:
-        return f"{proc.pid}: {' '.join(proc.cmdline()[:3])}"
+        return f"{proc.pid} {' '.join(os.path.basename(a) for a in proc.cmdline()[:2])[:60]}"
     except psutil.Error:
         return str(proc.pid)
 
@@ -255,18 +257,16 @@ def ray_head():
         with contextlib.suppress(psutil.Error):
             seen += psutil.Process(proc.pid).children(recursive=True)
         # `ray start --block` stops what it started on SIGTERM (gcs, raylet, dashboard, workers).
+        # After a Ray Data job its GCS takes ~30 s to exit on SIGTERM; the cluster is disposable,
+        # so whatever is still running after a grace period is killed.
         stopping = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        exited = time.monotonic() - stopping
-        killed = _wait_gone(_processes_of(temp_dir, seen), timeout=20)
-        print(f"the Ray head stopped in {time.monotonic() - stopping:.0f}s (ray start: {exited:.0f}s)")
-        if killed:
-            print(f"killed after the head's shutdown: {killed}")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_GRACE_S)
+        killed = _wait_gone(_processes_of(temp_dir, seen), timeout=0)
+        proc.wait(timeout=10)
+        _wait_gone(_processes_of(temp_dir, seen), timeout=10)
+        print(f"the Ray head stopped in {time.monotonic() - stopping:.0f}s; killed after the grace: {killed}")
         time.sleep(1)
         left = [_describe(p) for p in _processes_of(temp_dir, seen)]
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -361,7 +361,7 @@ def test_jobs_submitted_to_a_ray_head(ray_head: RayHead, mlflow_server: str, tmp
             ),
         ],
     )
-    logs = ray_head.wait(job, timeout=300)
+    logs = ray_head.wait(job, timeout=420)
 
     info = json.loads((runs / "debug-stage0" / "run_info.json").read_text())
     assert info["steps"] == 20, info

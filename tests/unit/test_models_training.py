@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -158,12 +156,9 @@ def test_tiny_model_learns_one_pair():
     before = evaluate()
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=2e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
-    started = time.monotonic()
     for _ in range(50):
         optimizer.zero_grad()
         module.compute_loss(encoded, gen).loss.backward()
         optimizer.step()
-    elapsed = time.monotonic() - started
     after = evaluate()
     assert after < 0.5 * before, (before, after)
-    assert elapsed < 20.0
