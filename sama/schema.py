@@ -198,6 +198,9 @@ class Sample:
         if target_name is None or target_name not in members:
             raise SchemaError(f"{where}: sample has no target member {target_name}")
         source = members.get(source_name)
+        if isinstance(source, float):
+            # Ray Data fills a member a sample lacks (a text-to-video sample has no source) with NaN.
+            source = None
         return cls(
             meta=meta,
             target=_as_bytes(members[target_name]),

@@ -163,3 +163,11 @@ def test_corrupt_shard_and_missing_members(tmp_path):
         Sample.from_members({"__key__": meta.key, "json": meta.to_json()})
     with pytest.raises(SchemaError, match="does not match metadata key"):
         Sample.from_members({"__key__": "other", "json": meta.to_json(), "tgt.mp4": b"x"})
+
+
+def test_a_missing_member_filled_with_nan_means_no_source():
+    """Ray Data's read_webdataset gives NaN for a member a sample lacks."""
+    sample = make_sample(0, with_source=False)
+    sample.meta.task = "t2v"
+    members = {"__key__": sample.key, **sample.members(), "src.mp4": float("nan")}
+    assert Sample.from_members(members).source is None
