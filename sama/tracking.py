@@ -40,6 +40,8 @@ class TrackingConfig:
     experiment: str = "sama"
     # Register the exported model under this name (None: do not register).
     registered_model: str | None = None
+    # The model registry; None: MLFLOW_REGISTRY_URI, else the tracking store.
+    registry_uri: str | None = None
     system_metrics: bool = True
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -52,6 +54,10 @@ def resolve_tracking_uri(cfg: TrackingConfig, default_local_dir: str | None) -> 
     directory = os.path.abspath(default_local_dir or "mlruns")
     os.makedirs(directory, exist_ok=True)
     return f"sqlite:///{os.path.join(directory, 'mlflow.db')}"
+
+
+def resolve_registry_uri(cfg: TrackingConfig, tracking_uri: str) -> str:
+    return cfg.registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:
@@ -69,6 +75,7 @@ class Tracker:
         self.enabled = enabled and cfg.enabled
         self.run_id: str | None = None
         self.tracking_uri = resolve_tracking_uri(cfg, default_local_dir) if self.enabled else None
+        self.registry_uri = resolve_registry_uri(cfg, self.tracking_uri) if self.enabled else None
         self._client = None
 
     @property
@@ -76,7 +83,8 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            # Both URIs explicit: a client left to resolve them reads MLflow's process-global state.
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         return self._client
 
     def start(
@@ -148,23 +156,31 @@ class Tracker:
 
     @contextlib.contextmanager
     def _global_uri(self):
-        """Point MLflow's process-global tracking and registry URIs at this tracker's store for a
-        block, then put back what was there. MLflow's fluent API (log_model) and its proxied
-        ``mlflow-artifacts:`` locations resolve the server from the global URI, not the client's."""
+        """Point MLflow's process-global tracking and registry URIs at this tracker's stores for a
+        block, then put back exactly what was there (explicit settings and environment variables),
+        so that no other client in the process resolves to this tracker's stores afterwards.
+        MLflow's fluent API (log_model) and its proxied ``mlflow-artifacts:`` locations resolve the
+        server from the global URIs, not the client's."""
         import mlflow
+        from mlflow.tracking._model_registry import utils as registry_utils
 
-        saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+        saved_tracking = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        # MLflow has no public "is the registry URI set" query; None when it moved.
+        saved_registry = getattr(registry_utils, "_registry_uri", None)
+        saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.registry_uri)
         try:
             yield
         finally:
-            mlflow.set_tracking_uri(saved_uri)
-            if saved_env is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved_env
+            mlflow.set_tracking_uri(saved_tracking)
+            if hasattr(registry_utils, "_registry_uri"):
+                registry_utils._registry_uri = saved_registry
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:

@@ -302,3 +302,41 @@ def test_log_model_uses_the_trackers_own_store(tmp_path, tiny_export):
     result = first.log_model(tiny_export, 0)
     model_id = result["model_uri"].split("/")[-1]
     assert first.client.get_logged_model(model_id).source_run_id == first.run_id
+
+
+def test_log_model_leaves_no_global_registry_behind(tmp_path, tiny_export, monkeypatch):
+    """A tracker's registration must not redirect other clients in the process: a client made
+    afterwards for another store reads that store's registry, not the tracker's."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "other").mkdir()
+    name = _name("model")
+    tracker = _tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", registered_model=name)
+    tracker.start("a")
+    tracker.log_model(tiny_export, 1)
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    other_uri = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    other = MlflowClient(other_uri)
+    assert other._registry_uri == other_uri
+    assert other.search_model_versions(f"name = '{name}'") == []
+    versions = tracker.client.search_model_versions(f"name = '{name}'")
+    assert [(v.run_id, v.tags.get("stage")) for v in versions] == [(tracker.run_id, "stage1")]
+
+
+def test_a_separate_registry_gets_the_model_version(tmp_path, tiny_export):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "registry").mkdir()
+    registry = f"sqlite:///{tmp_path / 'registry' / 'mlflow.db'}"
+    name = _name("model")
+    tracker = _tracker(
+        f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", registered_model=name, registry_uri=registry
+    )
+    tracker.start("r")
+    result = tracker.log_model(tiny_export, 0)
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient(registry, registry_uri=registry).search_model_versions(f"name = '{name}'")
+    assert [(str(v.version), v.tags.get("stage")) for v in versions] == [(str(result["version"]), "stage0")]
