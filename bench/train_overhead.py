@@ -22,10 +22,14 @@ Reported: median step time of each arm after warmup and their ratio (target <= 1
 wait fraction of the Ray Train run over the timed steps and amortised over a whole data pass with
 its pipeline restart (target < 5%), and two less load-sensitive comparisons for a shared machine:
 the fastest step of the most common batch shape, and the training thread's CPU time per step
-(``time.thread_time``; its ratio to wall time is printed as a load indicator). Ray starts its
-workers at niceness 15, so the plain arm runs at the worker's niceness too (``--plain-nice``).
+(``time.thread_time``; its ratio to wall time is printed as a load indicator). The local Ray
+starts its workers at niceness 0, as ``sama train`` does, and the plain arm runs at the worker's
+niceness too (``--plain-nice``).
 The Ray Train warmup covers the first data pass (one repeat of the shards, then a new Ray Data
-pipeline). The dataset (prep-pretext on synthetic videos, 9-frame clips in 48x64 buckets, as the
+pipeline). The default timed window then falls while Ray Data decodes the second pass ahead of
+training (``data.min_rows_per_pass`` rows, decode tasks at ``data.decode_niceness``) on the same
+2 cores: the pessimistic window on a small machine. ``--warmup`` past that burst times the steps
+with the pipeline idle, as on a node whose other cores do the decoding. The dataset (prep-pretext on synthetic videos, 9-frame clips in 48x64 buckets, as the
 quickstart) is cached in the work dir. Numbers only.
 
     python bench/train_overhead.py [--steps 30] [--batch 2] [--threads 1] [--workdir /tmp/sama-bench-train]
@@ -35,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import itertools
 import json
 import logging
@@ -198,6 +201,9 @@ def ray_arm(args: argparse.Namespace, shards: str, max_steps: int) -> dict:
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     load_before = os.getloadavg()[0]
     started = time.time()
+    # As ``sama train`` starts a local cluster: workers at niceness 0 (Ray's default is 15), the
+    # decode tasks lower their own priority (data.decode_niceness).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
     init_s = time.time() - started
     original = launch.train_loop
@@ -280,8 +286,11 @@ def plain_arm(args: argparse.Namespace, cfg, rows: list[dict], token_sequence: l
                 SamaBatch(prompts=one["instructions"], target=one["target"], source=one["source"]), generator
             )
         per_sample = _tokens(transformer, encoded)
-        for size in range(1, min(len(group), cfg.data.video_batch_size) + 1):
-            batches = [collate(group[i : i + size]) for i in range(0, len(group) - size + 1, size)]
+        # A pass repeats a small source's shards, so a batch may hold one sample twice: cycle
+        # through the group to form batches of every size the worker can.
+        for size in range(1, cfg.data.video_batch_size + 1):
+            cycled = [group[i % len(group)] for i in range(max(len(group), size) // size * size)]
+            batches = [collate(cycled[i : i + size]) for i in range(0, len(cycled), size)]
             by_tokens.setdefault(per_sample * size, []).extend(batches)
     missing = sorted(set(token_sequence) - set(by_tokens))
     if missing:
@@ -463,9 +472,8 @@ def main() -> None:
     print(f"  stalls > 1 s (pass starts) {stalls or 'none'}")
     # Steady state: a pass of min_rows_per_pass rows or more, then a new Ray Data pipeline (the
     # 2nd pass start, inside warmup, is what every later pass start costs).
-    from sama.train.data import MixedBatchIterator
 
-    min_rows = inspect.signature(MixedBatchIterator.__init__).parameters["min_rows_per_pass"].default
+    min_rows = train_config(args, shards, max_steps).data.min_rows_per_pass
     pass_steps = math.ceil(min_rows / samples) * samples // args.batch
     restart = max((r["perf/data_wait_frac"] * r["perf/step_s"] for r in records[1:warmup]), default=0.0)
     mean_wait, mean_step = statistics.fmean(ray_wait), statistics.fmean(ray_wall)

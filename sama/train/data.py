@@ -26,8 +26,10 @@ order (at-least-once per pass, never the same sequence twice).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -69,6 +71,10 @@ class DataConfig:
     seed: int = 0
     # CPUs per Ray Data decode task.
     decode_num_cpus: float = 1.0
+    # Added to the niceness of the processes that decode (0: leave it). Decoding may run ahead of
+    # training; on a node it shares with a training worker, it must take only the CPU time the
+    # worker does not need, never slow its steps.
+    decode_niceness: int = 10
     # A pass over a small source repeats its shards until it holds this many rows.
     min_rows_per_pass: int = 2048
     # Decoded rows queued ahead of training, per source (each holds whole clips: keep it small).
@@ -89,6 +95,8 @@ class DataConfig:
             raise ValueError("data.video_batch_size and data.image_batch_size must be >= 1")
         if self.min_rows_per_pass < 1 or self.prefetch_rows < 1:
             raise ValueError("data.min_rows_per_pass and data.prefetch_rows must be >= 1")
+        if not 0 <= self.decode_niceness <= 19:
+            raise ValueError(f"data.decode_niceness must be in 0..19, got {self.decode_niceness}")
 
     def batch_size(self, media: str) -> int:
         return self.image_batch_size if media == "image" else self.video_batch_size
@@ -132,6 +140,24 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
         }
 
 
+_niceness_raised = False
+
+
+def lower_priority(increment: int) -> None:
+    """Raise this process's niceness by ``increment``, once per process (a Ray worker process runs
+    many decode tasks). Lowering one's own priority needs no privilege."""
+    global _niceness_raised
+    if increment and not _niceness_raised and hasattr(os, "nice"):
+        os.nice(increment)
+        _niceness_raised = True
+
+
+def _decode_at_niceness(row: dict[str, Any], niceness: int) -> dict[str, Any]:
+    """``decode_row`` at a lowered priority (see ``DataConfig.decode_niceness``)."""
+    lower_priority(niceness)
+    return decode_row(row)
+
+
 def worker_shards(uri: str, rank: int, world_size: int) -> tuple[list[str], bool]:
     """The shards worker ``rank`` reads, and whether it must also filter samples by key."""
     shards = schema.list_shards(uri)
@@ -170,7 +196,9 @@ def build_pass(
     if filter_by_key:
         ds = ds.filter(_keep_for_rank(rank, world_size))
     ds = ds.randomize_block_order(seed=_seed(cfg.seed, rank, source.name, pass_index, salt))
-    return ds.map(decode_row, num_cpus=cfg.decode_num_cpus)
+    return ds.map(
+        functools.partial(_decode_at_niceness, niceness=cfg.decode_niceness), num_cpus=cfg.decode_num_cpus
+    )
 
 
 def _seed(*parts) -> int:

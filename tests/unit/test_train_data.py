@@ -508,3 +508,32 @@ def test_mixed_iterator_interleaves_sources_and_tracks_the_position(fake_passes)
     assert mixed.wait_s > 0
     restored = DataPosition.from_json(mixed.position.to_json())
     assert restored == mixed.position
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode priority
+
+
+def test_decode_niceness_is_checked():
+    cfg = DataConfig(sources=[SourceConfig(name="s", uri="/x")], decode_niceness=20)
+    with pytest.raises(ValueError, match="decode_niceness"):
+        cfg.validate()
+
+
+def test_decoding_lowers_its_process_priority_once():
+    """A decode worker runs many tasks; its niceness rises by the increment once, not per task."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os\n"
+        "from sama.train.data import lower_priority\n"
+        "before = os.nice(0)\n"
+        "lower_priority(3); lower_priority(3)\n"
+        "print(os.nice(0) - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
+    script_off = script.replace("lower_priority(3); lower_priority(3)", "lower_priority(0)")
+    out = subprocess.run([sys.executable, "-c", script_off], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
