@@ -29,8 +29,9 @@ The Ray Train warmup covers the first data pass (one repeat of the shards, then 
 pipeline). The default timed window then falls while Ray Data decodes the second pass ahead of
 training (``data.min_rows_per_pass`` rows, decode tasks at ``data.decode_niceness``) on the same
 2 cores: the pessimistic window on a small machine. ``--warmup`` past that burst times the steps
-with the pipeline idle, as on a node whose other cores do the decoding. The dataset (prep-pretext on synthetic videos, 9-frame clips in 48x64 buckets, as the
-quickstart) is cached in the work dir. Numbers only.
+with the pipeline idle, as on a node whose other cores do the decoding. The dataset (prep-pretext
+on synthetic videos, 9-frame clips in 48x64 buckets, as the quickstart) is cached in the work dir.
+Numbers only.
 
     python bench/train_overhead.py [--steps 30] [--batch 2] [--threads 1] [--workdir /tmp/sama-bench-train]
 """

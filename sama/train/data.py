@@ -423,18 +423,32 @@ class MixedBatchIterator:
         return batch
 
 
-def load_validation(cfg: DataConfig) -> list[dict[str, Any]]:
-    """A fixed list of decoded held-out samples; broken ones are skipped like in training."""
+def renderable(row: dict[str, Any]) -> bool:
+    """Whether a sample can be shown as [source | edit | target]: an edit keeps its source's
+    length, so a sample needs a source as long as its target (not text-to-video, not speed)."""
+    return bool(row["source"].size) and row["source"].shape[0] == row["target"].shape[0]
+
+
+def load_validation(cfg: DataConfig, render_samples: int = 0) -> tuple[list[dict], list[dict]]:
+    """Decoded held-out samples: the first ``val_samples`` for the validation loss, and the first
+    ``render_samples`` renderable ones for sample edits, read on past ``val_samples`` if need be
+    (a small pretext set may open with only speed and text-to-video clips). Broken samples are
+    skipped like in training."""
     if not cfg.val_uri:
-        return []
-    rows = []
+        return [], []
+    rows: list[dict] = []
+    render: list[dict] = []
     for uri in schema.list_shards(cfg.val_uri):
         for members in schema.iter_members(uri):
+            if len(rows) >= cfg.val_samples and len(render) >= render_samples:
+                return rows, render
             row = decode_row(members)
             if row["error"]:
                 log.warning("skipping an undecodable validation sample: %s", row["error"])
                 continue
-            rows.append(row)
-            if len(rows) >= cfg.val_samples:
-                return rows
+            if len(rows) < cfg.val_samples:
+                rows.append(row)
+            if len(render) < render_samples and renderable(row):
+                render.append(row)
+    return rows, render
     return rows

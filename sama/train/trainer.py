@@ -298,7 +298,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup))
         self.position = DataPosition()
         self.batches = MixedBatchIterator(cfg.data, self.position, self.rank, self.world_size)
-        self.val_rows = load_validation(cfg.data)
+        self.val_rows, self.render_rows = load_validation(cfg.data, cfg.validation.render_samples)
         self.peak = peak_flops(self.device)
 
     def _load_init(self, export_dir: str) -> None:
@@ -510,9 +510,7 @@ class Trainer:
         from sama.pipeline_edit import PipelineConfig, SamaEditPipeline
 
         rendered = []
-        # An edit keeps its source's length, so samples whose source is shorter (speed) are left out.
-        rows = [r for r in self.val_rows if r["source"].size and r["source"].shape[0] == r["target"].shape[0]]
-        rows = rows[: self.cfg.validation.render_samples]
+        rows = self.render_rows
         if not rows:
             return rendered
         pipeline = SamaEditPipeline(

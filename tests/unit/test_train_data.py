@@ -146,12 +146,50 @@ def test_load_validation_reads_decoded_rows_and_skips_broken_ones(tmp_path):
         writer.write(broken)
         for sample, _ in good:
             writer.write(sample)
-    rows = load_validation(DataConfig(sources=[SourceConfig("a", "x")], val_uri=str(tmp_path), val_samples=2))
+    rows, render = load_validation(
+        DataConfig(sources=[SourceConfig("a", "x")], val_uri=str(tmp_path), val_samples=2)
+    )
     assert [r["key"] for r in rows] == [good[0][0].key, good[1][0].key]
     assert all(r["target"].shape == (5, 32, 32, 3) and r["error"] == "" for r in rows)
-    everything = load_validation(DataConfig(val_uri=str(tmp_path), val_samples=10))
+    assert render == []
+    everything, _ = load_validation(DataConfig(val_uri=str(tmp_path), val_samples=10))
     assert len(everything) == 3
-    assert load_validation(DataConfig(val_uri=None)) == []
+    assert load_validation(DataConfig(val_uri=None), render_samples=1) == ([], [])
+
+
+def _short_source_sample(index: int) -> Sample:
+    """A video sample whose source is shorter than its target, as the speed task writes."""
+    import dataclasses
+
+    sample, _ = _sample(index, "video_edit")
+    short = video.encode_mp4(_clip(1000 + index, 3), 8.0, crf=10, preset="ultrafast")
+    return Sample(
+        meta=dataclasses.replace(sample.meta, source_num_frames=3), target=sample.target, source=short
+    )
+
+
+def test_load_validation_reads_on_for_renderable_samples(tmp_path):
+    """The loss set is the first val_samples; sample edits need a source as long as the target,
+    found past the loss set when its first samples are speed or text-to-video clips."""
+    samples = [
+        _short_source_sample(0),
+        _sample(1, "t2v")[0],
+        _short_source_sample(2),
+        _sample(3, "video_edit")[0],
+        _sample(4, "video_edit")[0],
+        _sample(5, "video_edit")[0],
+    ]
+    with ShardWriter(str(tmp_path), "val") as writer:
+        for sample in samples:
+            writer.write(sample)
+    cfg = DataConfig(val_uri=str(tmp_path), val_samples=2)
+    rows, render = load_validation(cfg, render_samples=2)
+    assert [r["key"] for r in rows] == [samples[0].key, samples[1].key]
+    assert [r["key"] for r in render] == [samples[3].key, samples[4].key]
+    assert all(data_lib.renderable(r) for r in render)
+    assert not any(data_lib.renderable(r) for r in rows)
+    _, none = load_validation(DataConfig(val_uri=str(tmp_path), val_samples=1), render_samples=0)
+    assert none == []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def test_render_edits_writes_source_edit_target_strips(shards):
     rendered = trainer.render_edits()
     assert len(rendered) == 1
     key, data = rendered[0]
-    assert key == trainer.val_rows[0]["key"]
+    assert key == trainer.render_rows[0]["key"]
     frames = video.decode_video_bytes(data)
     assert frames.shape == (5, 32, 96, 3)
     assert trainer.module.training
