@@ -75,8 +75,11 @@ class DataConfig:
     # training; on a node it shares with a training worker, it must take only the CPU time the
     # worker does not need, never slow its steps.
     decode_niceness: int = 10
-    # A pass over a small source repeats its shards until it holds this many rows.
-    min_rows_per_pass: int = 2048
+    # A pass over a small source repeats its shards until it holds this many rows, so it does not
+    # restart its pipeline every few steps. Ray Data decodes a pass ahead of training as far as its
+    # object store budget allows, so rows a run never reaches are decoded all the same: keep it
+    # near the rows a run reads from the source (a large source is unaffected).
+    min_rows_per_pass: int = 256
     # Decoded rows queued ahead of training, per source (each holds whole clips: keep it small).
     prefetch_rows: int = 8
 
