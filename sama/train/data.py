@@ -427,15 +427,15 @@ class MixedBatchIterator:
 
 
 def renderable(row: dict[str, Any]) -> bool:
-    """Whether a sample can be shown as [source | edit | target]: an edit keeps its source's
-    length, so a sample needs a source as long as its target (not text-to-video, not speed)."""
-    return bool(row["source"].size) and row["source"].shape[0] == row["target"].shape[0]
+    """Whether a sample can be shown as [source | edit | target]: it needs a source to edit
+    (a text-to-video sample has none)."""
+    return bool(row["source"].size)
 
 
 def load_validation(cfg: DataConfig, render_samples: int = 0) -> tuple[list[dict], list[dict]]:
     """Decoded held-out samples: the first ``val_samples`` for the validation loss, and the first
     ``render_samples`` renderable ones for sample edits, read on past ``val_samples`` if need be
-    (a small pretext set may open with only speed and text-to-video clips). Broken samples are
+    (a small pretext set may open with only text-to-video clips). Broken samples are
     skipped like in training."""
     if not cfg.val_uri:
         return [], []

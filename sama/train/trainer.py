@@ -526,9 +526,14 @@ class Trainer:
         )
         self.module.eval()
         for row in rows:
-            source = row["source"]
+            source, target = row["source"], row["target"]
             edited = pipeline(source, row["instruction"], seed=0).frames
-            strip = np.concatenate([source, edited, row["target"]], axis=2)
+            if target.shape[0] != source.shape[0]:
+                # An edit keeps its source's length; a speed sample's target is longer: show the
+                # target frames at the source's times, over the same span.
+                index = np.round(np.linspace(0, target.shape[0] - 1, source.shape[0])).astype(int)
+                target = target[index]
+            strip = np.concatenate([source, edited, target], axis=2)
             fps = 8.0
             if strip.shape[1] % 2 or strip.shape[2] % 2:
                 strip = strip[:, : strip.shape[1] // 2 * 2, : strip.shape[2] // 2 * 2]

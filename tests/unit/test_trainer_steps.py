@@ -366,6 +366,21 @@ def test_render_edits_writes_source_edit_target_strips(shards):
     assert trainer.module.training
 
 
+def test_render_edits_shows_a_speed_sample_at_its_source_length(shards):
+    """A speed sample's source is shorter than its target: the strip has the source's length and
+    its target third shows the target frames at the source's times."""
+    trainer = _trainer(_config(shards))
+    row = dict(trainer.render_rows[0])
+    row["source"] = row["source"][::2]  # 3 of 5 frames, as the speed task writes
+    trainer.render_rows = [row]
+    [(_, data)] = trainer.render_edits()
+    frames = video.decode_video_bytes(data)
+    assert frames.shape == (3, 32, 96, 3)
+    shown = frames[:, :, 64:].astype(int)
+    expected = row["target"][[0, 2, 4]].astype(int)
+    assert np.abs(shown - expected).mean() < 12
+
+
 def test_grad_accum_averages_micro_batches(shards):
     cfg = _config(shards, grad_accum=2)
     cfg.optim.grad_clip = 0.0  # no clipping: the captured gradient is the accumulated one
