@@ -152,7 +152,7 @@ class FloorItem:
 
     # (path, start_s, num_frames, fps, height, width) per decoded clip.
     decodes: list[tuple] = field(default_factory=list)
-    # THWC uint8 arrays; ``floor_time`` hands them to its workers as .npy files.
+    # THWC uint8 arrays; ``floor_time`` hands them to its workers as paths of .npy files.
     outputs: list = field(default_factory=list)
     fps: float = 16.0
 
@@ -161,7 +161,7 @@ def floor_item(item: FloorItem) -> int:
     for decode in item.decodes:
         bare_decode(*decode)
     for frames in item.outputs:
-        bare_encode(np.load(frames) if isinstance(frames, str) else frames, item.fps)
+        bare_encode(np.load(frames), item.fps)
     return len(item.outputs)
 
 

@@ -26,12 +26,11 @@ the fastest step of the most common batch shape, and the training thread's CPU t
 starts its workers at niceness 0, as ``sama train`` does, and the plain arm runs at the worker's
 niceness too (``--plain-nice``).
 The Ray Train warmup covers the first data pass (one repeat of the shards, then a new Ray Data
-pipeline). The default timed window then falls while Ray Data decodes the second pass ahead of
-training (``data.min_rows_per_pass`` rows, decode tasks at ``data.decode_niceness``) on the same
-2 cores: the pessimistic window on a small machine. ``--warmup`` past that burst times the steps
-with the pipeline idle, as on a node whose other cores do the decoding. The dataset (prep-pretext
-on synthetic videos, 9-frame clips in 48x64 buckets, as the quickstart) is cached in the work dir.
-Numbers only.
+pipeline). Ray Data decodes each later pass (``data.min_rows_per_pass`` rows) ahead of training,
+on the same 2 cores here, with decode tasks at ``data.decode_niceness``: the timed steps share the
+machine with that decoding, as they would not on a node whose other cores decode. The dataset
+(prep-pretext on synthetic videos, 9-frame clips in 48x64 buckets, as the quickstart) is cached in
+the work dir. Numbers only.
 
     python bench/train_overhead.py [--steps 30] [--batch 2] [--threads 1] [--workdir /tmp/sama-bench-train]
 """
@@ -473,8 +472,7 @@ def main() -> None:
     print(f"  stalls > 1 s (pass starts) {stalls or 'none'}")
     # Steady state: a pass of min_rows_per_pass rows or more, then a new Ray Data pipeline (the
     # 2nd pass start, inside warmup, is what every later pass start costs).
-
-    min_rows = train_config(args, shards, max_steps).data.min_rows_per_pass
+    min_rows = cfg.data.min_rows_per_pass
     pass_steps = math.ceil(min_rows / samples) * samples // args.batch
     restart = max((r["perf/data_wait_frac"] * r["perf/step_s"] for r in records[1:warmup]), default=0.0)
     mean_wait, mean_step = statistics.fmean(ray_wait), statistics.fmean(ray_wall)

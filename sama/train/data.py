@@ -454,4 +454,3 @@ def load_validation(cfg: DataConfig, render_samples: int = 0) -> tuple[list[dict
             if len(render) < render_samples and renderable(row):
                 render.append(row)
     return rows, render
-    return rows
