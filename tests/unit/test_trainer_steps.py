@@ -422,3 +422,35 @@ def test_grad_accum_averages_micro_batches(shards):
     assert metrics["train/grad_norm"] == pytest.approx(float(total_norm), rel=1e-5)
     assert trainer.step == 1 and trainer.samples_seen == 4
     assert all(p.grad is None for p in params)  # zeroed for the next step
+
+
+def test_bench_plain_loop_replays_the_trainer_steps(shards):
+    """bench/train_overhead.py compares Ray Train with a plain loop that claims to do the trainer's
+    exact work step for step (same samples, generators, accumulation, clipping, schedule, EMA)."""
+    import argparse
+
+    from bench.train_overhead import PlainLoop
+
+    cfg = _config(shards, grad_accum=2)
+    rows = local_pass(cfg.data.sources[0], cfg.data, 0, 1, 0, 1, 0).rows
+    keys = [row["key"] for row in rows]
+    steps = [[keys[0:2], keys[2:4]], [keys[4:6], keys[1:3]]]
+    by_key = {row["key"]: row for row in rows}
+
+    trainer = _trainer(cfg)
+    initial = _weights(trainer)
+    _fixed_batches(trainer, [collate([by_key[k] for k in micro]) for step in steps for micro in step])
+    for _ in steps:
+        trainer.train_step()
+
+    plain = PlainLoop(argparse.Namespace(threads=1), cfg, rows)
+    for index, micro_keys in enumerate(steps):
+        plain.timed_step(micro_keys, index)
+
+    trained = _weights(trainer)
+    assert any(not torch.equal(trained[name], initial[name]) for name in trained)
+    plain_weights = plain.module.transformer.state_dict()
+    for name, value in trained.items():
+        assert torch.equal(plain_weights[name], value), name
+    for name, shadow in zip(trainer.ema.names, plain.shadow, strict=True):
+        assert torch.equal(trainer.ema.shadow[name], shadow), name
