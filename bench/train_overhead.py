@@ -389,7 +389,8 @@ class PlainLoop:
 
         from sama.models.presets import build_model
         from sama.models.training import SamaTrainingModule
-        from sama.train.trainer import lr_lambda, resolve_model_config
+        from sama.train.ema import EMA
+        from sama.train.trainer import build_optimizer, resolve_model_config
 
         self.cfg = cfg
         torch.set_num_threads(args.threads)
@@ -397,17 +398,8 @@ class PlainLoop:
         self.module = SamaTrainingModule(build_model(resolve_model_config(cfg.model)), cfg.objective)
         self.module.train()
         self.params = [p for p in self.module.transformer.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(int(cfg.optim.warmup_frac * cfg.max_steps))
-        )
-        self.shadow = [p.detach().clone().float() for p in self.params]
+        self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
+        self.ema = EMA(self.module.transformer, cfg.ema_decay)
         self.rows = {row["key"]: row for row in rows}
 
     def check(self, steps_keys: list[list[list[str]]]) -> None:
@@ -417,38 +409,26 @@ class PlainLoop:
                 f"{len(missing)} trained sample(s) are not among the decoded rows: {missing[:3]}"
             )
 
-    def _generator(self, step: int, micro: int):
-        import numpy as np
-        import torch
-
-        # As Trainer._generator on rank 0: the same noise, timesteps and caption dropout.
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(
-            int(np.random.SeedSequence([self.cfg.seed, 0, step, micro]).generate_state(1)[0])
-        )
-        return generator
-
     def _step(self, micro_keys: list[list[str]], step: int) -> None:
         import torch
 
         from sama.models.training import SamaBatch
         from sama.train.data import collate
+        from sama.train.trainer import step_generator
 
         for micro, keys in enumerate(micro_keys):
             batch = collate([self.rows[k] for k in keys])
             sama_batch = SamaBatch(
                 prompts=batch["instructions"], target=batch["target"], source=batch["source"]
             )
-            out = self.module(sama_batch, self._generator(step, micro))
+            out = self.module(sama_batch, step_generator(self.cfg.seed, 0, step, micro))  # as on rank 0
             (out.loss / len(micro_keys)).backward()
         clip = self.cfg.optim.grad_clip
         float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf")))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        with torch.no_grad():
-            current = [p.detach().float() for p in self.params]
-            torch._foreach_lerp_(self.shadow, current, 1.0 - self.cfg.ema_decay)
+        self.ema.update(self.module.transformer)
 
     def warm_up(self, steps: int) -> None:
         """Untimed steps on a full batch of the most common shape (step numbers no run reaches)."""

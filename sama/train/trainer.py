@@ -214,6 +214,27 @@ def lr_lambda(warmup_steps: int):
     return factor
 
 
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig):
+    """AdamW over ``params`` and its LR schedule (linear warmup over ``optim.warmup_frac`` of the run)."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    warmup = int(cfg.optim.warmup_frac * cfg.max_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup))
+
+
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    """The CPU generator of one micro-batch (``rank, step, micro``): its noise, timesteps and
+    caption dropout depend on the run's seed and where it is, not on what ran before."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0]))
+    return generator
+
+
 def training_flops(transformer, batch: int, seq_len: int) -> float:
     """Training FLOPs of one batch: 6 x parameters x tokens (the matmuls, forward and backward)
     plus self-attention's score and value matmuls, 12 x layers x width x seq^2 per sample, which
@@ -287,15 +308,7 @@ class Trainer:
         self.ema = EMA(self.module.transformer, cfg.ema_decay)
         self.model = parallelize(self.module, cfg.parallel, self.device, self.world_size)
         self.params = [p for p in self.module.transformer.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
-        )
-        warmup = int(cfg.optim.warmup_frac * cfg.max_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup))
+        self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
         self.position = DataPosition()
         self.batches = MixedBatchIterator(cfg.data, self.position, self.rank, self.world_size)
         self.val_rows, self.render_rows = load_validation(cfg.data, cfg.validation.render_samples)
@@ -394,9 +407,7 @@ class Trainer:
     # Steps
 
     def _generator(self, *parts: int) -> torch.Generator:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(int(np.random.SeedSequence([self.cfg.seed, *parts]).generate_state(1)[0]))
-        return generator
+        return step_generator(self.cfg.seed, *parts)
 
     def _sama_batch(self, batch: dict[str, Any]):
         from sama.models.training import SamaBatch

@@ -452,5 +452,5 @@ def test_bench_plain_loop_replays_the_trainer_steps(shards):
     plain_weights = plain.module.transformer.state_dict()
     for name, value in trained.items():
         assert torch.equal(plain_weights[name], value), name
-    for name, shadow in zip(trainer.ema.names, plain.shadow, strict=True):
-        assert torch.equal(trainer.ema.shadow[name], shadow), name
+    for name, shadow in trainer.ema.shadow.items():
+        assert torch.equal(plain.ema.shadow[name], shadow), name
