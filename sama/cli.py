@@ -13,18 +13,23 @@ class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", metavar="FILE", help="recipe file (TOML or YAML) layered over the defaults"
-    )
+def add_override_argument(parser: argparse.ArgumentParser, example: str = "shards.max_samples=64") -> None:
+    """``--set KEY=VALUE`` (repeatable), collected in ``args.overrides``."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config value, e.g. --set shards.max_samples=64 (repeatable)",
+        help=f"override one config value, e.g. --set {example} (repeatable)",
     )
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", help="recipe file (TOML or YAML) layered over the defaults"
+    )
+    add_override_argument(parser)
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved configuration and exit"
     )
@@ -53,16 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="stage-0 pre-training or stage-1 SFT on Ray Train")
     p.add_argument("--recipe", default="debug", help="recipe name (debug, pretrain, sft, ...) or file")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--print-config", action="store_true")
+    add_override_argument(p, "optim.lr=1e-4")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
 
     p = sub.add_parser("edit", help="edit a video with a trained model")
     p.add_argument("--video", required=True)
     p.add_argument("--instruction", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's own)")
+    p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: the model's own)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("inspect", help="counts and one sample of a shard prefix; export media to watch")

@@ -31,8 +31,8 @@ def run_edit(
     instruction: str,
     model_dir: str,
     output_uri: str,
-    steps: int = 50,
-    cfg: float = 5.0,
+    steps: int | None = None,
+    cfg: float | None = None,
     seed: int = 0,
     *,
     odd_size: Literal["error", "crop"] = "error",
@@ -45,7 +45,8 @@ def run_edit(
         instruction: the edit, e.g. "make the red ball blue" (the ``[Video edit] `` prefix is added).
         model_dir: a local directory written by ``SamaEditPipeline.save_pretrained``.
         output_uri: where the mp4 goes.
-        steps: Euler steps. cfg: text guidance scale. seed: noise seed.
+        steps: Euler steps; cfg: text guidance scale (None: the model's own defaults, recorded in
+            its export). seed: noise seed.
         odd_size: ``"error"`` or ``"crop"`` for odd-sized sources (see the module docstring).
         device: torch device; default CUDA when available, else CPU.
 
@@ -91,6 +92,8 @@ def run_edit(
         frames.shape[1],
         fps,
     )
+    steps = int(steps or pipeline.config.num_inference_steps)
+    cfg = float(pipeline.config.guidance_scale if cfg is None else cfg)
     result = pipeline(frames, instruction, num_inference_steps=steps, guidance_scale=cfg, seed=seed)
     edited = result.frames
     storage.write_bytes(output_uri, video.encode_mp4(edited, fps))

@@ -1,8 +1,8 @@
 """The MLflow pyfunc model of an exported SAMA pipeline (MLflow "models from code": no pickling).
 
 ``mlflow.pyfunc.load_model(uri).predict(df)`` takes a DataFrame with columns ``video`` (a URI),
-``instruction``, ``output`` (a URI for the edited mp4) and optionally ``steps``, ``cfg``, ``seed``,
-and returns one report per row.
+``instruction``, ``output`` (a URI for the edited mp4) and optionally ``steps``, ``cfg``, ``seed``
+(absent: the export's own inference settings), and returns one report per row.
 """
 
 from __future__ import annotations
@@ -28,12 +28,20 @@ class SamaEditModel(mlflow.pyfunc.PythonModel):
                     row["instruction"],
                     self.model_dir,
                     row["output"],
-                    steps=int(row.get("steps") or 50),
-                    cfg=float(row.get("cfg") or 5.0),
-                    seed=int(row.get("seed") or 0),
+                    steps=_given(row, "steps", int),
+                    cfg=_given(row, "cfg", float),
+                    seed=_given(row, "seed", int) or 0,
                 )
             )
         return reports
+
+
+def _given(row: dict, key: str, kind: type):
+    """``kind(row[key])``, or None when the column is absent or empty (None / NaN)."""
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return kind(value)
 
 
 mlflow.models.set_model(SamaEditModel())

@@ -255,6 +255,7 @@ class SamaEditPipeline:
         generator: torch.Generator | None = None,
         output_type: Literal["np", "latent"] = "np",
         callback: Callable[[int, int], None] | None = None,
+        num_frames: int | None = None,
     ) -> SamaEditOutput:
         """Edit ``video`` as ``instruction`` says.
 
@@ -268,9 +269,12 @@ class SamaEditPipeline:
             generator: the noise generator.
             output_type: ``"np"`` decodes frames; ``"latent"`` stops at the latents.
             callback: called as ``callback(step, total)`` after every step.
+            num_frames: frames of the output (default: the source's). A task can ask for another
+                length than its source's: restoring a 2x sped-up clip to normal speed doubles it.
 
         Returns:
-            :class:`SamaEditOutput` with exactly the input's frame count and size.
+            :class:`SamaEditOutput` with the input's size and ``num_frames`` frames (default: the
+            input's frame count).
         """
         frames = _as_frames(video)
         prompt, negative = self.build_prompts(instruction, add_prefix, negative_prompt)
@@ -283,20 +287,21 @@ class SamaEditPipeline:
             generator = torch.Generator("cpu").manual_seed(int(seed or 0))
 
         device, dtype = self.device, self.dtype
-        num_frames, height, width, _ = frames.shape
-        _, p_h, p_w = self.transformer.config.patch_size
-        spatial = self.vae.spatial_compression
-        padded = pad_video(frames, self.vae.temporal_compression, spatial * p_h, spatial * p_w)
-        pixels = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
-        pixels = pixels.permute(3, 0, 1, 2).unsqueeze(0).float().div(127.5).sub(1.0)
-        source = self.vae.encode(pixels).to(dtype)
+        source_frames, height, width, _ = frames.shape
+        num_frames = source_frames if num_frames is None else int(num_frames)
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+        source = self.encode_frames(frames).to(dtype)
+        temporal = self.vae.temporal_compression
+        # The output's latent frames: num_frames padded to k * temporal + 1, as the source was.
+        target_shape = (*source.shape[:2], -(-(num_frames - 1) // temporal) + 1, *source.shape[3:])
 
         text = self.text_encoder.encode([prompt], device=device, dtype=dtype)
         if do_cfg:
             negative_text = self.text_encoder.encode([negative], allow_empty=True, device=device, dtype=dtype)
             text = torch.cat([text, negative_text])
 
-        latents = randn(source.shape, generator, device)
+        latents = randn(target_shape, generator, device)
         num_semantic = self.num_semantic_tokens
         semantic = None
         if num_semantic:
@@ -333,6 +338,16 @@ class SamaEditPipeline:
             raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
         decoded = self.vae.decode(latents.float())[0, :, :num_frames, :height, :width]
         return SamaEditOutput(frames=_to_uint8(decoded), latents=latents)
+
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """``(T, H, W, 3)`` uint8 frames -> ``(1, C, T', H', W')`` float32 latents, the video first
+        padded as :func:`pad_video` does to a size the autoencoder and the patch grid accept."""
+        _, p_h, p_w = self.transformer.config.patch_size
+        spatial = self.vae.spatial_compression
+        padded = pad_video(frames, self.vae.temporal_compression, spatial * p_h, spatial * p_w)
+        pixels = torch.from_numpy(np.ascontiguousarray(padded)).to(self.device)
+        pixels = pixels.permute(3, 0, 1, 2).unsqueeze(0).float().div(127.5).sub(1.0)
+        return self.vae.encode(pixels).float()
 
     def _fresh_scheduler(self):
         # A new instance per call: schedulers keep a step counter, and a pipeline may be shared.

@@ -878,10 +878,12 @@ def write_edit_pairs(
     sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
     low_score_every: int = 4,
     manifest_format: str = "csv",
+    kinds: Sequence[str] = EDIT_KINDS,
 ) -> str:
     """Write ``count`` edit pairs under ``{output_uri}/pairs/`` and a manifest; return its URI.
 
-    Pair ``i`` edits ``random_scene(derive_seed(seed, i))`` with kind ``EDIT_KINDS[i % 5]``.
+    Pair ``i`` edits ``random_scene(derive_seed(seed, i))`` with kind ``kinds[i % len(kinds)]``
+    (default: every kind of EDIT_KINDS in turn).
     ``media`` is ``"video"`` (mp4 pairs of ``round(fps * seconds)`` frames), ``"image"`` (png pairs)
     or ``"mixed"`` (odd ``i`` are images). The manifest (``manifest.csv``, or ``.jsonl`` /
     ``.parquet`` per ``manifest_format``) has MANIFEST_COLUMNS, paths relative to the manifest's
@@ -895,6 +897,9 @@ def write_edit_pairs(
         raise ValueError(f"unknown manifest format {manifest_format!r}; expected one of {MANIFEST_FORMATS}")
     if count < 0 or low_score_every < 1:
         raise ValueError(f"count must be >= 0 and low_score_every >= 1, got {count}, {low_score_every}")
+    unknown = [k for k in kinds if k not in EDIT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {EDIT_KINDS}, got {list(kinds)}")
     sizes = _check_sizes(sizes)
     num_frames = _frame_count(fps, seconds)
     video = _video_module()
@@ -902,7 +907,7 @@ def write_edit_pairs(
     rows = []
     for i in range(count):
         is_video = media == "video" or (media == "mixed" and i % 2 == 0)
-        kind = EDIT_KINDS[i % len(EDIT_KINDS)]
+        kind = kinds[i % len(kinds)]
         source_scene = random_scene(derive_seed(seed, i))
         edit_seed = derive_seed(seed, i, "edit")
         target_scene, instruction = make_edit(source_scene, kind, edit_seed, video=is_video)

@@ -75,6 +75,10 @@ class TransformerConfig:
     qk_norm: str | None = "rms_norm_across_heads"
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
+    # (choice) Random init only: start every self-attention head attending to its own position
+    # (see SamaTransformer3DModel.init_attention_locality); 0 leaves diffusers' init alone.
+    # Weights loaded from a checkpoint are never touched.
+    attention_locality_init: float = 0.0
     pretrained: str | None = None
     subfolder: str = "transformer"
 
@@ -182,11 +186,12 @@ class TextConfig:
     ``tokenizer="auto"`` loads the checkpoint's tokenizer (``AutoTokenizer``, subfolder
     ``tokenizer_subfolder``) and needs weights; ``tokenizer="byte"`` uses
     :class:`sama.models.text.ByteTokenizer` (no download) and, without weights, a randomly
-    initialised encoder with the architecture fields below (the tiny preset). Defaults: umT5-XXL as
-    in Wan (4096-d, 512 tokens).
+    initialised encoder with the architecture fields below; ``tokenizer="word"`` likewise with
+    :class:`sama.models.text.HashWordTokenizer` (one token per word, ``vocab_size`` hash buckets; the
+    tiny preset). Defaults: umT5-XXL as in Wan (4096-d, 512 tokens).
     """
 
-    tokenizer: Literal["auto", "byte"] = "auto"
+    tokenizer: Literal["auto", "byte", "word"] = "auto"
     pretrained: str | None = None
     subfolder: str = "text_encoder"
     tokenizer_subfolder: str = "tokenizer"

@@ -3,10 +3,11 @@
 Presets (configurations only; weights come from ``pretrained``, a local dir or hub id):
 
 * ``tiny``: CPU tests and the quickstart. 2 layers, width 192 (3 heads x 64), ffn 384; a 2-layer
-  32-d UMT5 text encoder with a byte tokenizer (32 tokens); a 2-layer 32-d SigLIP on 64 px with an
-  8x8 patch grid; the lossless space-to-depth autoencoder (4x temporal, 2x spatial, 48 channels).
-  The width equals the values per token (48 channels x 2x2 patch) so the model can represent a
-  lossless latent, noise included. Random init.
+  32-d UMT5 text encoder with a hashed word tokenizer (32 words); a 2-layer 32-d SigLIP on 64 px
+  with an 8x8 patch grid; the lossless space-to-depth autoencoder (4x temporal, 2x spatial, 48
+  channels). The width equals the values per token (48 channels x 2x2 patch) so the model can
+  represent a lossless latent, noise included. Random init, with every self-attention head
+  starting local (``transformer.attention_locality_init``), as a pretrained Wan's are.
 * ``wan2.1-1.3b``: Wan2.1-T2V-1.3B. Width 1536 (12 x 128), ffn 8960, 30 layers, 16 channels,
   Wan2.1 VAE, umT5-XXL. Weights e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``.
 * ``wan2.1-14b``: Wan2.1-T2V-14B, the paper's backbone. Width 5120 (40 x 128), ffn 13824, 40
@@ -85,17 +86,22 @@ def _tiny() -> ModelConfig:
             freq_dim=64,
             ffn_dim=384,
             num_layers=2,
+            # A random DiT attends uniformly and takes hundreds of steps to find the source token
+            # that shares a target token's position; local heads find it at once (bench/learning.py).
+            attention_locality_init=2.0,
         ),
         vae=AutoencoderConfig(kind="space_to_depth", spatial_factor=2, temporal_factor=4),
         text=TextConfig(
-            tokenizer="byte",
+            # One token per word: a small DiT learns to read words from a frozen random encoder far
+            # sooner than it assembles them from bytes (bench/learning.py).
+            tokenizer="word",
             max_length=32,
             d_model=32,
             d_kv=8,
             d_ff=64,
             num_layers=2,
             num_heads=4,
-            vocab_size=259,
+            vocab_size=32768,
             relative_attention_num_buckets=8,
             relative_attention_max_distance=32,
         ),
@@ -198,6 +204,7 @@ def build_transformer(config: ModelConfig, *, load_weights: bool = True) -> Sama
     dtype = torch_dtype_of(config)
     if source is None:
         model = SamaTransformer3DModel(**config.transformer.wan_kwargs(), **_sama_kwargs(config))
+        model.init_attention_locality(config.transformer.attention_locality_init)
         # Random init happens in float32; only a reduced-precision config casts (diffusers warns
         # about its fp32-only modules then, which is what a bf16 parameter copy means).
         return model if dtype == torch.float32 else model.to(dtype)

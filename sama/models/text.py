@@ -6,8 +6,12 @@ reads, prepared the way diffusers' ``WanPipeline`` prepares them: whitespace cle
 past the prompt set to zero.
 
 Real runs load ``UMT5EncoderModel`` + ``AutoTokenizer`` from a Wan diffusers repository
-(``text_encoder/`` and ``tokenizer/``). The tiny preset uses a randomly initialised small UMT5 and
-:class:`ByteTokenizer`, which needs no vocabulary file and no download.
+(``text_encoder/`` and ``tokenizer/``). Randomly initialised small UMT5s (tests, the tiny preset)
+use a tokenizer that needs no vocabulary file and no download: :class:`ByteTokenizer` (one token per
+UTF-8 byte) or :class:`HashWordTokenizer` (one token per word, its id a hash of the word). The tiny
+preset uses words: a frozen random encoder then gives every word its own embedding, which a small
+DiT learns to read from a few hundred edits; from bytes it has to assemble every word from several
+tokens first (measured in ``bench/learning.py``).
 
 Empty prompts are refused (``ValueError``) unless ``allow_empty=True``, which the unconditional
 branch of classifier-free guidance and caption dropout ask for explicitly.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,9 +31,10 @@ from torch import nn
 
 from sama.models.config import TextConfig
 
-__all__ = ["ByteTokenizer", "TextEncoder", "build_text_encoder", "clean_prompt"]
+__all__ = ["ByteTokenizer", "HashWordTokenizer", "TextEncoder", "build_text_encoder", "clean_prompt"]
 
 _BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+_WORD_TOKENIZER_FILE = "word_tokenizer.json"
 
 
 def clean_prompt(text: str) -> str:
@@ -36,7 +42,43 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class ByteTokenizer:
+class _VocabularyFreeTokenizer:
+    """What :class:`ByteTokenizer` and :class:`HashWordTokenizer` share: T5's special ids and a
+    call that mimics a transformers tokenizer with ``padding="max_length", truncation=True,
+    return_tensors="pt"``. Subclasses give ``encode(text, max_length)`` (ids, truncated, then eos)."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+    unk_token_id = 2
+    offset = 3
+    model_max_length: int
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        max_length: int | None = None,
+        return_tensors: str = "pt",
+        **_: Any,
+    ) -> dict[str, torch.Tensor]:
+        """``{"input_ids", "attention_mask"}``, each ``(B, max_length)`` long tensors (pad id 0)."""
+        if return_tensors != "pt":
+            raise ValueError(f"{type(self).__name__} only returns PyTorch tensors")
+        if isinstance(texts, str):
+            texts = [texts]
+        length = int(max_length or self.model_max_length)
+        ids = torch.full((len(texts), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), length), dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = self.encode(text, length)
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class ByteTokenizer(_VocabularyFreeTokenizer):
     """A byte-level tokenizer: UTF-8 bytes shifted by 3 special ids (0 pad, 1 eos, 2 unk).
 
     The special ids match T5's conventions. Calling it mimics a transformers tokenizer with
@@ -44,11 +86,7 @@ class ByteTokenizer:
     (truncated to ``max_length - 1``), then eos, then padding.
     """
 
-    pad_token_id = 0
-    eos_token_id = 1
-    unk_token_id = 2
-    offset = 3
-    vocab_size = 256 + offset
+    vocab_size = 256 + _VocabularyFreeTokenizer.offset
 
     def __init__(self, max_length: int = 64):
         if max_length < 2:
@@ -64,27 +102,6 @@ class ByteTokenizer:
         """Text back from ids, skipping special tokens (truncation can split a UTF-8 character)."""
         data = bytes(i - self.offset for i in ids if i >= self.offset)
         return data.decode("utf-8", errors="replace")
-
-    def __call__(
-        self,
-        texts: str | Sequence[str],
-        max_length: int | None = None,
-        return_tensors: str = "pt",
-        **_: Any,
-    ) -> dict[str, torch.Tensor]:
-        """``{"input_ids", "attention_mask"}``, each ``(B, max_length)`` long tensors."""
-        if return_tensors != "pt":
-            raise ValueError("ByteTokenizer only returns PyTorch tensors")
-        if isinstance(texts, str):
-            texts = [texts]
-        length = int(max_length or self.model_max_length)
-        ids = torch.full((len(texts), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), length), dtype=torch.long)
-        for row, text in enumerate(texts):
-            tokens = self.encode(text, length)
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, : len(tokens)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
 
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -104,12 +121,66 @@ class ByteTokenizer:
         return os.path.isfile(os.path.join(directory, _BYTE_TOKENIZER_FILE))
 
 
+class HashWordTokenizer(_VocabularyFreeTokenizer):
+    """A vocabulary-free word tokenizer: each word or punctuation mark is one token.
+
+    A token's id is ``3 + crc32(lowercased token) % (vocab_size - 3)``, with the special ids of
+    :class:`ByteTokenizer` (0 pad, 1 eos, 2 unk) below it. Distinct words collide only when their
+    hashes do (a few pairs in 32k buckets for a vocabulary of hundreds of words). Calling it
+    mimics a transformers tokenizer like :class:`ByteTokenizer` does.
+    """
+
+    _TOKEN = re.compile(r"\w+|[^\w\s]")
+
+    def __init__(self, max_length: int = 64, vocab_size: int = 32768):
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (one word and eos), got {max_length}")
+        if vocab_size <= self.offset:
+            raise ValueError(f"vocab_size must exceed {self.offset} (the special ids), got {vocab_size}")
+        self.model_max_length = int(max_length)
+        self.vocab_size = int(vocab_size)
+
+    def token_id(self, token: str) -> int:
+        """The id of one word or punctuation mark."""
+        return self.offset + zlib.crc32(token.lower().encode("utf-8")) % (self.vocab_size - self.offset)
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """Token ids of one text: one per word or punctuation mark, truncated, then eos."""
+        limit = (max_length or self.model_max_length) - 1
+        return [self.token_id(t) for t in self._TOKEN.findall(text)[:limit]] + [self.eos_token_id]
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        config = {"kind": "word", "max_length": self.model_max_length, "vocab_size": self.vocab_size}
+        with open(os.path.join(directory, _WORD_TOKENIZER_FILE), "w") as handle:
+            json.dump(config, handle)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> HashWordTokenizer:
+        with open(os.path.join(directory, _WORD_TOKENIZER_FILE)) as handle:
+            config = json.load(handle)
+        return cls(int(config["max_length"]), int(config["vocab_size"]))
+
+    @staticmethod
+    def is_saved_in(directory: str) -> bool:
+        return os.path.isfile(os.path.join(directory, _WORD_TOKENIZER_FILE))
+
+
+def _saved_tokenizer(directory: str) -> Any:
+    """A vocabulary-free tokenizer saved in ``directory``, or None when there is none."""
+    if ByteTokenizer.is_saved_in(directory):
+        return ByteTokenizer.from_pretrained(directory)
+    if HashWordTokenizer.is_saved_in(directory):
+        return HashWordTokenizer.from_pretrained(directory)
+    return None
+
+
 class TextEncoder(nn.Module):
     """A frozen text encoder + tokenizer producing Wan-style prompt embeddings.
 
     Args:
         model: a transformers encoder (``UMT5EncoderModel``) returning ``last_hidden_state``.
-        tokenizer: a transformers tokenizer or a :class:`ByteTokenizer`.
+        tokenizer: a transformers tokenizer, a :class:`ByteTokenizer` or a :class:`HashWordTokenizer`.
         max_length: tokens per prompt (Wan: 512); the embeddings always have this length.
     """
 
@@ -187,8 +258,8 @@ class TextEncoder(nn.Module):
     ) -> TextEncoder:
         """Load encoder + tokenizer from a Wan-style repository (local dir or hub id).
 
-        A local ``tokenizer/`` written by :class:`ByteTokenizer` is recognised; anything else goes
-        through ``AutoTokenizer``.
+        A local ``tokenizer/`` written by :class:`ByteTokenizer` or :class:`HashWordTokenizer` is
+        recognised; anything else goes through ``AutoTokenizer``.
         """
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -197,9 +268,8 @@ class TextEncoder(nn.Module):
             kwargs["dtype"] = torch_dtype
         model = UMT5EncoderModel.from_pretrained(pretrained, **kwargs)
         local_tokenizer = os.path.join(pretrained, tokenizer_subfolder)
-        if os.path.isdir(pretrained) and ByteTokenizer.is_saved_in(local_tokenizer):
-            tokenizer: Any = ByteTokenizer.from_pretrained(local_tokenizer)
-        else:
+        tokenizer: Any = _saved_tokenizer(local_tokenizer) if os.path.isdir(pretrained) else None
+        if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder=tokenizer_subfolder)
         return cls(model, tokenizer, max_length)
 
@@ -213,28 +283,30 @@ def build_text_encoder(
 
     With ``pretrained`` the umT5 weights (``config.subfolder``) and, for ``tokenizer="auto"``, the
     tokenizer (``config.tokenizer_subfolder``) are loaded. Without it a UMT5 is randomly initialised
-    from the architecture fields, which requires ``tokenizer="byte"`` (the real umT5 vocabulary
-    only comes with a checkpoint).
+    from the architecture fields, which requires a vocabulary-free tokenizer (``"byte"`` or
+    ``"word"``): the real umT5 vocabulary only comes with a checkpoint.
     """
     from transformers import UMT5Config, UMT5EncoderModel
 
     if pretrained is not None:
         kwargs: dict[str, Any] = {"subfolder": config.subfolder} if config.subfolder else {}
         model = UMT5EncoderModel.from_pretrained(pretrained, dtype=torch_dtype, **kwargs)
-        if config.tokenizer == "byte":
-            tokenizer: Any = ByteTokenizer(config.max_length)
+        if config.tokenizer != "auto":
+            tokenizer: Any = _vocabulary_free_tokenizer(config)
         else:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder=config.tokenizer_subfolder)
         return TextEncoder(model, tokenizer, config.max_length)
-    if config.tokenizer != "byte":
+    if config.tokenizer == "auto":
         raise ValueError(
             "text encoder: tokenizer='auto' needs pretrained weights (the umT5 vocabulary ships with the "
-            "checkpoint); set model.pretrained / text.pretrained, or use tokenizer='byte' for a random model"
+            "checkpoint); set model.pretrained / text.pretrained, or use tokenizer='word' or 'byte' for a "
+            "random model"
         )
+    tokenizer = _vocabulary_free_tokenizer(config)
     model_config = UMT5Config(
-        vocab_size=max(config.vocab_size, ByteTokenizer.vocab_size),
+        vocab_size=max(config.vocab_size, tokenizer.vocab_size),
         d_model=config.d_model,
         d_kv=config.d_kv,
         d_ff=config.d_ff,
@@ -249,4 +321,12 @@ def build_text_encoder(
         decoder_start_token_id=ByteTokenizer.pad_token_id,
     )
     model = UMT5EncoderModel(model_config).to(torch_dtype)
-    return TextEncoder(model, ByteTokenizer(config.max_length), config.max_length)
+    return TextEncoder(model, tokenizer, config.max_length)
+
+
+def _vocabulary_free_tokenizer(config: TextConfig) -> ByteTokenizer | HashWordTokenizer:
+    if config.tokenizer == "byte":
+        return ByteTokenizer(config.max_length)
+    if config.tokenizer == "word":
+        return HashWordTokenizer(config.max_length, config.vocab_size)
+    raise ValueError(f"text.tokenizer must be 'auto', 'byte' or 'word', got {config.tokenizer!r}")

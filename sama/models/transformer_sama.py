@@ -225,6 +225,43 @@ class SamaTransformer3DModel(WanTransformer3DModel):
                 if isinstance(layer, nn.Linear | nn.LayerNorm):
                     layer.reset_parameters()
 
+    @torch.no_grad()
+    def init_attention_locality(self, strength: float) -> None:
+        """Start every self-attention head with a preference for its own position.
+
+        A randomly initialised DiT attends almost uniformly, so a target token first has to learn
+        *where* its source token is before it can learn to copy it; a pretrained Wan has local
+        attention heads from the start, and source tokens share the target's RoPE positions, so it
+        finds them at once. This gives a random model the same start: the query and key biases of
+        every head get a constant component on the three fastest rotary pairs of each axis (t, h,
+        w), with the qk-norm gain ``strength`` on those elements and a bias of ``1.5 * strength``.
+        RoPE turns the product of two such constants into a sum of cosines of the positions'
+        offset, largest at offset zero, so each head's score peaks at its own position, and at the
+        source token that shares it. Content terms start as diffusers initialised them; training
+        reshapes everything. ``strength <= 0`` does nothing.
+        """
+        if strength <= 0:
+            return
+        rope = self.rope
+        head_dim = int(self.config.attention_head_dim)
+        axis_starts = (0, rope.t_dim, rope.t_dim + rope.h_dim)
+        axis_sizes = (rope.t_dim, rope.h_dim, rope.w_dim)
+        # The first element of each rotary pair (pairs are adjacent elements, fastest first).
+        elements = [
+            start + 2 * k
+            for start, size in zip(axis_starts, axis_sizes, strict=True)
+            for k in range(min(3, size // 2))
+        ]
+        index = torch.tensor(
+            [head * head_dim + e for head in range(int(self.config.num_attention_heads)) for e in elements]
+        )
+        for block in self.blocks:
+            attention = block.attn1
+            for projection, norm in ((attention.to_q, attention.norm_q), (attention.to_k, attention.norm_k)):
+                projection.bias[index] = 1.5 * strength
+                if getattr(norm, "weight", None) is not None:
+                    norm.weight[index] = strength
+
     @classmethod
     def wan_config_keys(cls) -> tuple[str, ...]:
         """The constructor arguments shared with ``WanTransformer3DModel``."""

@@ -276,18 +276,21 @@ class SourceStream:
                 continue
         return False
 
+    def _pass_rows(self, index: int) -> Iterator[dict]:
+        """The decoded rows of pass ``index`` (a Ray Data pipeline over the source's shards)."""
+        ds = build_pass(self.source, self.cfg, self.rank, self.world_size, index, self.repeats, self.salt)
+        return ds.iter_rows()
+
     def _produce(self) -> None:
         name = self.source.name
         try:
             while not self._stop.is_set():
                 index = self.position.passes.get(name, 0)
-                ds = build_pass(
-                    self.source, self.cfg, self.rank, self.world_size, index, self.repeats, self.salt
-                )
+                pass_rows = self._pass_rows(index)
                 self.position.passes[name] = index + 1
                 seed = _seed(self.cfg.seed, self.rank, name, index, "buffer", self.salt)
                 rows = usable = 0
-                for row in _shuffled(ds.iter_rows(), self.cfg.shuffle_buffer, seed):
+                for row in _shuffled(pass_rows, self.cfg.shuffle_buffer, seed):
                     rows += 1
                     usable += not row["error"]
                     if not self._put(("row", row)):
@@ -359,6 +362,35 @@ class SourceStream:
         return rows
 
 
+class RowStream(SourceStream):
+    """:class:`SourceStream` over decoded rows held in memory instead of shards.
+
+    The same passes, shuffle buffer, shape grouping and data position, without Ray Data: for
+    benchmarks and tests that train on synthetic samples made in the process. Each pass yields the
+    rows in a fresh order (seeded by the pass). Rows are dicts like :func:`decode_row` returns.
+    """
+
+    def __init__(
+        self,
+        source: SourceConfig,
+        rows: list[dict[str, Any]],
+        cfg: DataConfig,
+        position: DataPosition,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not rows:
+            raise ValueError(f"data source {source.name!r}: no rows")
+        super().__init__(source, cfg, position, rank, world_size)
+        self.rows = rows
+
+    def _pass_rows(self, index: int) -> Iterator[dict]:
+        order = np.random.default_rng(_seed(self.cfg.seed, self.rank, self.source.name, index)).permutation(
+            len(self.rows)
+        )
+        return (self.rows[i] for i in order)
+
+
 def _shuffled(rows: Iterator[dict], buffer_size: int, seed: int) -> Iterator[dict]:
     """A local shuffle buffer over rows (Ray's own shuffles batches, which would mix shapes)."""
     rng = np.random.default_rng(seed)
@@ -389,7 +421,11 @@ def collate(rows: list[dict]) -> dict[str, Any]:
 
 
 class MixedBatchIterator:
-    """Batches from several sources, interleaved by weight."""
+    """Batches from several sources, interleaved by weight.
+
+    Each source streams its shards through Ray Data (:class:`SourceStream`), or, when ``rows``
+    maps source names to decoded rows held in memory, from those (:class:`RowStream`).
+    """
 
     def __init__(
         self,
@@ -397,11 +433,20 @@ class MixedBatchIterator:
         position: DataPosition | None = None,
         rank: int = 0,
         world_size: int = 1,
+        rows: dict[str, list[dict[str, Any]]] | None = None,
     ):
         cfg.validate()
         self.cfg = cfg
         self.position = position or DataPosition()
-        self.streams = [SourceStream(source, cfg, self.position, rank, world_size) for source in cfg.sources]
+        if rows is None:
+            self.streams = [SourceStream(s, cfg, self.position, rank, world_size) for s in cfg.sources]
+        else:
+            missing = [s.name for s in cfg.sources if s.name not in rows]
+            if missing:
+                raise ValueError(f"no rows given for data source(s) {missing}")
+            self.streams = [
+                RowStream(s, rows[s.name], cfg, self.position, rank, world_size) for s in cfg.sources
+            ]
         weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
         self.probs = weights / weights.sum()
         self.wait_s = 0.0

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from sama import config as config_lib
 from sama.models.training import TrainingModuleConfig
+from sama.pipeline_edit import PipelineConfig
 from sama.tracking import TrackingConfig
 from sama.train.data import DataConfig
 from sama.train.parallelize import ParallelConfig
@@ -49,7 +51,7 @@ class ModelSection:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then a constant rate (SAMA code defaults)."""
+    """AdamW with linear warmup, then a constant rate (SAMA code defaults) or a decay to the end."""
 
     lr: float = 2e-5
     betas: tuple[float, float] = (0.9, 0.999)
@@ -57,12 +59,20 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
     grad_clip: float = 1.0
+    # After warmup: "constant" (SAMA's code), or a "linear" / "cosine" decay reaching
+    # min_lr_frac * lr at max_steps (a short run ends far more precise with a decay).
+    decay: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_frac: float = 0.0
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise ValueError("optim.lr must be positive")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError("optim.warmup_frac must be in [0, 1)")
+        if self.decay not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optim.decay must be constant, linear or cosine, got {self.decay!r}")
+        if not 0 <= self.min_lr_frac <= 1:
+            raise ValueError("optim.min_lr_frac must be in [0, 1]")
         if self.grad_clip < 0:
             raise ValueError("optim.grad_clip must be >= 0 (0 disables clipping)")
 
@@ -94,8 +104,10 @@ class ValidationSection:
     # at every validation so the values are comparable across steps.
     draws: int = 4
     render_samples: int = 1
-    render_steps: int = 20
-    render_cfg: float = 5.0
+    # Sample edits use the run's inference settings (TrainConfig.inference); these override its
+    # steps and guidance for the renders only (None: the inference settings').
+    render_steps: int | None = None
+    render_cfg: float | None = None
 
 
 @dataclass
@@ -129,6 +141,10 @@ class TrainConfig:
     validation: ValidationSection = field(default_factory=ValidationSection)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunSection = field(default_factory=RunSection)
+    # How the exported model edits by default (sama edit, the MLflow model, sample edits): written
+    # into the export, where `sama edit --steps/--cfg` override it. Defaults: SAMA's (50 steps,
+    # CFG 5, shift 5).
+    inference: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self) -> None:
         if self.stage not in (0, 1):
@@ -207,9 +223,18 @@ def without_weight_sources(model_config):
     )
 
 
-def lr_lambda(warmup_steps: int):
+def lr_lambda(warmup_steps: int, max_steps: int = 0, decay: str = "constant", min_lr_frac: float = 0.0):
+    """The learning-rate factor of each step: linear warmup over ``warmup_steps``, then constant or
+    a linear / cosine decay from 1 at the end of warmup to ``min_lr_frac`` at ``max_steps``."""
+
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant" or max_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+        shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_frac + (1.0 - min_lr_frac) * shape
 
     return factor
 
@@ -224,7 +249,8 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig):
         weight_decay=cfg.optim.weight_decay,
     )
     warmup = int(cfg.optim.warmup_frac * cfg.max_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup))
+    schedule = lr_lambda(warmup, cfg.max_steps, cfg.optim.decay, cfg.optim.min_lr_frac)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def step_generator(seed: int, *parts: int) -> torch.Generator:
@@ -279,8 +305,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Build
 
-    def build(self) -> None:
-        """Model (with frozen encoders), optimizer, scheduler, EMA and the data stream."""
+    def build(self, rows: dict[str, list[dict[str, Any]]] | None = None) -> None:
+        """Model (with frozen encoders), optimizer, scheduler, EMA and the data stream.
+
+        ``rows`` (source name -> decoded rows) trains on samples held in memory instead of the
+        sources' shards (benchmarks and tests; see :class:`sama.train.data.RowStream`).
+        """
         from sama.models.presets import build_model
         from sama.models.training import SamaTrainingModule
         from sama.train.data import DataPosition, MixedBatchIterator, load_validation
@@ -310,7 +340,8 @@ class Trainer:
         self.params = [p for p in self.module.transformer.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
         self.position = DataPosition()
-        self.batches = MixedBatchIterator(cfg.data, self.position, self.rank, self.world_size)
+        self.rows = rows
+        self.batches = MixedBatchIterator(cfg.data, self.position, self.rank, self.world_size, rows)
         self.val_rows, self.render_rows = load_validation(cfg.data, cfg.validation.render_samples)
         self.peak = peak_flops(self.device)
 
@@ -376,7 +407,7 @@ class Trainer:
         )
         self.position.step = self.step
         self.batches.close()
-        self.batches = MixedBatchIterator(self.cfg.data, self.position, self.rank, self.world_size)
+        self.batches = MixedBatchIterator(self.cfg.data, self.position, self.rank, self.world_size, self.rows)
 
     def restore(self, checkpoint_dir: str | None) -> None:
         if checkpoint_dir is None:
@@ -518,32 +549,37 @@ class Trainer:
     def render_edits(self) -> list[tuple[str, bytes]]:
         """Edit held-out sources with the current weights: mp4s of [source | edit | target]."""
         from sama import video
-        from sama.pipeline_edit import PipelineConfig, SamaEditPipeline
+        from sama.pipeline_edit import SamaEditPipeline
 
         rendered = []
         rows = self.render_rows
         if not rows:
             return rendered
+        settings = self.cfg.validation
         pipeline = SamaEditPipeline(
             self.module.transformer,
             self.components.vae,
             self.components.text_encoder,
             model_config=self.model_config,
-            config=PipelineConfig(
-                num_inference_steps=self.cfg.validation.render_steps,
-                guidance_scale=self.cfg.validation.render_cfg,
+            config=dataclasses.replace(
+                self.cfg.inference,
+                num_inference_steps=settings.render_steps or self.cfg.inference.num_inference_steps,
+                guidance_scale=(
+                    self.cfg.inference.guidance_scale if settings.render_cfg is None else settings.render_cfg
+                ),
+                # Held-out instructions carry their prefix already.
                 add_prefix=False,
             ),
         )
         self.module.eval()
         for row in rows:
             source, target = row["source"], row["target"]
-            edited = pipeline(source, row["instruction"], seed=0).frames
+            # A sample is edited to its target's length (restoring a sped-up clip lengthens it);
+            # a shorter source is shown stretched over the same span.
+            edited = pipeline(source, row["instruction"], seed=0, num_frames=target.shape[0]).frames
             if target.shape[0] != source.shape[0]:
-                # An edit keeps its source's length; a speed sample's target is longer: show the
-                # target frames at the source's times, over the same span.
-                index = np.round(np.linspace(0, target.shape[0] - 1, source.shape[0])).astype(int)
-                target = target[index]
+                index = np.round(np.linspace(0, source.shape[0] - 1, target.shape[0])).astype(int)
+                source = source[index]
             strip = np.concatenate([source, edited, target], axis=2)
             fps = 8.0
             if strip.shape[1] % 2 or strip.shape[2] % 2:
@@ -552,25 +588,42 @@ class Trainer:
         self.module.train()
         return rendered
 
-    def export(self, directory: str) -> None:
-        """The EMA weights as a ``save_pretrained`` pipeline that ``sama edit`` loads (rank 0 writes)."""
+    def averaged_pipeline(self, device: torch.device | str = "cpu"):
+        """An edit pipeline over a copy of the EMA weights, on ``device`` (rank 0; None elsewhere).
+
+        The weights are gathered on every rank (a collective under FSDP2: every rank calls this);
+        the pipeline shares the run's frozen autoencoder and text encoder and uses the run's
+        inference settings. It is what :meth:`export` writes, and what evaluation edits with.
+        """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from sama.models.presets import build_transformer
         from sama.pipeline_edit import SamaEditPipeline
 
-        # Both gathers are collectives under FSDP2: every rank calls them.
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = dict(get_model_state_dict(self.module.transformer, options=options))
         weights.update(self.ema.state_dict())
         if self.rank != 0:
-            return
+            return None
         transformer = build_transformer(self.model_config, load_weights=False)
         transformer.load_state_dict(weights)
-        vae, text = self.components.vae, self.components.text_encoder
-        pipeline = SamaEditPipeline(
-            transformer, vae.to("cpu"), text.to("cpu"), model_config=self.model_config
+        transformer.to(device).eval()
+        return SamaEditPipeline(
+            transformer,
+            self.components.vae,
+            self.components.text_encoder,
+            model_config=self.model_config,
+            config=self.cfg.inference,
         )
+
+    def export(self, directory: str) -> None:
+        """The EMA weights as a ``save_pretrained`` pipeline that ``sama edit`` loads (rank 0 writes)."""
+        pipeline = self.averaged_pipeline("cpu")
+        if pipeline is None:
+            return
+        vae, text = self.components.vae, self.components.text_encoder
+        vae.to("cpu")
+        text.to("cpu")
         pipeline.save_pretrained(directory)
         vae.to(self.device)
         text.to(self.device)

@@ -22,32 +22,35 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-# The quickstart (fixture set-up, counted in the first test's time) takes ~5 min on 2 idle cores.
+from tests.e2e.quickstart_run import Quickstart, tail
+
+# The quickstart (fixture set-up, counted in the first test's time) takes ~7 min on 2 idle cores.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-BIN = Path(sys.executable).parent
 EXPERIMENT = "sama-debug"
 RUN_NAMES = ("debug-stage0", "debug-stage1")
 MODELS = ("sama-debug-stage0", "sama-debug-stage1")
-SAMPLE_DIR = "samples/step_0000150"  # the last validation of the debug recipes (150 steps)
+RECIPES = ("debug", "debug_sft")
+
+
+def _sample_dir(run_name: str) -> str:
+    """``samples/step_N`` of a quickstart run's last validation: its recipe's ``max_steps``."""
+    from sama import config
+    from sama.train.recipes import recipe_path
+    from sama.train.trainer import TrainConfig
+
+    recipe = RECIPES[RUN_NAMES.index(run_name)]
+    return f"samples/step_{config.load(TrainConfig, recipe_path(recipe), []).max_steps:07d}"
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _tail(path: Path, chars: int = 6000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError as exc:
-        return f"<{path}: {exc}>"
 
 
 def _alive(proc) -> bool:
@@ -74,48 +77,6 @@ def _wait_gone(procs: list, timeout: float) -> list:
     return left
 
 
-@dataclass
-class Quickstart:
-    workdir: Path
-    output: str  # what the command printed
-
-    @property
-    def tracking_db(self) -> Path:
-        return self.workdir / "runs" / "mlruns" / "mlflow.db"
-
-    @property
-    def artifacts(self) -> Path:
-        return self.workdir / "runs" / "mlruns" / "artifacts"
-
-    @property
-    def tracking_uri(self) -> str:
-        return f"sqlite:///{self.tracking_db}"
-
-
-@pytest.fixture(scope="session")
-def quickstart(tmp_path_factory) -> Quickstart:
-    """One ``sama quickstart --workdir DIR`` run (a few minutes on 2 cores) for the whole session."""
-    workdir = tmp_path_factory.mktemp("quickstart")
-    sama = BIN / "sama"
-    cmd = [str(sama)] if sama.exists() else [sys.executable, "-m", "sama.cli"]
-    cmd += ["quickstart", "--workdir", str(workdir)]
-    # The quickstart runs on the embedded default: its own local Ray and a local MLflow store.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    log_path = workdir.parent / f"{workdir.name}.log"
-    started = time.monotonic()
-    with open(log_path, "wb") as log:
-        try:
-            done = subprocess.run(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=1200, check=False
-            )
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"sama quickstart did not finish in 20 min:\n{_tail(log_path)}")
-    output = log_path.read_text(errors="replace")
-    assert done.returncode == 0, f"sama quickstart exited {done.returncode}:\n{_tail(log_path)}"
-    print(f"sama quickstart took {time.monotonic() - started:.0f}s (log: {log_path})")
-    return Quickstart(workdir, output)
-
-
 def _runs_by_name(tracking_uri: str) -> tuple[str, dict]:
     from mlflow import MlflowClient
 
@@ -127,9 +88,10 @@ def _runs_by_name(tracking_uri: str) -> tuple[str, dict]:
 
 
 def _sample_mp4(client, run_id: str) -> str:
-    listed = [a.path for a in client.list_artifacts(run_id, SAMPLE_DIR)]
+    sample_dir = _sample_dir(client.get_run(run_id).info.run_name)
+    listed = [a.path for a in client.list_artifacts(run_id, sample_dir)]
     mp4s = sorted(p for p in listed if p.endswith(".mp4"))
-    assert mp4s, f"run {run_id}: no mp4 under {SAMPLE_DIR}: {listed}"
+    assert mp4s, f"run {run_id}: no mp4 under {sample_dir}: {listed}"
     return mp4s[0]
 
 
@@ -169,15 +131,22 @@ def test_quickstart_outputs(quickstart: Quickstart):
         assert latest.run_id == runs[RUN_NAMES[stage]].info.run_id
         assert latest.tags.get("stage") == f"stage{stage}"
 
+    # Every held-out pair was edited to its source's size, and shown beside source and target.
+    from sama import quickstart as quickstart_module
+
+    held_out = store / "edits-val" / "pairs"
+    for index, kind in enumerate(quickstart_module.EDIT_KINDS):
+        source = video.probe(str(held_out / f"pair_{index:04d}_source.mp4"))
+        edit = video.probe(str(quickstart.workdir / "edits" / f"{kind}.mp4"))
+        strip = video.probe(str(quickstart.workdir / "edits" / f"{kind}_strip.mp4"))
+        assert (edit.num_frames, edit.width, edit.height) == (source.num_frames, source.width, source.height)
+        assert (strip.num_frames, strip.width) == (source.num_frames, 3 * source.width)
+        assert f"{kind:<11}" in quickstart.output, quickstart.output[-3000:]
     edited = quickstart.workdir / "edited.mp4"
     assert edited.is_file(), quickstart.output[-3000:]
-    held_out = sorted((store / "edits-val" / "pairs").glob("*_source.mp4"))[0]
-    out_info, src_info = video.probe(str(edited)), video.probe(str(held_out))
-    assert (out_info.num_frames, out_info.width, out_info.height) == (
-        src_info.num_frames,
-        src_info.width,
-        src_info.height,
-    )
+    # The headline edit's error to its target and the copy baseline's are printed beside it.
+    assert f"{edited}: {quickstart_module.HEADLINE_KIND} edit" in quickstart.output
+    assert "copying the source:" in quickstart.output
 
 
 # --- the MLflow UI ---------------------------------------------------------------------------------
@@ -221,7 +190,7 @@ def mlflow_ui(quickstart: Quickstart, tmp_path_factory):
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow ui did not start:\n{_tail(log_path)}")
+                raise RuntimeError(f"mlflow ui did not start:\n{tail(log_path)}")
             time.sleep(0.5)
         yield url
     finally:

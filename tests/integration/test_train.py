@@ -88,7 +88,7 @@ def test_stage0_then_stage1_tracked_in_mlflow_and_editing(store, mlflow_server, 
     assert run0.info.status == "FINISHED"
     assert set(run0.data.metrics) >= REQUIRED_METRICS
     assert any(key.startswith("system/") for key in run0.data.metrics)  # MLflow system metrics
-    assert run0.data.params["optim.lr"] == "0.001" and run0.data.params["stage"] == "0"
+    assert run0.data.params["optim.lr"] == "0.002" and run0.data.params["stage"] == "0"
     assert run0.data.params["model.preset"] == "tiny"
     # The validation loss falls at least 30% from its step-0 value on the synthetic data.
     val = {m.step: m.value for m in client.get_metric_history(run0.info.run_id, "val/loss")}

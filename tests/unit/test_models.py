@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import pytest
 
@@ -15,8 +16,9 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 from sama.models import build_model, get_preset  # noqa: E402
 from sama.models.autoencoders import SpaceToDepthAutoencoder, load_autoencoder  # noqa: E402
 from sama.models.config import ModelConfig  # noqa: E402
+from sama.models.presets import build_transformer  # noqa: E402
 from sama.models.semantic import pool_patch_tokens, sample_anchor_indices  # noqa: E402
-from sama.models.text import ByteTokenizer  # noqa: E402
+from sama.models.text import ByteTokenizer, HashWordTokenizer, build_text_encoder  # noqa: E402
 from sama.models.transformer_sama import (  # noqa: E402
     TOKEN_TYPE_SEMANTIC,
     TOKEN_TYPE_SOURCE,
@@ -241,6 +243,71 @@ def test_step0_matches_base_wan_without_source_and_semantic():
     assert torch.equal(got, expected)
 
 
+def _own_position_share(model: SamaTransformer3DModel, latents: torch.Tensor) -> list[float]:
+    """Per head of the first self-attention: the share of target queries whose highest-scoring key
+    (among [source | target], source = a copy of the target) sits at the query's own position."""
+    scores = {}
+
+    def capture(module, args):
+        hidden, rotary = args[0], args[3]
+        query = module.norm_q(module.to_q(hidden)).unflatten(2, (module.heads, -1))
+        key = module.norm_k(module.to_k(hidden)).unflatten(2, (module.heads, -1))
+        cos, sin = rotary
+
+        def rotate(v):  # diffusers' Wan rotary: pairs of adjacent elements
+            x1, x2 = v.unflatten(-1, (-1, 2)).unbind(-1)
+            out = torch.empty_like(v)
+            out[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
+            out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
+            return out
+
+        scores["qk"] = torch.einsum("bqhd,bkhd->bhqk", rotate(query), rotate(key))
+
+    handle = model.blocks[0].attn1.register_forward_pre_hook(capture)
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randn(1, 32, int(model.config.text_dim), generator=gen)
+    with torch.no_grad():
+        model(latents, torch.tensor([500.0]), text, source_latents=latents.clone())
+    handle.remove()
+    qk = scores["qk"][0]
+    tokens = qk.shape[-1] // 2
+    best = qk[:, tokens:].argmax(dim=-1) % tokens
+    return [float((best[h] == torch.arange(tokens)).float().mean()) for h in range(qk.shape[0])]
+
+
+def test_attention_locality_init_makes_heads_start_at_their_own_position():
+    """The tiny preset's random model: with the locality init about half of every head's target
+    queries score their own position (in the source or the target) highest; without it about 1 in
+    the 288 positions, i.e. chance."""
+    config = get_preset("tiny")
+    assert config.transformer.attention_locality_init == 2.0
+    latents = 0.3 * torch.randn(1, 48, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    local = build_model(config, with_vae=False, with_text_encoder=False, with_semantic_encoder=False)
+    shares = _own_position_share(local.transformer.eval(), latents)
+    assert all(share > 0.4 for share in shares), shares
+    config.transformer.attention_locality_init = 0.0
+    torch.manual_seed(0)
+    plain = build_model(config, with_vae=False, with_text_encoder=False, with_semantic_encoder=False)
+    shares = _own_position_share(plain.transformer.eval(), latents)
+    assert all(share < 0.02 for share in shares), shares
+
+
+def test_attention_locality_init_leaves_loaded_weights_alone(tmp_path):
+    """Weights come from a checkpoint as they are: the init applies to random models only."""
+    base = _perturbed_base(5)
+    base.save_pretrained(str(tmp_path / "transformer"))
+    config = dataclasses.replace(get_preset("tiny"), pretrained=str(tmp_path))
+    config.transformer = dataclasses.replace(
+        config.transformer,
+        **{k: v for k, v in SMALL.items() if k != "patch_size"},
+        attention_locality_init=2.0,
+    )
+    loaded = build_transformer(config)
+    for name, value in base.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
 def test_build_model_loads_wan_checkpoint_and_matches_it(tmp_path):
     """build_model(pretrained=dir) reads transformer/ of a Wan diffusers repo; step 0 == base."""
     config = get_preset("tiny")
@@ -367,14 +434,48 @@ def test_byte_tokenizer():
     assert tok.decode(out["input_ids"][1].tolist()) == "abcdefg"
 
 
+def test_hash_word_tokenizer():
+    tok = HashWordTokenizer(max_length=6, vocab_size=1000)
+    out = tok(["Make it RED.", "one two three four five six seven"])
+    red, make = tok.token_id("red"), tok.token_id("make")
+    # One id per word or punctuation mark, case-insensitive: crc32 of the lowercased token.
+    assert red == 3 + zlib.crc32(b"red") % 997 and tok.token_id("RED") == red
+    assert out["input_ids"][0].tolist() == [make, tok.token_id("it"), red, tok.token_id("."), 1, 0]
+    assert out["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0]
+    # Truncated to max_length - 1 words, then eos.
+    assert out["input_ids"][1].tolist()[-1] == HashWordTokenizer.eos_token_id
+    words = ["one", "two", "three", "four", "five"]
+    assert out["input_ids"][1].tolist()[:5] == [tok.token_id(w) for w in words]
+    assert all(3 <= i < 1000 for i in out["input_ids"][:, :4].flatten().tolist())
+
+
+def test_word_and_byte_text_encoders_round_trip(tmp_path):
+    """A random encoder with either vocabulary-free tokenizer saves and loads to the same embeddings."""
+    from sama.models.config import TextConfig
+    from sama.models.text import TextEncoder
+
+    for kind in ("word", "byte"):
+        config = TextConfig(
+            tokenizer=kind, max_length=16, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+            vocab_size=500, relative_attention_num_buckets=4, relative_attention_max_distance=8,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        encoder = build_text_encoder(config)
+        encoder.save_pretrained(str(tmp_path / kind))
+        loaded = TextEncoder.from_pretrained(str(tmp_path / kind), max_length=16)
+        assert type(loaded.tokenizer) is type(encoder.tokenizer)
+        prompt = ["[Video edit] Turn the red square cyan."]
+        assert torch.equal(loaded.encode(prompt), encoder.encode(prompt))
+
+
 def test_text_encoder_zero_pads_and_refuses_empty_prompts():
     torch.manual_seed(0)
     components = build_model("tiny", with_vae=False, with_semantic_encoder=False)
     text = components.text_encoder
     embeds = text.encode(["make it red", "a much longer instruction that fills more tokens"])
     assert embeds.shape == (2, 32, 32)
-    assert torch.count_nonzero(embeds[0, 12:]) == 0  # 11 bytes + eos, then zeros
-    assert torch.count_nonzero(embeds[0, :12]) > 0
+    assert torch.count_nonzero(embeds[0, 4:]) == 0  # 3 words + eos, then zeros
+    assert torch.count_nonzero(embeds[0, :4]) > 0
     with pytest.raises(ValueError, match="empty"):
         text.encode(["   "])
     assert text.encode([""], allow_empty=True).shape == (1, 32, 32)

@@ -55,6 +55,16 @@ def test_pipeline_returns_the_source_length_and_size(pipeline, clip):
     assert image.frames.shape == (1, 60, 100, 3)
 
 
+def test_num_frames_sets_the_output_length(pipeline, clip):
+    """A 5-frame source restored to 9 frames (speed restoration): the output has 9 frames of the
+    source's size, generated in 3 latent frames while the source keeps its 2."""
+    out = pipeline(clip[:5], "restore the speed", num_inference_steps=1, num_frames=9)
+    assert out.frames.shape == (9, 60, 100, 3)
+    assert out.latents.shape[2] == 3
+    with pytest.raises(ValueError, match="num_frames"):
+        pipeline(clip[:5], "restore the speed", num_inference_steps=1, num_frames=0)
+
+
 def test_pad_video_repeats_the_last_frame_and_replicates_edges():
     frames = np.arange(2 * 3 * 5 * 3, dtype=np.uint8).reshape(2, 3, 5, 3)
     padded = pad_video(frames, temporal=4, multiple_h=4, multiple_w=4)
@@ -221,6 +231,30 @@ def test_run_edit_writes_an_mp4_of_the_source_size(model_dir, clip, tmp_path):
     assert video.decode_clip(str(output)).shape == (30, 60, 100, 3)
     assert report["frames"] == 30 and (report["width"], report["height"]) == (100, 60)
     assert report["output"] == str(output) and not report["cropped_to_even"]
+
+
+def test_run_edit_defaults_to_the_exports_inference_settings(pipeline, clip, tmp_path):
+    """Without --steps/--cfg an edit uses the steps and guidance recorded in the export."""
+    import dataclasses
+
+    from sama.edit import run_edit
+    from sama.pipeline_edit import PipelineConfig
+
+    directory = str(tmp_path / "model")
+    saved = SamaEditPipeline(
+        pipeline.transformer,
+        pipeline.vae,
+        pipeline.text_encoder,
+        model_config=pipeline.model_config,
+        config=dataclasses.replace(PipelineConfig(), num_inference_steps=2, guidance_scale=1.0),
+    )
+    saved.save_pretrained(directory)
+    source = tmp_path / "source.mp4"
+    source.write_bytes(video.encode_mp4(clip[:5], 24.0))
+    report = run_edit(str(source), "make it red", directory, str(tmp_path / "a.mp4"))
+    assert (report["steps"], report["cfg"]) == (2, 1.0)
+    report = run_edit(str(source), "make it red", directory, str(tmp_path / "b.mp4"), steps=1, cfg=3.0)
+    assert (report["steps"], report["cfg"]) == (1, 3.0)
 
 
 def test_run_edit_clear_errors(model_dir, clip, tmp_path):

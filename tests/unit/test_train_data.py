@@ -574,3 +574,29 @@ def test_decoding_lowers_its_process_priority_once():
     script_off = script.replace("lower_priority(3); lower_priority(3)", "lower_priority(0)")
     out = subprocess.run([sys.executable, "-c", script_off], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"
+
+
+def test_row_stream_batches_rows_held_in_memory_pass_after_pass():
+    """RowStream: the same shape grouping and passes as SourceStream, over rows in memory; every
+    pass is a seeded permutation of the rows."""
+    from sama.train.data import MixedBatchIterator, RowStream
+
+    rows = [_row(f"a{i}") for i in range(6)] + [_row(f"b{i}", shape=(5, 8, 16)) for i in range(4)]
+    cfg = DataConfig(sources=[SourceConfig("mem", "unused", "video")], video_batch_size=2, shuffle_buffer=1)
+    stream = RowStream(cfg.sources[0], rows, cfg, DataPosition())
+    first_pass = [stream.next_batch() for _ in range(5)]
+    assert all(len({shape_key(r) for r in batch}) == 1 for batch in first_pass)
+    assert sorted(r["key"] for b in first_pass for r in b) == sorted(r["key"] for r in rows)
+    second_pass = [stream.next_batch() for _ in range(5)]
+    assert sorted(r["key"] for b in second_pass for r in b) == sorted(r["key"] for r in rows)
+    assert [r["key"] for b in first_pass for r in b] != [r["key"] for b in second_pass for r in b]
+    stream.close()
+    again = RowStream(cfg.sources[0], rows, cfg, DataPosition())
+    assert [r["key"] for r in again.next_batch()] == [r["key"] for r in first_pass[0]]
+    again.close()
+
+    mixed = MixedBatchIterator(cfg, rows={"mem": rows})
+    assert len(mixed.next()["keys"]) == 2 and mixed.next()["source_name"] == "mem"
+    mixed.close()
+    with pytest.raises(ValueError, match="no rows given"):
+        MixedBatchIterator(cfg, rows={"other": rows})

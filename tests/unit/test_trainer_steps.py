@@ -168,6 +168,13 @@ def test_lr_lambda_and_steps_due():
     factor = lr_lambda(4)
     assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert lr_lambda(0)(0) == 1.0 and lr_lambda(0)(100) == 1.0
+    # Linear decay from 1 after warmup to min_lr_frac at max_steps: steps 2..10 over 8 steps.
+    linear = lr_lambda(2, 10, "linear", 0.2)
+    assert [linear(s) for s in (0, 1, 2, 6, 10, 12)] == pytest.approx([0.5, 1.0, 1.0, 0.6, 0.2, 0.2])
+    cosine = lr_lambda(0, 8, "cosine", 0.0)
+    assert [cosine(s) for s in (0, 2, 4, 8)] == pytest.approx(
+        [1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.0]
+    )
     assert [s for s in range(1, 13) if steps_due(s, 5, 12)] == [5, 10, 12]
 
 
@@ -366,19 +373,22 @@ def test_render_edits_writes_source_edit_target_strips(shards):
     assert trainer.module.training
 
 
-def test_render_edits_shows_a_speed_sample_at_its_source_length(shards):
-    """A speed sample's source is shorter than its target: the strip has the source's length and
-    its target third shows the target frames at the source's times."""
+def test_render_edits_restores_a_speed_sample_to_its_target_length(shards):
+    """A speed sample's source is shorter than its target: the edit is made at the target's length
+    and the strip shows the source stretched over the same span (frame i at source frame
+    round(i * (3 - 1) / (5 - 1)))."""
     trainer = _trainer(_config(shards))
     row = dict(trainer.render_rows[0])
     row["source"] = row["source"][::2]  # 3 of 5 frames, as the speed task writes
     trainer.render_rows = [row]
     [(_, data)] = trainer.render_edits()
     frames = video.decode_video_bytes(data)
-    assert frames.shape == (3, 32, 96, 3)
-    shown = frames[:, :, 64:].astype(int)
-    expected = row["target"][[0, 2, 4]].astype(int)
-    assert np.abs(shown - expected).mean() < 12
+    assert frames.shape == (5, 32, 96, 3)
+    shown_source = frames[:, :, :32].astype(int)
+    expected_source = row["source"][[0, 0, 1, 2, 2]].astype(int)  # np.round: 0, 0.5->0, 1, 1.5->2, 2
+    assert np.abs(shown_source - expected_source).mean() < 12
+    shown_target = frames[:, :, 64:].astype(int)
+    assert np.abs(shown_target - row["target"].astype(int)).mean() < 12
 
 
 def test_grad_accum_averages_micro_batches(shards):

@@ -1,0 +1,1 @@
+"""Evaluation: how close edited videos are to their targets (metrics.py)."""
