@@ -42,7 +42,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from sama import config as config_lib  # noqa: E402
-from sama import pretext, synthetic  # noqa: E402
+from sama import pretext, synthetic, video  # noqa: E402
 from sama.cli import add_override_argument  # noqa: E402
 from sama.eval import metrics  # noqa: E402
 from sama.models.training import EDIT_PROMPT_PREFIX  # noqa: E402
@@ -164,11 +164,6 @@ def _sources(cfg: TrainConfig, video: list[dict], images: list[dict]) -> dict[st
 # Evaluation
 
 
-def _stretch(frames: np.ndarray, length: int) -> np.ndarray:
-    index = np.round(np.linspace(0, len(frames) - 1, length)).astype(int)
-    return frames[index]
-
-
 @torch.no_grad()
 def evaluate(trainer: Trainer, data: Data) -> dict:
     """Per edit kind and per pretext task: the averaged model's metrics and the do-nothing ones."""
@@ -186,7 +181,7 @@ def evaluate(trainer: Trainer, data: Data) -> dict:
             source, row["instruction"], seed=0, add_prefix=False, num_frames=len(target)
         ).frames
         tasks.setdefault(row["task"], []).append(
-            metrics.compare_to_copy(restored, _stretch(source, len(target)), target)
+            metrics.compare_to_copy(restored, video.stretch_frames(source, len(target)), target)
         )
 
     def mean(groups: dict[str, list[dict]]) -> dict[str, dict[str, float]]:

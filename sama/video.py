@@ -142,6 +142,13 @@ class DecodeStats:
 # URIs
 
 
+def stretch_frames(frames: np.ndarray, length: int) -> np.ndarray:
+    """``frames`` resampled to ``length`` frames over the same span (nearest frame; a shorter clip
+    repeats frames, a longer one skips them)."""
+    index = np.round(np.linspace(0, len(frames) - 1, length)).astype(int)
+    return frames[index]
+
+
 def _suffix(uri: str) -> str:
     return posixpath.splitext(uri.split("?", 1)[0].rstrip("/"))[1].lower()
 

@@ -578,8 +578,7 @@ class Trainer:
             # a shorter source is shown stretched over the same span.
             edited = pipeline(source, row["instruction"], seed=0, num_frames=target.shape[0]).frames
             if target.shape[0] != source.shape[0]:
-                index = np.round(np.linspace(0, source.shape[0] - 1, target.shape[0])).astype(int)
-                source = source[index]
+                source = video.stretch_frames(source, target.shape[0])
             strip = np.concatenate([source, edited, target], axis=2)
             fps = 8.0
             if strip.shape[1] % 2 or strip.shape[2] % 2:
