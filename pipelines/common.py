@@ -1,32 +1,36 @@
-"""Ray plumbing shared by the data-prep jobs: connect, fan units out over Ray Data, gather results.
+"""The data-job contract, and the one module that runs Ray Data for the jobs.
 
-A job lists its inputs on the driver, groups them into work units and hands them here. Each unit
-becomes one row (and one block, so units run in parallel) of a Ray Data dataset; a ``map`` runs
-the job's pure ``process_unit`` on CPU workers, which write shards and completion markers
-themselves. Only the small per-unit results stream back to the driver, which logs progress and
-writes the summary. Ray Data provides scheduling, backpressure, retries and progress bars.
+Every job is: list inputs -> work units -> a pure ``process_unit`` (in ``sama/``, no Ray; its loop
+is :func:`sama.prep.unit.run_unit`) -> completion marker -> summary + rejects. :func:`run_job` is
+the driver: it takes the output's lease, prepares the output (resume or ``--overwrite``), lists
+the pending units, connects (:func:`sama.cluster.connect`), fans the units out and writes the
+summary. Each unit becomes one row (and one block, so units run in parallel) of a Ray Data
+dataset; a ``map`` runs ``process_unit`` on CPU workers, which write shards and markers
+themselves. Only the small per-unit results, or a unit's failure, stream back to the driver.
+Ray Data provides scheduling, backpressure, retries of crashed workers and progress bars; a unit
+that raises comes back as a failure (counted in the summary, retried by the next run) instead
+of failing the job.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-import os
 import time
 from collections.abc import Callable
 
+from sama import cluster, config, storage
 from sama.prep import ledger
 
 log = logging.getLogger(__name__)
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at ``address`` (or RAY_ADDRESS), or start a local Ray when neither is set."""
-    import ray
+def quiet_progress_bars() -> None:
+    """Turn Ray Data's progress bars off (for a caller that prints its own progress)."""
+    import ray.data
 
-    if ray.is_initialized():
-        return
-    target = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=target, log_to_driver=True, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def run_units(
@@ -37,12 +41,15 @@ def run_units(
     num_cpus_per_task: float = 1.0,
     concurrency: int | None = None,
     progress_interval_s: float = 10.0,
-) -> list[ledger.UnitResult]:
-    """Run ``process`` over serialised ``units`` on Ray Data workers; returns results as they finish."""
+) -> tuple[list[ledger.UnitResult], list[ledger.UnitFailure]]:
+    """Run ``process`` over serialised ``units`` on Ray Data workers.
+
+    Returns the results of the units that completed and the failures of those that raised.
+    """
     import ray.data
 
     if not units:
-        return []
+        return [], []
 
     # The pipeline is one map over units. Ray Data's per-operator resource reservation would hold
     # back half the cluster's CPUs for operators that do not exist (measured on 2 CPUs: 8 one-second
@@ -50,7 +57,15 @@ def run_units(
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
 
     def run_one(row: dict) -> dict:
-        return {"result": process(row["unit"]).to_json()}
+        # A unit's exception must not reach Ray Data: it would fail the whole job (Ray Data
+        # retries crashed workers, not exceptions). It comes back as the unit's failure instead;
+        # the unit has no marker, so the next run retries it.
+        try:
+            return {"result": process(row["unit"]).to_json(), "failure": ""}
+        except Exception as exc:
+            unit_id = json.loads(row["unit"]).get("unit_id", "?")
+            failure = ledger.UnitFailure(unit_id, f"{type(exc).__name__}: {exc}")
+            return {"result": "", "failure": json.dumps(dataclasses.asdict(failure))}
 
     dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
     map_kwargs: dict = {"num_cpus": num_cpus_per_task}
@@ -59,12 +74,17 @@ def run_units(
     # Ray Data retries a failed task; a retried unit rewrites the same shard names, so no duplicates.
     dataset = dataset.map(run_one, max_retries=3, **map_kwargs)
     progress = ledger.Progress(what, len(units), progress_interval_s)
-    results = []
+    results, failures = [], []
     for row in dataset.iter_rows():
+        if row["failure"]:
+            failure = ledger.UnitFailure(**json.loads(row["failure"]))
+            log.error("unit %s failed (a rerun retries it): %s", failure.unit_id, failure.error)
+            failures.append(failure)
+            continue
         result = ledger.UnitResult.from_json(row["result"])
         results.append(result)
         progress.update(result)
-    return results
+    return results, failures
 
 
 def run_job(
@@ -81,11 +101,27 @@ def run_job(
     """The driver of a data-prep job, from output preparation to the summary.
 
     ``list_units(done_sources)`` lists the pending work units (objects with ``to_json``) given the
-    inputs completed units already cover; ``process(unit_json)`` runs one on a worker.
+    inputs completed units already cover; ``process(unit_json)`` runs one on a worker. The run
+    holds the output's lease (:class:`sama.prep.ledger.OutputLease`) from start to summary.
     """
-    from sama import config, storage
-
     started = time.monotonic()
+    # Everything below deletes or commits under the output root: only with its lease.
+    with ledger.OutputLease(output_uri, cfg.output.lease_ttl_s, what=name) as lease:
+        return _run_job_leased(
+            name=name,
+            cfg=cfg,
+            output_uri=output_uri,
+            overwrite=overwrite,
+            list_units=list_units,
+            process=process,
+            ray_cfg=ray_cfg,
+            what=what,
+            lease=lease,
+            started=started,
+        )
+
+
+def _run_job_leased(*, name, cfg, output_uri, overwrite, list_units, process, ray_cfg, what, lease, started):
     done = ledger.prepare_output(output_uri, overwrite)
     done_sources = {source for result in done for source in result.sources}
     units, skipped = list_units(done_sources)
@@ -99,8 +135,8 @@ def run_job(
     )
     config.save(cfg, storage.join(output_uri, ledger.CONFIG_FILE))
     if units:
-        connect(ray_cfg.address)
-    run_results = run_units(
+        cluster.connect(ray_cfg.address)
+    run_results, failures = run_units(
         [u.to_json() for u in units],
         process,
         what=what,
@@ -108,9 +144,10 @@ def run_job(
         concurrency=ray_cfg.concurrency,
         progress_interval_s=ray_cfg.progress_interval_s,
     )
+    lease.check()  # a run that lost its lease must not delete what the new owner writes
     results = ledger.read_markers(output_uri)
     ledger.remove_orphan_shards(output_uri, results)
-    summary = ledger.summarize(results, run_results, time.monotonic() - started)
+    summary = ledger.summarize(results, run_results, time.monotonic() - started, failures)
     ledger.write_summary(output_uri, results, summary)
     log.info(
         "%s done: %d inputs, %d accepted, %d rejected %s, %d %s in %d shards, %.2f %s/s",
@@ -125,4 +162,11 @@ def run_job(
         summary.samples_per_s,
         what,
     )
+    if failures:
+        log.error(
+            "%s: %d unit(s) failed (%s); their inputs are not done: run the same command again to retry them",
+            name,
+            len(failures),
+            ", ".join(f.unit_id for f in failures[:5]) + (" ..." if len(failures) > 5 else ""),
+        )
     return summary

@@ -117,7 +117,21 @@ def _cmd_prep_pretext(args: argparse.Namespace) -> int:
         f"{summary.samples} clips in {summary.shards} shards from {summary.accepted}/{summary.inputs_seen} "
         f"inputs ({summary.rejected} rejected) -> {cfg.output.uri}"
     )
-    return 0
+    return _failed_units_status(summary)
+
+
+def _failed_units_status(summary) -> int:
+    """Exit status of a data job: 1 when units failed (printed, with how to retry them)."""
+    if not summary.failed_units:
+        return 0
+    print(
+        f"{summary.failed_units} unit(s) failed for reasons outside their inputs (storage, disk); "
+        f"their inputs are neither accepted nor rejected. Run the same command again to retry them.",
+        file=sys.stderr,
+    )
+    for failure in summary.failures[:10]:
+        print(f"  unit {failure.unit_id}: {failure.error}", file=sys.stderr)
+    return 1
 
 
 def _cmd_prep_pairs(args: argparse.Namespace) -> int:
@@ -134,7 +148,7 @@ def _cmd_prep_pairs(args: argparse.Namespace) -> int:
         f"{summary.samples} pairs in {summary.shards} shards from {summary.accepted}/{summary.inputs_seen} "
         f"rows ({summary.rejected} rejected, {summary.duplicates} duplicates) -> {cfg.output.uri}"
     )
-    return 0
+    return _failed_units_status(summary)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from sama import config, storage, synthetic
+from sama import cluster, config, storage, synthetic
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,6 @@ def format_edits(edits: list[dict]) -> list[str]:
 
 def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
     """Run every stage; prints where everything is. Returns the exit status."""
-    import ray
 
     workdir = os.path.abspath(workdir)
     if overwrite and os.path.isdir(workdir):
@@ -217,14 +216,10 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
     store = os.path.join(workdir, "store")
     os.makedirs(store, exist_ok=True)
     steps = _Steps(7)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
-    try:
-        import ray.data
+    cluster.connect()
+    from pipelines import common
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    except ImportError:
-        pass
+    common.quiet_progress_bars()
 
     steps.start("synthesising raw videos and edit pairs")
     _synthesise(store)

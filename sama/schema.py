@@ -454,19 +454,3 @@ def webdataset_samples(
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, rng=random.Random(seed))
     return dataset.map(Sample.from_members)
-
-
-def ray_dataset(shards: str | Iterable[str], **read_kwargs):
-    """Shards as a Ray Dataset of raw member rows (``__key__``, ``json``, ``tgt.mp4`` ...).
-
-    Members are not decoded (``decoder=None``), so nothing is unpickled; turn a row into a
-    :class:`Sample` with :meth:`Sample.from_members`.
-    """
-    import ray.data
-
-    urls = _resolve_shards(shards)
-    if not urls:
-        raise SchemaError(f"no shards found in {shards!r}")
-    fs, _ = storage.pyarrow_filesystem(urls[0])
-    paths = [storage.parse(u).path for u in urls]
-    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None, **read_kwargs)

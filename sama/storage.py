@@ -16,9 +16,11 @@ multipart upload) only after the writer closes without error, and S3 never expos
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -29,6 +31,8 @@ import fsspec
 
 S3_SCHEMES = ("s3", "s3a")
 _SPOOL_LIMIT = 64 * 1024 * 1024
+# Multipart part size of S3 uploads (S3's minimum is 5 MiB; larger objects go out in parts).
+_UPLOAD_PART_SIZE = 16 * 1024 * 1024
 
 
 class StorageError(OSError):
@@ -38,6 +42,26 @@ class StorageError(OSError):
         super().__init__(f"{uri}: {reason}")
         self.uri = uri
         self.reason = reason
+
+
+class StorageUnavailable(OSError):
+    """The storage service failed (5xx, throttling, a dropped connection) after the storage
+    library's own retries: the object may be fine, so a job fails the work and retries it on its
+    next run instead of rejecting the input."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: storage unavailable: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.uri, self.reason))
+
+
+# Retries of S3 calls, by botocore's "standard" mode (exponential backoff with jitter on 5xx,
+# throttling and connection errors). AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override them as usual.
+S3_MAX_ATTEMPTS = 8
+S3_RETRY_MODE = "standard"
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,11 @@ def s3_options() -> dict:
         client_kwargs["region_name"] = region
     if client_kwargs:
         options["client_kwargs"] = client_kwargs
+    retries = {
+        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS),
+        "mode": os.environ.get("AWS_RETRY_MODE") or S3_RETRY_MODE,
+    }
+    options["config_kwargs"] = {"retries": retries}
     return options
 
 
@@ -117,6 +146,29 @@ def pyarrow_filesystem(uri: str | os.PathLike):
     return pafs.S3FileSystem(**kwargs), loc.path
 
 
+def redact(uri: str) -> str:
+    """``uri`` fit for a log or a rejects file: no user/password, no query string or fragment
+    (where presigned URLs carry their signature)."""
+    text = str(uri)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text.split("?", 1)[0].split("#", 1)[0]
+    netloc, slash, path = rest.partition("/")
+    netloc = netloc.rsplit("@", 1)[-1]
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    redacted = f"{scheme}://{netloc}{slash}{path}"
+    return redacted + ("?<redacted>" if "?" in rest else "")
+
+
+def is_under(uri: str, prefix: str) -> bool:
+    """Whether ``uri`` lies at or under ``prefix`` (both parsed; ``..`` already resolved)."""
+    loc, base = parse(uri), parse(prefix)
+    if loc.scheme != base.scheme:
+        return False
+    root = base.path.rstrip("/")
+    return loc.path == root or loc.path.startswith(root + "/")
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """Join path segments onto a URI, keeping its scheme."""
     base = os.fspath(base)
@@ -143,19 +195,84 @@ def size(uri: str | os.PathLike) -> int:
         raise StorageError(os.fspath(uri), "no such file") from exc
 
 
+class _S3Reader(io.RawIOBase):
+    """A seekable reader over an s3fs file whose service failures are :class:`StorageUnavailable`.
+
+    s3fs raises plain ``OSError`` for a 5xx or a dropped connection that outlived botocore's
+    retries; a decoder reading through it would take that for a damaged file.
+    """
+
+    def __init__(self, handle, uri: str):
+        super().__init__()
+        self._handle = handle
+        self._uri = uri
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise StorageError(self._uri, str(exc)) from exc
+        except Exception as exc:
+            if isinstance(exc, StorageError | ValueError):
+                raise
+            raise StorageUnavailable(self._uri, f"{type(exc).__name__}: {exc}") from exc
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._call(self._handle.read, len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._call(self._handle.read, size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._call(self._handle.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._handle.close()
+        super().close()
+
+
 def open_read(uri: str | os.PathLike, block_size: int = 4 * 1024 * 1024) -> IO[bytes]:
-    """Open ``uri`` for streaming, seekable binary reading (never reads the whole object first)."""
+    """Open ``uri`` for streaming, seekable binary reading (never reads the whole object first).
+
+    A missing object, a directory, no permission or (locally) something other than a regular
+    file is a :class:`StorageError`; an S3 service failure, on opening or on any later read, is a
+    :class:`StorageUnavailable`.
+    """
     fs, path = filesystem(uri)
     try:
         if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+            mode = os.stat(path).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(path)
+            if not stat.S_ISREG(mode):
+                # A FIFO or a device would block or never end: not an input.
+                raise StorageError(os.fspath(uri), "not a regular file (a pipe, socket or device)")
             return open(path, "rb")  # the caller owns the handle
-        return fs.open(path, "rb", block_size=block_size)
+        return _S3Reader(fs.open(path, "rb", block_size=block_size), os.fspath(uri))
     except FileNotFoundError as exc:
         raise StorageError(os.fspath(uri), "no such file") from exc
     except IsADirectoryError as exc:
         raise StorageError(os.fspath(uri), "is a directory, not a file") from exc
     except PermissionError as exc:
         raise StorageError(os.fspath(uri), f"permission denied ({exc})") from exc
+    except StorageError:
+        raise
+    except OSError as exc:
+        if parse(uri).is_s3:
+            raise StorageUnavailable(os.fspath(uri), f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
@@ -180,9 +297,7 @@ def atomic_writer(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_LIMIT) as spool:
             yield spool
             spool.seek(0)
-            fs, path = filesystem(uri)
-            with fs.open(path, "wb") as remote:
-                shutil.copyfileobj(spool, remote, length=8 * 1024 * 1024)
+            _upload_all_or_nothing(spool, uri)
         return
     directory = os.path.dirname(loc.path) or "."
     os.makedirs(directory, exist_ok=True)
@@ -199,10 +314,64 @@ def atomic_writer(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
         raise
 
 
+def _upload_all_or_nothing(source: IO[bytes], uri: str | os.PathLike) -> None:
+    """Upload ``source`` to an S3 ``uri``; on any failure nothing appears under the name.
+
+    fsspec's ``close()`` completes a multipart upload with the parts sent so far even when a part
+    failed (a ``with fs.open(...)`` block calls it on the way out of an exception), which would
+    publish a truncated object. So the file is closed only after every byte went out, and on a
+    failure the multipart upload is aborted instead.
+    """
+    fs, path = filesystem(uri)
+    remote = fs.open(path, "wb", block_size=_UPLOAD_PART_SIZE)
+    try:
+        shutil.copyfileobj(source, remote, length=8 * 1024 * 1024)
+        remote.close()
+    except BaseException:
+        # discard() aborts the multipart upload (a one-shot PUT never started has nothing to abort);
+        # marking the file closed keeps its finaliser from trying to flush what was discarded.
+        with contextlib.suppress(Exception):
+            remote.discard()
+        remote.closed = True
+        raise
+
+
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     """Atomically write ``data`` to ``uri``."""
     with atomic_writer(uri) as handle:
         handle.write(data)
+
+
+def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if nothing is there; returns whether this call created it.
+
+    Atomic against a concurrent creator: locally a complete temporary file is hard-linked into
+    place (``link`` fails when the name exists); on S3 a conditional PUT (``If-None-Match: *``).
+    """
+    loc = parse(uri)
+    if loc.is_s3:
+        fs, path = filesystem(uri)
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    directory = os.path.dirname(loc.path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = os.path.join(directory, f".{os.path.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp_path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp_path, loc.path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_path)
 
 
 def write_text(uri: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:

@@ -65,7 +65,11 @@ ERROR_KINDS: tuple[str, ...] = (
     "too_short",
     "bad_image",
     "decode_failed",
+    "too_large",
 )
+
+# The largest frame a video may declare (8K UHD is 33.2 MP): decoding is refused above it.
+MAX_PIXELS = 8192 * 8192
 
 # av's own errors, plus what a Python file object (local or s3fs) raises mid-read.
 _IO_ERRORS = (av.FFmpegError, OSError, EOFError)
@@ -192,6 +196,9 @@ def _open_handle(source: str | bytes, name: str) -> IO[bytes]:
     try:
         size = handle.seek(0, io.SEEK_END)
         handle.seek(0)
+    except storage.StorageUnavailable:
+        handle.close()
+        raise
     except _IO_ERRORS as exc:
         handle.close()
         raise VideoDecodeError(name, "missing", f"cannot read: {exc}") from exc
@@ -267,6 +274,8 @@ def _classify_open_failure(handle: IO[bytes], name: str, exc: BaseException) -> 
         size = _handle_size(handle)
         family = _container_magic(head)
         why = _mp4_truncation(handle, size) if family == "mp4" else None
+    except storage.StorageUnavailable:
+        raise
     except _IO_ERRORS as read_exc:
         return VideoDecodeError(name, "decode_failed", f"cannot read the file back: {read_exc}")
     detail = _av_message(exc)
@@ -293,10 +302,14 @@ def _open_container(source: str | bytes, name: str) -> Iterator[av.container.Inp
         try:
             # metadata_errors="replace": junk tags in the wild must not fail a decode.
             container = av.open(handle, mode="r", metadata_errors="replace")
+        except storage.StorageUnavailable:
+            raise  # the storage failed, not the file: the caller retries later
         except (*_IO_ERRORS, UnicodeDecodeError) as exc:
             raise _classify_open_failure(handle, name, exc) from exc
         try:
             yield container
+        except storage.StorageUnavailable:
+            raise
         except _IO_ERRORS as exc:
             raise VideoDecodeError(name, "decode_failed", _av_message(exc)) from exc
         finally:
@@ -326,6 +339,15 @@ def _require_video_stream(container: av.container.InputContainer, name: str):
         # PyAV leaves codec_context unset when FFmpeg has no decoder for the stream's codec.
         raise VideoDecodeError(
             name, "unsupported_codec", f"no decoder available for video stream #{stream.index}'s codec"
+        )
+    width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+    if width * height > MAX_PIXELS:
+        # Checked before the first frame is decoded: a header claiming 60000x60000 would make the
+        # decoder allocate gigabytes per frame.
+        raise VideoDecodeError(
+            name,
+            "too_large",
+            f"{width}x{height} frames, more than {MAX_PIXELS} pixels (sama.video.MAX_PIXELS)",
         )
     return stream
 
@@ -1007,6 +1029,8 @@ def read_image(
             rgb = _image_to_rgb(upright)
     except (Image.UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise VideoDecodeError(name, "bad_image", f"{type(exc).__name__}: {exc}") from exc
+    except storage.StorageUnavailable:
+        raise
     except (*_IO_ERRORS, SyntaxError, ValueError, struct.error) as exc:
         # PIL reports truncated or corrupt data with OSError, SyntaxError or ValueError.
         raise VideoDecodeError(

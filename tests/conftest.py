@@ -46,10 +46,14 @@ def s3_server():
     """
     from moto.server import ThreadedMotoServer
 
+    from tests.s3_faults import S3FaultProxy
+
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    # Every request goes through a proxy that tests can tell to fail (``s3_faults``).
+    proxy = S3FaultProxy("127.0.0.1", port).start()
+    endpoint = proxy.endpoint
     saved = {k: os.environ.get(k) for k in _AWS_VARS}
     os.environ.update(
         {
@@ -57,13 +61,18 @@ def s3_server():
             "AWS_SECRET_ACCESS_KEY": "testing-secret-never-logged",
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": endpoint,
+            # Botocore's retries with backoff, kept short so a persistent fault fails in seconds.
+            "AWS_MAX_ATTEMPTS": "3",
         }
     )
     os.environ.pop("AWS_SESSION_TOKEN", None)
     os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    _s3_proxy.append(proxy)
     try:
         yield endpoint
     finally:
+        _s3_proxy.clear()
+        proxy.stop()
         server.stop()
         for key, value in saved.items():
             if value is None:
@@ -79,7 +88,20 @@ _AWS_VARS = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_SESSION_TOKEN",
+    "AWS_MAX_ATTEMPTS",
 )
+_s3_proxy: list = []
+
+
+@pytest.fixture
+def s3_faults(s3_server):
+    """The fault-injecting proxy every S3 request goes through; its rules end with the test."""
+    proxy = _s3_proxy[0]
+    proxy.clear()
+    try:
+        yield proxy
+    finally:
+        proxy.clear()
 
 
 @pytest.fixture

@@ -43,6 +43,9 @@ class RayConfig:
 @dataclass
 class OutputConfig:
     uri: str = ""
+    # One run writes an output at a time: it holds a lease under the output root, renewed every
+    # third of this; a run that dies leaves a lease that expires after this many seconds.
+    lease_ttl_s: float = 300.0
 
 
 class RejectInput(Exception):

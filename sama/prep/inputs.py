@@ -20,12 +20,17 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from sama import storage
+from sama.prep.common import RejectInput
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm")
 TAR_SUFFIX = ".tar"
 CAPTION_SUFFIXES = (".txt", ".json")
 _CAPTION_JSON_KEYS = ("caption", "text", "prompt", "description")
 _UNIT_NAMESPACE = uuid.UUID("a3c1f3de-0f0b-5c43-8c0c-3b1b1b7d0a9e")
+# A caption is a sentence or a paragraph; anything larger is not one and is never read whole.
+MAX_CAPTION_BYTES = 1024 * 1024
+# Default cap on one video inside an input tar (it is spooled to local disk to be decoded).
+DEFAULT_MAX_MEMBER_BYTES = 4 * 1024**3
 
 
 @dataclass
@@ -42,10 +47,14 @@ class InputConfig:
     # Plain files are processed in units of this many videos: one task, one set of shards per
     # bucket, one completion marker. Each input tar is a unit of its own.
     videos_per_unit: int = 16
+    # A tar member larger than this (or sparse) is rejected unread: it would be spooled to disk.
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
     def validate(self) -> None:
         if self.videos_per_unit < 1:
             raise ValueError("input.videos_per_unit must be >= 1")
+        if self.max_member_bytes < 1:
+            raise ValueError("input.max_member_bytes must be >= 1")
         if not self.suffixes:
             raise ValueError("input.suffixes must list at least one video suffix")
 
@@ -62,7 +71,9 @@ class VideoInput:
     def resolve_caption(self) -> str:
         if self.caption_uri and not self.caption:
             suffix = ".json" if self.caption_uri.lower().endswith(".json") else ".txt"
-            self.caption = parse_caption(storage.read_bytes(self.caption_uri), suffix)
+            with storage.open_read(self.caption_uri) as handle:
+                data = handle.read(MAX_CAPTION_BYTES + 1)  # never more than one cap into memory
+            self.caption = parse_caption(data, suffix, self.caption_uri)
             self.caption_uri = None
         return self.caption
 
@@ -94,14 +105,39 @@ def unit_id_for(input_ids: list[str]) -> str:
     return uuid.uuid5(_UNIT_NAMESPACE, "\n".join(sorted(input_ids))).hex
 
 
-def parse_caption(data: bytes, suffix: str) -> str:
-    """The caption text of a ``.txt`` or ``.json`` sidecar/member ("" when it holds none)."""
-    text = data.decode("utf-8", errors="replace").strip()
+class CaptionError(RejectInput):
+    """A caption file that cannot be used: not UTF-8, too large, or JSON built to exhaust the
+    parser (nesting, huge numbers). The video it describes is rejected with reason
+    ``bad_caption`` rather than trained on without it."""
+
+    def __init__(self, detail: str):
+        super().__init__("bad_caption", detail)
+
+    def __reduce__(self):
+        return (type(self), (self.detail,))
+
+
+def parse_caption(data: bytes, suffix: str, name: str = "caption") -> str:
+    """The caption text of a ``.txt`` or ``.json`` sidecar/member ("" when it holds none).
+
+    JSON that is not valid JSON holds no caption (""). Raises :class:`CaptionError` for data
+    larger than :data:`MAX_CAPTION_BYTES`, not valid UTF-8, or JSON that exhausts the parser.
+    """
+    if len(data) > MAX_CAPTION_BYTES:
+        raise CaptionError(f"{name}: {len(data)} bytes, more than a caption's {MAX_CAPTION_BYTES}")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise CaptionError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if suffix == ".json":
         try:
             raw = json.loads(text)
         except json.JSONDecodeError:
             return ""
+        except (RecursionError, ValueError) as exc:
+            # "[" * 100000 recurses past Python's limit; a 5000-digit number exceeds int's.
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise CaptionError(f"{name}: JSON the parser refuses ({why})") from None
         if isinstance(raw, str):
             return raw.strip()
         if isinstance(raw, dict):
@@ -152,6 +188,38 @@ def resolve_relative(path: str, base_uri: str) -> str:
     return f"s3://{joined}" if base.is_s3 else joined
 
 
+class DisallowedLocation(ValueError):
+    """A manifest row points somewhere a job may not read (message already redacted)."""
+
+
+def resolve_manifest_path(path: str, manifest_uri: str, allowed_prefixes: list[str]) -> str:
+    """A manifest row's path as a URI the job may read.
+
+    Relative paths resolve against the manifest's folder. The result must lie under the
+    manifest's folder or one of ``allowed_prefixes``: a row cannot make a worker read
+    ``/etc/passwd``, another bucket or ``../..`` beyond them. ``file://`` and any URL scheme other
+    than ``s3://`` (http, https, presigned links) are refused. Raises :class:`DisallowedLocation`
+    naming the row's path with credentials and query string removed.
+    """
+    text = str(path).strip()
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme and scheme not in storage.S3_SCHEMES:
+        raise DisallowedLocation(f"{storage.redact(text)}: {scheme}:// locations are not read by data jobs")
+    if not scheme and text.startswith("~"):
+        raise DisallowedLocation(f"{text}: home-relative paths are not read by data jobs")
+    try:
+        resolved = resolve_relative(text, manifest_uri)
+    except storage.StorageError as exc:
+        raise DisallowedLocation(f"{storage.redact(text)}: {exc.reason}") from None
+    roots = [posixpath.dirname(storage.parse(manifest_uri).uri()) or "/", *allowed_prefixes]
+    if not any(storage.is_under(resolved, root) for root in roots):
+        raise DisallowedLocation(
+            f"{storage.redact(text)}: resolves to {storage.redact(resolved)}, outside the manifest's "
+            f"folder and input.allowed_prefixes"
+        )
+    return resolved
+
+
 def load_caption_manifest(cfg: InputConfig) -> dict[str, str]:
     """URI -> caption from ``cfg.captions_manifest`` (empty without one)."""
     if not cfg.captions_manifest:
@@ -165,9 +233,11 @@ def load_caption_manifest(cfg: InputConfig) -> dict[str, str]:
                 f"{cfg.captions_manifest}: a row has no {cfg.manifest_path_column!r} column "
                 f"(set input.manifest_path_column)"
             )
-        captions[resolve_relative(str(path), cfg.captions_manifest)] = str(
-            row.get(cfg.manifest_caption_column) or ""
-        ).strip()
+        try:
+            uri = resolve_relative(str(path), cfg.captions_manifest)
+        except storage.StorageError:
+            continue  # a URL or other scheme: names no listed video, so captions nothing
+        captions[uri] = str(row.get(cfg.manifest_caption_column) or "").strip()
     return captions
 
 
@@ -224,16 +294,29 @@ def _spooled_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Iterator[str
         yield tmp.name
 
 
-def iter_tar_videos(tar_uri: str, suffixes: tuple[str, ...]) -> Iterator[tuple[VideoInput, str]]:
+@dataclass
+class BadMember:
+    """A tar member rejected while streaming the tar (yielded in place of its local path)."""
+
+    reason: str
+    detail: str
+
+
+def iter_tar_videos(
+    tar_uri: str, suffixes: tuple[str, ...], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> Iterator[tuple[VideoInput, str | BadMember]]:
     """Stream a tar of videos: yield ``(VideoInput, local_path)`` per video member.
 
     A member ``<key>.txt``/``<key>.json`` next to ``<key>.mp4`` is its caption (WebDataset groups
     a key's members together; a caption stored before or after the video is both fine). The local
-    path is valid only until the next item is requested.
+    path is valid only until the next item is requested. A video member that is sparse or larger
+    than ``max_member_bytes`` is never spooled, and one whose caption member is unusable is not
+    decoded: each comes with a :class:`BadMember` instead of a path.
     """
     video_suffixes = tuple(s.lower() for s in suffixes)
     current_key: str | None = None
     caption = ""
+    caption_problem: BadMember | None = None
     with storage.open_read(tar_uri) as handle:
         tar = tarfile.open(fileobj=handle, mode="r|")
         # A streamed tar can only be read forward, so a video is spooled to disk the moment it is
@@ -245,8 +328,11 @@ def iter_tar_videos(tar_uri: str, suffixes: tuple[str, ...]) -> Iterator[tuple[V
             nonlocal held, held_input
             if held_input is not None:
                 input_id, path = held_input
+                if caption_problem is not None and not isinstance(path, BadMember):
+                    path = caption_problem
                 yield VideoInput(input_id=input_id, caption=caption), path
-                held.close()
+                if held is not None:
+                    held.close()
             held = None
             held_input = None
 
@@ -259,15 +345,32 @@ def iter_tar_videos(tar_uri: str, suffixes: tuple[str, ...]) -> Iterator[tuple[V
             key = posixpath.join(posixpath.dirname(info.name), base.split(".", 1)[0])
             if key != current_key:
                 yield from flush()
-                current_key, caption = key, ""
+                current_key, caption, caption_problem = key, "", None
             lower = base.lower()
+            member_id = f"{tar_uri}#{info.name}"
             if lower.endswith(video_suffixes):
                 if held_input is not None:  # two videos under one key: emit the first as is
                     yield from flush()
+                if info.issparse() or info.size > max_member_bytes:
+                    why = "a sparse member" if info.issparse() else f"{info.size} bytes"
+                    problem = BadMember(
+                        "member_too_large",
+                        f"{member_id}: {why}; input.max_member_bytes={max_member_bytes}",
+                    )
+                    held, held_input = None, (member_id, problem)
+                    continue
                 held = contextlib.ExitStack()
                 path = held.enter_context(_spooled_member(tar, info))
-                held_input = (f"{tar_uri}#{info.name}", path)
+                held_input = (member_id, path)
             elif lower.endswith(CAPTION_SUFFIXES):
                 suffix = ".json" if lower.endswith(".json") else ".txt"
-                caption = parse_caption(tar.extractfile(info).read(), suffix) or caption
+                if info.issparse() or info.size > MAX_CAPTION_BYTES:
+                    caption_problem = BadMember(
+                        "bad_caption", f"{member_id}: {info.size} bytes, more than a caption's"
+                    )
+                    continue
+                try:
+                    caption = parse_caption(tar.extractfile(info).read(), suffix, member_id) or caption
+                except CaptionError as exc:
+                    caption_problem = BadMember(exc.reason, exc.detail)
         yield from flush()

@@ -5,13 +5,26 @@ shards under ``shards/<media>/<bucket>/<unit_id>-NNNNNN.tar`` and, last of all, 
 ``_markers/<unit_id>.json`` listing what it accepted, rejected and wrote. The marker is the commit
 point: a rerun skips inputs covered by markers and deletes shards whose unit has no marker (left
 by a killed run), so a killed-then-rerun job ends with exactly the samples of an uninterrupted run.
+
+Markers name their shards by path relative to the output root (``shards/video/...``), so an output
+copied, renamed or migrated (local -> S3, bucket -> bucket) reruns as a no-op with every shard kept.
+Markers written before that held absolute URIs; they are read by their ``shards/...`` tail.
+
+One run writes an output at a time: it holds ``_lease.json`` (:class:`OutputLease`) while it
+deletes orphans, overwrites or commits, so a second run cannot delete shards a live run has not
+yet covered with its marker. ``--overwrite`` removes markers before shards, so an interrupted
+overwrite leaves orphans (removed and redone by the next run), never markers without shards.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +35,7 @@ from sama.schema import ShardConfig
 
 log = logging.getLogger(__name__)
 
+LEASE_FILE = "_lease.json"
 MARKERS_DIR = "_markers"
 SHARDS_DIR = "shards"
 SUMMARY_FILE = "summary.json"
@@ -36,6 +50,14 @@ class Reject:
     input: str
     reason: str
     detail: str = ""
+
+
+@dataclass
+class UnitFailure:
+    """A unit that raised instead of completing (no marker: the next run retries it)."""
+
+    unit_id: str
+    error: str
 
 
 @dataclass
@@ -64,12 +86,38 @@ class UnitResult:
     def from_json(cls, text: str) -> UnitResult:
         raw = json.loads(text)
         raw["rejects"] = [Reject(**r) for r in raw.get("rejects", [])]
+        shards = []
+        for shard in raw.get("shards", []):
+            shard = dict(shard)
+            if "path" not in shard:  # a marker from before relative paths: an absolute "uri"
+                shard["path"] = shard_path(shard.pop("uri"))
+            shards.append(shard)
+        raw["shards"] = shards
         return cls(**raw)
 
     def add_sample(self, sample: schema.Sample) -> None:
         self.samples += 1
         self.per_task[sample.meta.task] = self.per_task.get(sample.meta.task, 0) + 1
         self.per_bucket[sample.meta.bucket] = self.per_bucket.get(sample.meta.bucket, 0) + 1
+
+
+def shard_path(uri: str) -> str:
+    """A shard's path relative to its output root (``shards/<media>/<bucket>/<name>.tar``).
+
+    Takes a shard URI under any output root, or a path already relative.
+    """
+    path = storage.parse(uri).path if "://" in uri or os.path.isabs(uri) else uri
+    parts = path.replace(os.sep, "/").split("/")
+    if SHARDS_DIR not in parts:
+        raise ValueError(f"{uri}: not a shard of a job output (no {SHARDS_DIR}/ in its path)")
+    # The last "shards" segment: an output root may itself sit under a directory of that name.
+    start = len(parts) - 1 - parts[::-1].index(SHARDS_DIR)
+    return "/".join(parts[start:])
+
+
+def shard_uri(output_uri: str, shard: dict[str, Any]) -> str:
+    """Where a marker's shard entry lives under ``output_uri``."""
+    return storage.join(output_uri, shard["path"])
 
 
 def marker_uri(output_uri: str, unit_id: str) -> str:
@@ -102,7 +150,8 @@ class UnitWriter:
     def close(self, result: UnitResult) -> None:
         for group in sorted(self.writers):
             for info in self.writers[group].close():
-                result.shards.append({"uri": info.uri, "samples": info.samples, "bytes": info.bytes})
+                path = shard_path(info.uri)
+                result.shards.append({"path": path, "samples": info.samples, "bytes": info.bytes})
                 result.bytes += info.bytes
 
     def abort(self) -> None:
@@ -126,10 +175,10 @@ def remove_orphan_shards(output_uri: str, completed: Iterable[UnitResult]) -> li
     That covers shards of units that never committed (a killed run) and leftovers of a failed
     attempt of a unit that a retry then committed with fewer shards.
     """
-    listed = {storage.parse(shard["uri"]).path for result in completed for shard in result.shards}
+    listed = {shard["path"] for result in completed for shard in result.shards}
     removed = []
     for uri in schema.list_shards(shards_uri(output_uri)):
-        if storage.parse(uri).path not in listed:
+        if shard_path(uri) not in listed:
             storage.delete(uri)
             removed.append(uri)
     if removed:
@@ -145,14 +194,149 @@ def prepare_output(output_uri: str, overwrite: bool) -> list[UnitResult]:
     Returns the completed units' results (empty for a fresh start).
     """
     if overwrite:
-        for name in (SHARDS_DIR, MARKERS_DIR):
-            storage.delete(storage.join(output_uri, name), recursive=True)
+        # Markers first: an overwrite interrupted part-way leaves shards without markers, which
+        # the next run removes as orphans and redoes, never markers whose shards are gone.
+        storage.delete(storage.join(output_uri, MARKERS_DIR), recursive=True)
         for name in (SUMMARY_FILE, REJECTS_FILE):
             storage.delete(storage.join(output_uri, name))
+        storage.delete(storage.join(output_uri, SHARDS_DIR), recursive=True)
         return []
     done = read_markers(output_uri)
     remove_orphan_shards(output_uri, done)
     return done
+
+
+class OutputLeased(RuntimeError):
+    """Another live run holds the output's lease."""
+
+
+@dataclass
+class LeaseRecord:
+    """The content of ``_lease.json``: who writes this output, and until when (unix seconds)."""
+
+    owner: str
+    host: str
+    pid: int
+    acquired_at: float
+    expires_at: float
+
+
+# Owners of the leases this process holds now.
+_LIVE_OWNERS: set[str] = set()
+
+
+def _holder_is_dead(held: LeaseRecord) -> bool:
+    """Whether the run holding an unexpired lease is known dead: it ran on this host and its
+    process is gone (a killed driver rerun on the same machine), or it was this process and
+    released nothing (interrupted). A holder on another host is alive until its lease expires."""
+    if held.host != socket.gethostname():
+        return False
+    if held.pid == os.getpid():
+        return held.owner not in _LIVE_OWNERS
+    try:
+        os.kill(held.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's process
+    return False
+
+
+class OutputLease:
+    """One writer per output: a run holds ``_lease.json`` under the output root while it works.
+
+    ``acquire`` creates the lease file atomically (see :func:`sama.storage.create_exclusive`); a
+    lease held by another run refuses with :class:`OutputLeased` naming the holder, unless it
+    expired or its holder is known dead (same host, process gone), in which case it is taken
+    over. A thread renews
+    the lease every ``ttl_s / 3`` seconds; ``release`` stops it and deletes the lease if it is
+    still this run's. ``lost`` turns true when a renewal found another owner (this run stalled
+    past its expiry and was taken over): the run must then stop without committing more.
+    """
+
+    def __init__(self, output_uri: str, ttl_s: float = 300.0, what: str = "a data job"):
+        if ttl_s <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl_s}")
+        self.uri = storage.join(output_uri, LEASE_FILE)
+        self.ttl_s = float(ttl_s)
+        self.what = what
+        self.owner = uuid.uuid4().hex
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> LeaseRecord:
+        now = time.time()
+        return LeaseRecord(self.owner, socket.gethostname(), os.getpid(), now, now + self.ttl_s)
+
+    def read(self) -> LeaseRecord | None:
+        """The lease now on storage, or None (also for an unreadable one, which is treated as
+        expired: a run that died while writing it holds nothing)."""
+        try:
+            return LeaseRecord(**json.loads(storage.read_text(self.uri)))
+        except storage.StorageError:
+            return None
+        except (ValueError, TypeError):
+            return LeaseRecord("", "", 0, 0.0, 0.0)
+
+    def acquire(self) -> OutputLease:
+        data = json.dumps(asdict(self._record())).encode()
+        for _ in range(3):
+            if storage.create_exclusive(self.uri, data):
+                break
+            held = self.read()
+            if held is not None and held.expires_at > time.time() and not _holder_is_dead(held):
+                raise OutputLeased(
+                    f"{self.uri}: the output is being written by another run (owner {held.owner} on "
+                    f"{held.host}, pid {held.pid}, lease until "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(held.expires_at))}). Wait for "
+                    f"it to finish, use another output, or, if that run is dead, wait for its lease "
+                    f"to expire (or delete {self.uri})."
+                )
+            if held is not None:
+                log.warning(
+                    "taking over the lease of owner %s on %s (expired or dead)", held.owner, held.host
+                )
+            storage.delete(self.uri)
+        else:
+            raise OutputLeased(f"{self.uri}: could not take the lease (other runs keep taking it)")
+        _LIVE_OWNERS.add(self.owner)
+        self._thread = threading.Thread(target=self._renew_loop, name="sama-output-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                held = self.read()
+                if held is None or held.owner != self.owner:
+                    self.lost = True
+                    log.error("%s: lost the output's lease to %s", self.uri, held.owner if held else "nobody")
+                    return
+                storage.write_text(self.uri, json.dumps(asdict(self._record())))
+            except Exception as exc:  # a renewal that fails is retried at the next tick
+                log.warning("%s: renewing the lease failed (%s)", self.uri, exc)
+
+    def check(self) -> None:
+        """Raise :class:`OutputLeased` when the lease was lost (see the class docstring)."""
+        if self.lost:
+            raise OutputLeased(f"{self.uri}: this run lost the output's lease; another run owns it now")
+
+    def release(self) -> None:
+        _LIVE_OWNERS.discard(self.owner)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        held = self.read()
+        if held is not None and held.owner == self.owner:
+            storage.delete(self.uri)
+
+    def __enter__(self) -> OutputLease:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
 
 @dataclass
@@ -170,6 +354,10 @@ class Summary:
     units: int = 0
     shards: int = 0
     bytes: int = 0
+    # This run only: units that failed for a reason outside their inputs (storage, disk); their
+    # inputs are neither accepted nor rejected yet, and the next run retries them.
+    failed_units: int = 0
+    failures: list[UnitFailure] = field(default_factory=list)
     # This run only: units processed, samples produced, wall time and throughput.
     run_units: int = 0
     run_units_skipped: int = 0
@@ -179,7 +367,12 @@ class Summary:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def summarize(results: list[UnitResult], run_results: list[UnitResult], wall_time_s: float) -> Summary:
+def summarize(
+    results: list[UnitResult],
+    run_results: list[UnitResult],
+    wall_time_s: float,
+    failures: list[UnitFailure] | None = None,
+) -> Summary:
     reasons: Counter = Counter()
     tasks: Counter = Counter()
     buckets: Counter = Counter()
@@ -199,6 +392,8 @@ def summarize(results: list[UnitResult], run_results: list[UnitResult], wall_tim
     summary.rejected_per_reason = dict(sorted(reasons.items()))
     summary.samples_per_task = dict(sorted(tasks.items()))
     summary.samples_per_bucket = dict(sorted(buckets.items()))
+    summary.failures = sorted(failures or [], key=lambda f: f.unit_id)
+    summary.failed_units = len(summary.failures)
     summary.run_units = len(run_results)
     summary.run_units_skipped = len(results) - len(run_results)
     summary.run_samples = sum(r.samples for r in run_results)

@@ -23,15 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
 from sama import schema, video
 from sama.buckets import BucketConfig, floor_4k_plus_1
 from sama.prep import ledger
-from sama.prep.common import EncodeConfig, OutputConfig, RayConfig, RejectInput, reject_from
-from sama.prep.inputs import read_table, resolve_relative
+from sama.prep.common import EncodeConfig, OutputConfig, RayConfig, RejectInput
+from sama.prep.inputs import DisallowedLocation, read_table, resolve_manifest_path
+from sama.prep.unit import run_unit
 from sama.schema import ShardConfig
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,9 @@ class PairsInputConfig:
     manifests: list[str] = field(default_factory=list)
     # Rows per work unit (one task, one set of shards, one completion marker).
     rows_per_unit: int = 32
+    # Where manifest rows may point besides their manifest's folder (local paths or s3://
+    # prefixes); a row outside them, a file:// or an http(s) URL is rejected ("bad_location").
+    allowed_prefixes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.rows_per_unit < 1:
@@ -173,8 +176,10 @@ class PairRow:
     dataset: str | None = None
     # Set on the second and later occurrences of the same (source, target, instruction).
     duplicate_of: str | None = None
-    # A problem found while reading the manifest (e.g. a missing column value).
+    # A problem found while reading the manifest (e.g. a missing column value) and its reject
+    # reason ("bad_row", or "bad_location" for a path the job may not read).
     problem: str | None = None
+    problem_reason: str = "bad_row"
 
     @property
     def key(self) -> str:
@@ -227,9 +232,20 @@ def read_manifest(uri: str, cfg: PrepPairsConfig) -> list[PairRow]:
         instruction = _strip_prefixes(
             "" if instruction is None else str(instruction), (cfg.video_prefix, cfg.image_prefix)
         )
-        problem = None
+        problem, problem_reason = None, "bad_row"
         if not source or not target:
             problem = f"row {index} has no {'source' if not source else 'target'} path"
+        paths = {}
+        for role, path in (("source", source), ("target", target)):
+            if not path:
+                paths[role] = ""
+                continue
+            try:
+                paths[role] = resolve_manifest_path(str(path), uri, cfg.input.allowed_prefixes)
+            except DisallowedLocation as exc:
+                paths[role] = ""
+                if problem is None:
+                    problem, problem_reason = f"row {index} {role} {exc}", "bad_location"
         scores = {}
         for name, column in cfg.columns.scores.items():
             try:
@@ -243,13 +259,14 @@ def read_manifest(uri: str, cfg: PrepPairsConfig) -> list[PairRow]:
         out.append(
             PairRow(
                 row_id=row_id,
-                source=resolve_relative(str(source), uri) if source else "",
-                target=resolve_relative(str(target), uri) if target else "",
+                source=paths["source"],
+                target=paths["target"],
                 instruction=instruction,
                 category=None if category in (None, "") else str(category),
                 scores=scores,
                 dataset=dataset,
                 problem=problem,
+                problem_reason=problem_reason,
             )
         )
     return out
@@ -334,7 +351,7 @@ def _aspect_mismatch(a: tuple[int, int], b: tuple[int, int]) -> float:
 def pair_sample(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
     """Validate, filter, align and encode one pair; raises RejectInput/VideoDecodeError if unusable."""
     if row.problem:
-        raise RejectInput("bad_row", f"{row.row_id}: {row.problem}")
+        raise RejectInput(row.problem_reason, f"{row.row_id}: {row.problem}")
     if row.duplicate_of:
         raise RejectInput(
             "duplicate", f"{row.row_id}: same source, target and instruction as {row.duplicate_of}"
@@ -460,29 +477,13 @@ def _video_pair(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
 
 
 def process_pairs_unit(unit: PairsUnit, cfg: PrepPairsConfig) -> ledger.UnitResult:
-    """Process every row of a unit, write its shards, then its completion marker."""
-    started = time.monotonic()
-    result = ledger.UnitResult(unit_id=unit.unit_id, sources=unit.input_ids)
-    writer = ledger.UnitWriter(cfg.output.uri, unit.unit_id, cfg.shards)
-    try:
-        for row in unit.rows:
-            result.inputs.append(row.row_id)
-            try:
-                sample = pair_sample(row, cfg)
-            except Exception as exc:  # every failure becomes a recorded reject; the unit goes on
-                reject = reject_from(exc, row.row_id)
-                if reject.reason == "duplicate":
-                    result.duplicates += 1
-                log.info("rejected %s: %s", row.row_id, reject.reason)
-                result.rejects.append(reject)
-                continue
-            writer.write(sample)
-            result.add_sample(sample)
-            result.accepted.append(row.row_id)
-        writer.close(result)
-    except BaseException:
-        writer.abort()
-        raise
-    result.seconds = round(time.monotonic() - started, 3)
-    ledger.write_marker(cfg.output.uri, result)
-    return result
+    """Process every row of a unit, write its shards, then its completion marker
+    (:func:`sama.prep.unit.run_unit`: rejects recorded, environment failures raise UnitFailed)."""
+    return run_unit(
+        unit.unit_id,
+        unit.input_ids,
+        cfg.output.uri,
+        cfg.shards,
+        ((row.row_id, row) for row in unit.rows),
+        lambda row: [pair_sample(row, cfg)],
+    )

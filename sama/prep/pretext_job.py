@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 import math
 import tarfile
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from sama import schema, video
+from sama import schema, storage, video
 from sama.buckets import Bucket, BucketConfig, is_4k_plus_1
 from sama.prep import ledger
-from sama.prep.common import EncodeConfig, OutputConfig, RayConfig, RejectInput, reject_from
-from sama.prep.inputs import InputConfig, VideoInput, WorkUnit, iter_tar_videos
+from sama.prep.common import EncodeConfig, OutputConfig, RayConfig, RejectInput
+from sama.prep.inputs import BadMember, InputConfig, VideoInput, WorkUnit, iter_tar_videos
+from sama.prep.unit import RejectSource, run_unit
 from sama.pretext import TASK_NONE, PretextConfig, apply_task, choose_task, instruction_for, task_rng
 from sama.schema import ShardConfig
 
@@ -183,40 +184,36 @@ def video_samples(source: str, item: VideoInput, cfg: PrepPretextConfig) -> list
 
 
 def process_unit(unit: WorkUnit, cfg: PrepPretextConfig) -> ledger.UnitResult:
-    """Process every video of a unit, write its shards, then its completion marker."""
-    started = time.monotonic()
-    result = ledger.UnitResult(unit_id=unit.unit_id, sources=unit.input_ids)
-    writer = ledger.UnitWriter(cfg.output.uri, unit.unit_id, cfg.shards)
+    """Process every video of a unit, write its shards, then its completion marker
+    (:func:`sama.prep.unit.run_unit`: rejects recorded, environment failures raise UnitFailed)."""
 
-    def handle(source: str, item: VideoInput) -> None:
-        result.inputs.append(item.input_id)
-        try:
-            samples = video_samples(source, item, cfg)
-        except Exception as exc:  # every failure becomes a recorded reject; the unit goes on
-            reject = reject_from(exc, item.input_id)
-            log.info("rejected %s: %s", item.input_id, reject.reason)
-            result.rejects.append(reject)
-            return
-        for sample in samples:
-            writer.write(sample)
-            result.add_sample(sample)
-        result.accepted.append(item.input_id)
+    def make_samples(item: tuple[VideoInput, str | BadMember]) -> list[schema.Sample]:
+        video_input, source = item
+        if isinstance(source, BadMember):
+            raise RejectInput(source.reason, source.detail)
+        return video_samples(source, video_input, cfg)
 
+    return run_unit(
+        unit.unit_id,
+        unit.input_ids,
+        cfg.output.uri,
+        cfg.shards,
+        _unit_inputs(unit, cfg),
+        make_samples,
+    )
+
+
+def _unit_inputs(unit: WorkUnit, cfg: PrepPretextConfig) -> Iterator[tuple[str, tuple]]:
+    """``(input_id, (VideoInput, where to read it))`` for every video of the unit."""
+    if not unit.tar_uri:
+        for item in unit.videos:
+            yield item.input_id, (item, item.input_id)
+        return
+    members = iter_tar_videos(unit.tar_uri, tuple(cfg.input.suffixes), cfg.input.max_member_bytes)
     try:
-        if unit.tar_uri:
-            try:
-                for item, path in iter_tar_videos(unit.tar_uri, tuple(cfg.input.suffixes)):
-                    handle(path, item)
-            except (OSError, EOFError, tarfile.TarError) as exc:  # the tar is unreadable past here
-                result.inputs.append(unit.tar_uri)
-                result.rejects.append(ledger.Reject(unit.tar_uri, "bad_tar", f"{unit.tar_uri}: {exc}"))
-        else:
-            for item in unit.videos:
-                handle(item.input_id, item)
-        writer.close(result)
-    except BaseException:
-        writer.abort()
-        raise
-    result.seconds = round(time.monotonic() - started, 3)
-    ledger.write_marker(cfg.output.uri, result)
-    return result
+        for item, source in members:
+            yield item.input_id, (item, source)
+    except (EOFError, tarfile.TarError) as exc:  # the tar is unreadable past here
+        raise RejectSource(unit.tar_uri, "bad_tar", f"{unit.tar_uri}: {exc}") from exc
+    except storage.StorageError as exc:  # gone or unreadable in itself (not a service failure)
+        raise RejectSource(unit.tar_uri, "missing", str(exc)) from exc

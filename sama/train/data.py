@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sama import schema
+from sama import schema, storage
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,21 @@ def _keep_for_rank(rank: int, world_size: int):
     return keep
 
 
+def read_shard_rows(shard_uris: list[str]):
+    """Shards as a Ray Dataset of raw member rows (``__key__``, ``json``, ``tgt.mp4`` ...).
+
+    Members are not decoded (``decoder=None``), so nothing is unpickled; a row becomes a
+    :class:`sama.schema.Sample` with :meth:`~sama.schema.Sample.from_members`.
+    """
+    import ray.data
+
+    if not shard_uris:
+        raise schema.SchemaError("no shards to read")
+    fs, _ = storage.pyarrow_filesystem(shard_uris[0])
+    paths = [storage.parse(uri).path for uri in shard_uris]
+    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
+
+
 def build_pass(
     source: SourceConfig,
     cfg: DataConfig,
@@ -195,7 +210,7 @@ def build_pass(
     repeated file list keeps the plan flat however many repeats a small source needs.
     """
     shards, filter_by_key = worker_shards(source.uri, rank, world_size)
-    ds = schema.ray_dataset(shards * repeats)
+    ds = read_shard_rows(shards * repeats)
     if filter_by_key:
         ds = ds.filter(_keep_for_rank(rank, world_size))
     ds = ds.randomize_block_order(seed=_seed(cfg.seed, rank, source.name, pass_index, salt))

@@ -19,8 +19,8 @@ import os
 import tempfile
 from typing import Any
 
+from sama import cluster, storage
 from sama import config as config_lib
-from sama import storage
 from sama.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -160,13 +160,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if resume and not latest:
         raise RunExistsError(f"--resume: run {cfg.run.name!r} has no checkpoint in {run_uri(cfg)}")
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        if address is None:
-            # A local cluster started here: Ray's default niceness 15 for workers would let any
-            # other load on the machine starve the training processes.
-            os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address=address, configure_logging=False)
+    cluster.connect()
     storage_fs, storage_path = storage.pyarrow_filesystem(cfg.run.storage_uri)
     if not storage.parse(cfg.run.storage_uri).is_s3:
         storage.makedirs(cfg.run.storage_uri)

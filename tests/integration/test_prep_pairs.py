@@ -15,6 +15,7 @@ from sama.prep import ledger
 from sama.prep.inputs import read_table
 from sama.prep.pairs_job import PrepPairsConfig
 from tests.integration.killing import kill_after_markers
+from tests.integration.ledger_invariants import assert_ledger_invariants
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +117,39 @@ def test_prep_pairs_s3(ray_cluster, s3_bucket):
     out = f"{s3_bucket}/out"
     prep_pairs.run(small_config([manifest], out))
     check_output(out, manifest, expected, rows=13)
+
+
+def test_hostile_manifest_rows_are_rejected_and_the_job_goes_on(ray_cluster, tmp_path, caplog):
+    base = synthetic.write_edit_pairs(str(tmp_path / "in" / "data"), 4, seed=4, media="image", fps=12.0)
+    rows = read_table(base)
+    good = {k: v for k, v in rows[0].items() if k in ("source", "target")}
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"not yours")
+    signature = "X-Amz-Signature=0123456789abcdef"
+    hostile = {
+        "/etc/passwd": "bad_location",
+        f"file://{tmp_path}/in/data/{good['target']}": "bad_location",
+        "../../outside.png": "bad_location",
+        f"https://bucket.s3.amazonaws.com/v.mp4?X-Amz-Credential=AKIAEXAMPLE&{signature}": "bad_location",
+        "http://user:hunter2@example.com/v.mp4": "bad_location",
+    }
+    for target in hostile:
+        rows.append({"source": good["source"], "target": target, "instruction": "Add a cat.", "score_if": 9})
+    manifest = synthetic.write_manifest(rows, str(tmp_path / "in" / "data" / "m.jsonl"))
+    out = str(tmp_path / "out")
+    summary = prep_pairs.run(small_config([manifest], out, "filter.enabled=false"))
+    assert summary.failed_units == 0 and summary.inputs_seen == len(rows)
+    lines = storage.read_text(storage.join(out, ledger.REJECTS_FILE)).splitlines()
+    rejects = [json.loads(line) for line in lines]
+    by_row = {int(r["input"].rsplit("#", 1)[1]): r for r in rejects}
+    for offset, reason in enumerate(hostile.values()):
+        assert by_row[4 + offset]["reason"] == reason
+    assert_ledger_invariants(out)
+    # No credential or signature anywhere: rejects, summary, saved config, logs.
+    records = storage.list_files(out, suffixes=(".json", ".jsonl", ".yaml"))
+    written = "".join(storage.read_text(uri) for uri in records)
+    for secret in (signature, "AKIAEXAMPLE", "hunter2"):
+        assert secret not in written and secret not in caplog.text
 
 
 def test_aligned_pair_content(ray_cluster, tmp_path):

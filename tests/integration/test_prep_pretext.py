@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import time
 
 import pytest
 
@@ -14,6 +16,7 @@ from sama.config import apply_override
 from sama.prep import ledger
 from sama.prep.pretext_job import PrepPretextConfig
 from tests.integration.killing import kill_after_markers
+from tests.integration.ledger_invariants import assert_ledger_invariants
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +117,137 @@ def test_prep_pretext_s3_end_to_end(ray_cluster, s3_bucket):
     # Credentials never reach the saved configuration.
     saved = storage.read_text(storage.join(out, "config.yaml"))
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in saved
+
+
+def test_moved_output_reruns_as_a_noop_keeping_every_shard(ray_cluster, tmp_path, s3_bucket):
+    videos, bad = make_inputs(str(tmp_path / "raw"))
+    out = str(tmp_path / "out")
+    prep_pretext.run(small_config(str(tmp_path / "raw"), out))
+    keys = sorted(s.key for s in check_output(out, videos, bad))
+
+    # Renamed on local disk, then migrated to object storage: the markers still match the shards.
+    moved = str(tmp_path / "renamed")
+    os.rename(out, moved)
+    migrated = f"{s3_bucket}/migrated"
+    storage.upload_dir(moved, migrated)
+    for where in (moved, migrated):
+        shards = schema.list_shards(ledger.shards_uri(where))
+        rerun = prep_pretext.run(small_config(str(tmp_path / "raw"), where))
+        assert rerun.run_units == 0 and rerun.run_units_skipped == 4
+        assert schema.list_shards(ledger.shards_uri(where)) == shards
+        assert sorted(s.key for s in check_output(where, videos, bad)) == keys
+        assert_ledger_invariants(where)
+
+
+def test_interrupted_overwrite_then_rerun_has_exactly_the_samples_of_one_run(
+    ray_cluster, tmp_path, monkeypatch
+):
+    videos, bad = make_inputs(str(tmp_path / "raw"))
+    out = str(tmp_path / "out")
+    prep_pretext.run(small_config(str(tmp_path / "raw"), out))
+    keys = sorted(s.key for s in check_output(out, videos, bad))
+
+    # The overwrite dies after its first deletion (a killed driver, a storage outage).
+    real_delete = storage.delete
+    calls = []
+
+    def delete_then_die(uri, recursive=False):
+        if calls:
+            raise KeyboardInterrupt("driver killed during --overwrite")
+        calls.append(uri)
+        real_delete(uri, recursive=recursive)
+
+    monkeypatch.setattr(storage, "delete", delete_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prep_pretext.run(small_config(str(tmp_path / "raw"), out), overwrite=True)
+    monkeypatch.setattr(storage, "delete", real_delete)
+
+    rerun = prep_pretext.run(small_config(str(tmp_path / "raw"), out))
+    assert rerun.run_units == 4
+    assert sorted(s.key for s in check_output(out, videos, bad)) == keys
+    assert_ledger_invariants(out)
+
+
+def test_transient_s3_read_errors_are_retried_and_persistent_ones_fail_the_unit(
+    ray_cluster, s3_bucket, s3_faults, capsys
+):
+    from sama import cli
+
+    videos, bad = make_inputs(f"{s3_bucket}/raw")
+    out = f"{s3_bucket}/out"
+    # Two 503s on every video read: botocore's retries absorb them.
+    transient = s3_faults.fail("GET", r"/raw/videos/video_\d+\.mp4", times=2)
+    prep_pretext.run(small_config(f"{s3_bucket}/raw", out))
+    assert transient.hits == 2
+    keys = sorted(s.key for s in check_output(out, videos, bad))
+
+    # A persistent outage on one video: its unit fails (no marker, nothing rejected), the others
+    # complete, and the command exits non-zero saying a rerun retries it.
+    s3_faults.clear()
+    again = f"{s3_bucket}/again"
+    for method in ("GET", "HEAD"):
+        s3_faults.fail(method, r"/raw/videos/video_0004\.mp4")
+    argv = ["prep-pretext", "--input", f"{s3_bucket}/raw", "--output", again]
+    argv += [arg for assignment in SMALL for arg in ("--set", assignment)]
+    assert cli.main(argv) == 1
+    assert "Run the same command again to retry them" in capsys.readouterr().err
+    summary = json.loads(storage.read_text(storage.join(again, ledger.SUMMARY_FILE)))
+    assert summary["failed_units"] == 1 and len(summary["failures"]) == 1
+    assert "storage unavailable" in summary["failures"][0]["error"]
+    rejected = [
+        json.loads(line)["input"]
+        for line in storage.read_text(storage.join(again, "rejects.jsonl")).splitlines()
+    ]
+    assert not any("video_0004" in uri for uri in rejected)
+    assert summary["units"] == 3 and summary["accepted"] + summary["rejected"] == summary["inputs_seen"]
+
+    s3_faults.clear()  # the outage ends: the rerun does the failed unit only
+    assert cli.main(argv) == 0
+    assert sorted(s.key for s in check_output(again, videos, bad)) == keys
+    assert_ledger_invariants(again)
+
+
+def test_a_failed_shard_upload_fails_its_unit_and_a_rerun_completes(ray_cluster, s3_bucket, s3_faults):
+    videos, bad = make_inputs(f"{s3_bucket}/raw")
+    reference = f"{s3_bucket}/reference"
+    prep_pretext.run(small_config(f"{s3_bucket}/raw", reference))
+    keys = sorted(s.key for s in read_all(reference))
+    out = f"{s3_bucket}/out"
+    s3_faults.fail("PUT", r"/out/shards/")  # every shard upload of this output fails
+    summary = prep_pretext.run(small_config(f"{s3_bucket}/raw", out))
+    assert summary.failed_units == 3  # the units with good videos; the all-bad unit has no shard
+    assert schema.list_shards(ledger.shards_uri(out)) == []
+    assert all(not storage.exists(ledger.marker_uri(out, f.unit_id)) for f in summary.failures)
+    s3_faults.clear()
+    rerun = prep_pretext.run(small_config(f"{s3_bucket}/raw", out))
+    assert rerun.failed_units == 0 and rerun.run_units == 3
+    assert sorted(s.key for s in check_output(out, videos, bad)) == keys
+    assert_ledger_invariants(out)
+
+
+def test_a_second_run_on_a_leased_output_refuses_and_deletes_nothing(ray_cluster, tmp_path):
+    videos, bad = make_inputs(str(tmp_path / "raw"))
+    out = str(tmp_path / "out")
+    prep_pretext.run(small_config(str(tmp_path / "raw"), out))
+    shards = schema.list_shards(ledger.shards_uri(out))
+    live = ledger.OutputLease(out, ttl_s=60).acquire()  # a run still writing this output
+    try:
+        for overwrite in (False, True):
+            with pytest.raises(ledger.OutputLeased, match=f"owner {live.owner}"):
+                prep_pretext.run(small_config(str(tmp_path / "raw"), out), overwrite=overwrite)
+            assert schema.list_shards(ledger.shards_uri(out)) == shards
+            assert len(ledger.read_markers(out)) == 4
+    finally:
+        live.release()
+    # A run that died leaves a lease that expires; the next run then takes the output over.
+    dead = ledger.OutputLease(out, ttl_s=0.5)
+    storage.write_text(dead.uri, json.dumps(dataclasses.asdict(dead._record())))
+    time.sleep(0.6)
+    again = prep_pretext.run(small_config(str(tmp_path / "raw"), out))
+    assert again.run_units == 0 and again.run_units_skipped == 4
+    check_output(out, videos, bad)
+    assert_ledger_invariants(out)
+    assert not storage.exists(dead.uri)
 
 
 def test_tar_inputs_with_member_captions(ray_cluster, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 
 from sama import schema, storage
 from sama.schema import Sample, ShardConfig, ShardWriter
+from sama.train.data import read_shard_rows
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,7 @@ def test_ray_data_and_webdataset_agree(ray_cluster, shard_prefix):
     assert all(uri.startswith(shard_prefix) for uri in shards)
 
     via_wds = list(schema.webdataset_samples(shard_prefix))
-    rows = schema.ray_dataset(shard_prefix).take_all()
+    rows = read_shard_rows(schema.list_shards(shard_prefix)).take_all()
     via_ray = [Sample.from_members(row) for row in rows]
     by_key = {s.key: s for s in written}
     assert sorted(s.key for s in via_ray) == sorted(by_key)

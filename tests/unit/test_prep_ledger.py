@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -28,8 +31,8 @@ def result_a(out: str = "/out") -> UnitResult:
         per_task={"speed": 2, "t2v": 1},
         per_bucket={"64x96": 2, "96x96": 1},
         shards=[
-            {"uri": f"{out}/shards/64x96/{UID_A}-000000.tar", "samples": 2, "bytes": 300},
-            {"uri": f"{out}/shards/96x96/{UID_A}-000000.tar", "samples": 1, "bytes": 200},
+            {"path": f"shards/64x96/{UID_A}-000000.tar", "samples": 2, "bytes": 300},
+            {"path": f"shards/96x96/{UID_A}-000000.tar", "samples": 1, "bytes": 200},
         ],
         bytes=500,
         seconds=1.5,
@@ -49,7 +52,7 @@ def result_b() -> UnitResult:
         samples=4,
         per_task={"speed": 1, "tube_shuffle": 3},
         per_bucket={"64x96": 4},
-        shards=[{"uri": f"/out/shards/64x96/{UID_B}-000000.tar", "samples": 4, "bytes": 1000}],
+        shards=[{"path": f"shards/64x96/{UID_B}-000000.tar", "samples": 4, "bytes": 1000}],
         bytes=1000,
         seconds=2.0,
         duplicates=2,
@@ -154,7 +157,9 @@ def test_remove_orphan_shards_deletes_only_shards_no_marker_lists(tmp_path):
         make_shard(out, "128x64", UID_C, 3),
         make_shard(out, "96x96", UID_A, 1),  # a committed unit's leftover from a failed attempt
     ]
-    committed = UnitResult(unit_id=UID_A, shards=[{"uri": p, "samples": 1, "bytes": 1024} for p in keep])
+    committed = UnitResult(
+        unit_id=UID_A, shards=[{"path": ledger.shard_path(p), "samples": 1, "bytes": 1024} for p in keep]
+    )
     not_a_shard = os.path.join(out, "shards", "64x96", "notes.json")
     storage.write_text(not_a_shard, "{}")
     removed = ledger.remove_orphan_shards(out, [committed])
@@ -268,3 +273,80 @@ def test_write_summary_writes_rejects_lines_and_summary_json(tmp_path):
     ledger.write_summary(out, [UnitResult(unit_id=UID_A)], Summary())
     with open(os.path.join(out, "rejects.jsonl")) as handle:
         assert handle.read() == ""
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per output: the lease
+
+
+def test_lease_refuses_a_second_run_naming_the_holder_and_releases(tmp_path):
+    out = str(tmp_path / "out")
+    first = ledger.OutputLease(out, ttl_s=60).acquire()
+    try:
+        held = first.read()
+        assert held is not None and held.owner == first.owner and held.pid == os.getpid()
+        with pytest.raises(ledger.OutputLeased, match=rf"owner {first.owner} on .*pid {os.getpid()}"):
+            ledger.OutputLease(out, ttl_s=60).acquire()
+    finally:
+        first.release()
+    assert first.read() is None
+    with ledger.OutputLease(out, ttl_s=60) as second:
+        assert second.read().owner == second.owner
+    assert not os.path.exists(os.path.join(out, ledger.LEASE_FILE))
+
+
+def test_an_expired_or_unreadable_lease_is_taken_over(tmp_path):
+    out = str(tmp_path / "out")
+    dead = ledger.OutputLease(out, ttl_s=0.2)
+    storage.write_text(dead.uri, json.dumps(dataclasses.asdict(dead._record())))  # never renewed
+    time.sleep(0.3)
+    with ledger.OutputLease(out, ttl_s=60) as taker:
+        assert taker.read().owner == taker.owner
+    storage.write_text(dead.uri, "{half a lease")  # a run killed while writing it
+    with ledger.OutputLease(out, ttl_s=60) as taker:
+        assert taker.read().owner == taker.owner
+
+
+def test_lease_is_renewed_while_held_and_loss_is_detected(tmp_path):
+    out = str(tmp_path / "out")
+    lease = ledger.OutputLease(out, ttl_s=0.6).acquire()
+    try:
+        first_expiry = lease.read().expires_at
+        time.sleep(0.5)
+        assert lease.read().expires_at > first_expiry  # renewed every ttl/3
+        lease.check()
+        # Another run took the output over (this one stalled past its expiry).
+        thief = ledger.LeaseRecord("thief", "elsewhere", 1, time.time(), time.time() + 60)
+        storage.write_text(lease.uri, json.dumps(dataclasses.asdict(thief)))
+        time.sleep(0.5)
+        with pytest.raises(ledger.OutputLeased, match="lost"):
+            lease.check()
+    finally:
+        lease.release()
+    assert lease.read().owner == "thief"  # release never deletes another run's lease
+
+
+def test_create_exclusive_creates_once(tmp_path):
+    target = str(tmp_path / "d" / "x.json")
+    assert storage.create_exclusive(target, b"first")
+    assert not storage.create_exclusive(target, b"second")
+    assert storage.read_bytes(target) == b"first"
+    assert os.listdir(tmp_path / "d") == ["x.json"]  # no temporary file left behind
+
+
+def test_the_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    out = str(tmp_path / "out")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a driver that was killed: its pid is gone
+    lease = ledger.OutputLease(out, ttl_s=600)
+    record = dataclasses.replace(lease._record(), owner="killed-driver", pid=child.pid)
+    storage.write_text(lease.uri, json.dumps(dataclasses.asdict(record)))
+    with lease:
+        assert lease.read().owner == lease.owner
+    # This process's own lease left behind by an interrupted run is stale too; a live one is not.
+    stale = dataclasses.replace(lease._record(), owner="interrupted-run-of-this-process")
+    storage.write_text(lease.uri, json.dumps(dataclasses.asdict(stale)))
+    with ledger.OutputLease(out, ttl_s=600) as live:
+        with pytest.raises(ledger.OutputLeased):
+            ledger.OutputLease(out, ttl_s=600).acquire()
+        assert live.read().owner == live.owner

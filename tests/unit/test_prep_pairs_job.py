@@ -267,8 +267,10 @@ def manifest_rows(folder: str) -> list[dict]:
 def test_read_manifest_formats_paths_scores_and_problems(tmp_path, fmt):
     folder = str(tmp_path / "edits")
     uri = synthetic.write_manifest(manifest_rows(folder), os.path.join(folder, f"manifest.{fmt}"))
-    rows = read_manifest(uri, small_cfg())
     parent = str(tmp_path)
+    cfg = small_cfg()
+    cfg.input.allowed_prefixes = [parent]  # "../elsewhere" is outside the manifest's folder
+    rows = read_manifest(uri, cfg)
     assert [r.row_id for r in rows] == [f"{uri}#{i}" for i in range(4)]
     assert [r.dataset for r in rows] == ["manifest"] * 4
     assert [r.duplicate_of for r in rows] == [None] * 4
@@ -296,6 +298,42 @@ def test_read_manifest_formats_paths_scores_and_problems(tmp_path, fmt):
     assert no_source.scores == {"if": 7.0}
 
 
+def test_manifest_rows_may_point_only_under_allowed_prefixes(tmp_path):
+    folder = tmp_path / "edits"
+    folder.mkdir()
+    secret = "X-Amz-Signature=deadbeef0123"
+    targets = {
+        "pairs/ok.mp4": None,
+        "/etc/passwd": "outside the manifest's folder",
+        "../../other-bucket/x.mp4": "outside the manifest's folder",
+        f"file://{folder}/pairs/ok.mp4": "file:// locations are not read",
+        f"https://user:pw@cdn.example.com/v.mp4?{secret}&X-Amz-Credential=AKIA": "https:// locations",
+        "http://example.com/v.mp4": "http:// locations",
+        "~/videos/v.mp4": "home-relative",
+    }
+    rows = [{"source": "pairs/src.mp4", "target": t, "instruction": "Add a cat."} for t in targets]
+    uri = synthetic.write_manifest(
+        rows, str(folder / "manifest.jsonl"), columns=("source", "target", "instruction")
+    )
+    read = read_manifest(uri, small_cfg())
+    for row, (target, problem) in zip(read, targets.items(), strict=True):
+        if problem is None:
+            assert row.problem is None and row.target == f"{folder}/pairs/ok.mp4"
+        else:
+            assert row.problem_reason == "bad_location" and problem in row.problem, (target, row.problem)
+            assert row.target == ""
+    # Nothing of the signed URL's secrets is kept.
+    assert not any(secret in (r.problem or "") or "pw@" in (r.problem or "") for r in read)
+    assert not any("AKIA" in (r.problem or "") for r in read)
+
+    # Widening: an allowed prefix admits paths under it, and only those.
+    cfg = small_cfg()
+    cfg.input.allowed_prefixes = ["/etc"]
+    widened = read_manifest(uri, cfg)
+    assert widened[1].problem is None and widened[1].target == "/etc/passwd"
+    assert widened[2].problem_reason == "bad_location"
+
+
 def test_read_manifest_dataset_override_and_stem(tmp_path):
     uri = synthetic.write_manifest(
         [{"source": "a.mp4", "target": "b.mp4", "instruction": "x"}], str(tmp_path / "edits.v2.jsonl")
@@ -314,7 +352,9 @@ def test_read_manifest_diffsynth_metadata_csv(tmp_path):
         ],
         str(tmp_path / "metadata.csv"),
     )
-    rows = read_manifest(uri, small_cfg())
+    cfg = small_cfg()
+    cfg.input.allowed_prefixes = ["/abs"]
+    rows = read_manifest(uri, cfg)
     assert [(r.source, r.target, r.instruction) for r in rows] == [
         (f"{tmp_path}/videos/in_0.mp4", f"{tmp_path}/videos/out_0.mp4", "Make the sky red."),
         ("/abs/in_1.mp4", "/abs/out_1.mp4", "Remove the dog."),
@@ -924,14 +964,15 @@ def test_process_pairs_unit_mixed_rows(tmp_path, media):
     assert result.per_bucket == {"64x96": 3}
     root = ledger.shards_uri(out)
     uid = unit.unit_id
-    assert [(s["uri"], s["samples"]) for s in result.shards] == [
-        (f"{root}/image/64x96/{uid}-000000.tar", 1),
-        (f"{root}/video/64x96/{uid}-000000.tar", 1),
-        (f"{root}/video/64x96/{uid}-000001.tar", 1),
+    assert [(s["path"], s["samples"]) for s in result.shards] == [
+        (f"shards/image/64x96/{uid}-000000.tar", 1),
+        (f"shards/video/64x96/{uid}-000000.tar", 1),
+        (f"shards/video/64x96/{uid}-000001.tar", 1),
     ]
-    assert schema.list_shards(root) == [s["uri"] for s in result.shards]
+    uris = [ledger.shard_uri(out, s) for s in result.shards]
+    assert schema.list_shards(root) == uris
     # A shard's bytes count its members' payloads (the tar adds headers and padding).
-    assert all(0 < s["bytes"] < os.path.getsize(s["uri"]) for s in result.shards)
+    assert all(0 < s["bytes"] < os.path.getsize(u) for s, u in zip(result.shards, uris, strict=True))
     assert result.bytes == sum(s["bytes"] for s in result.shards)
 
     samples = list(schema.iter_samples(root))

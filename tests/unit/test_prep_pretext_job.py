@@ -349,16 +349,14 @@ def test_process_unit_mixed_good_and_bad_inputs(tmp_path, mixed_input):
     assert result.per_bucket == {"64x96": 4, "128x64": 2}
     assert sum(result.per_task.values()) == 6
     shards_root = ledger.shards_uri(out)
-    assert [(s["uri"], s["samples"]) for s in result.shards] == [
-        (f"{shards_root}/video/128x64/{unit.unit_id}-000000.tar", 2),
-        (f"{shards_root}/video/64x96/{unit.unit_id}-000000.tar", 2),
-        (f"{shards_root}/video/64x96/{unit.unit_id}-000001.tar", 2),
+    assert [(s["path"], s["samples"]) for s in result.shards] == [
+        (f"shards/video/128x64/{unit.unit_id}-000000.tar", 2),
+        (f"shards/video/64x96/{unit.unit_id}-000000.tar", 2),
+        (f"shards/video/64x96/{unit.unit_id}-000001.tar", 2),
     ]
-    assert schema.list_shards(shards_root) == sorted(s["uri"] for s in result.shards)
+    assert schema.list_shards(shards_root) == sorted(ledger.shard_uri(out, s) for s in result.shards)
     for shard in result.shards:
-        assert re.fullmatch(
-            rf"{re.escape(shards_root)}/video/\d+x\d+/{unit.unit_id}-\d{{6}}\.tar", shard["uri"]
-        )
+        assert re.fullmatch(rf"shards/video/\d+x\d+/{unit.unit_id}-\d{{6}}\.tar", shard["path"])
         assert shard["bytes"] > 0
     assert result.bytes == sum(s["bytes"] for s in result.shards)
 
@@ -366,7 +364,9 @@ def test_process_unit_mixed_good_and_bad_inputs(tmp_path, mixed_input):
     assert len(samples) == result.samples
     expected_keys = {schema.sample_key(uri, i, start) for uri in good for i, start in enumerate([0.0, 1.125])}
     assert {s.key for s in samples} == expected_keys
-    per_shard = {s["uri"]: [x.key for x in schema.iter_samples([s["uri"]])] for s in result.shards}
+    per_shard = {
+        s["path"]: [x.key for x in schema.iter_samples([ledger.shard_uri(out, s)])] for s in result.shards
+    }
     for shard_uri, keys in per_shard.items():
         assert len(keys) == 2
         bucket = shard_uri.split("/")[-2]
@@ -405,9 +405,11 @@ def test_process_unit_is_idempotent(tmp_path, mixed_input):
     keys_second = [s.key for s in read_shards(out)]
     assert keys_first == keys_second and len(keys_first) == 6
     assert [s.meta.to_json() for s in read_shards(out)] == metas_first
-    assert [s["uri"] for s in first.shards] == [s["uri"] for s in second.shards]
+    assert [s["path"] for s in first.shards] == [s["path"] for s in second.shards]
     assert [s["samples"] for s in first.shards] == [s["samples"] for s in second.shards] == [2, 3, 1]
-    assert schema.list_shards(ledger.shards_uri(out)) == sorted(s["uri"] for s in second.shards)
+    assert schema.list_shards(ledger.shards_uri(out)) == sorted(
+        ledger.shard_uri(out, s) for s in second.shards
+    )
 
     def stable(r: ledger.UnitResult) -> dict:
         # Encoded byte sizes and timing may vary between runs; everything else must not.

@@ -70,7 +70,25 @@ def test_atomic_overwrite_is_all_or_nothing(tmp_path):
 def test_s3_options_come_from_environment(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
     opts = storage.s3_options()
-    assert opts == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}}
+    assert opts == {
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"},
+        # Transient S3 errors are retried by botocore with backoff, not by a loop of ours.
+        "config_kwargs": {"retries": {"max_attempts": storage.S3_MAX_ATTEMPTS, "mode": "standard"}},
+    }
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")
-    assert storage.s3_options()["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:10"
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    opts = storage.s3_options()
+    assert opts["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:10"
+    assert opts["config_kwargs"]["retries"]["max_attempts"] == 3
+
+
+def test_open_read_refuses_what_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)  # opening it would block until a writer appears: forever
+    with pytest.raises(storage.StorageError, match="not a regular file"):
+        storage.open_read(str(fifo))
+    with pytest.raises(storage.StorageError, match="directory"):
+        storage.open_read(str(tmp_path))

@@ -1,0 +1,27 @@
+"""Where sama's Ray work runs: the one ``ray.init`` policy of every job, the quickstart and training.
+
+``RAY_ADDRESS`` (or an explicit address) joins an existing cluster, as ``ray job submit`` sets it;
+with neither, a local Ray starts in this process: the embedded default.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local Ray; no-op when
+    Ray is already initialised in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target is None:
+        # A local cluster started here: Ray's default niceness 15 for workers would let any other
+        # load on the machine starve the job's (and training's) worker processes; and no
+        # dashboard, whose processes cost the embedded default a core's worth of startup.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        ray.init(include_dashboard=False, configure_logging=False)
+        return
+    ray.init(address=target, configure_logging=False)

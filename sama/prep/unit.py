@@ -1,0 +1,125 @@
+"""The one per-unit loop of every data job: inputs in, samples to shards, a reject or a failure out.
+
+A job's ``process_unit`` names its inputs and how one input becomes samples; :func:`run_unit` does
+the rest the same way for every job:
+
+* every input is accounted for once: its samples are written (``accepted``) or it is recorded in
+  ``rejects`` with a reason; a source that turns out unreadable part-way (a tar cut short) is
+  recorded by :class:`RejectSource`;
+* an input that is bad in itself (corrupt, too short, a poisoned caption) is a reject and the unit
+  goes on; a failure of the *environment* (storage unavailable after the storage library's
+  retries, a full disk, a shard that cannot be written) is not the input's fault, so the unit
+  fails with :class:`UnitFailed`, writes no marker, and the next run retries it;
+* the shards are committed, then the completion marker is written last (see :mod:`sama.prep.ledger`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from sama import schema, storage
+from sama.prep import ledger
+from sama.prep.common import reject_from
+
+log = logging.getLogger(__name__)
+
+# OSErrors that say the machine or the storage is in trouble, whatever the input.
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM})
+
+
+class UnitFailed(RuntimeError):
+    """A unit could not finish for a reason outside its inputs; a rerun retries it."""
+
+    def __init__(self, unit_id: str, reason: str):
+        super().__init__(f"unit {unit_id} failed: {reason}")
+        self.unit_id = unit_id
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.unit_id, self.reason))
+
+
+class RejectSource(Exception):
+    """Raised by a unit's input iterator when its source cannot be read past this point (a
+    damaged tar): the source itself is recorded as a reject, the inputs already read stay."""
+
+    def __init__(self, input_id: str, reason: str, detail: str):
+        super().__init__(detail)
+        self.input_id = input_id
+        self.reason = reason
+        self.detail = detail
+
+
+def is_environment_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the environment's fault (retry the unit) rather than the input's."""
+    if isinstance(exc, storage.StorageUnavailable | MemoryError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS
+
+
+def run_unit(
+    unit_id: str,
+    sources: list[str],
+    output_uri: str,
+    shards: schema.ShardConfig,
+    inputs: Iterable[tuple[str, Any]],
+    make_samples: Callable[[Any], list[schema.Sample]],
+) -> ledger.UnitResult:
+    """Turn a unit's ``inputs`` (``(input_id, item)`` pairs) into shards and a completion marker.
+
+    ``make_samples(item)`` returns an input's samples or raises for a bad input. Raises
+    :class:`UnitFailed` (no marker written, shards of this attempt discarded or left as orphans
+    for the next run) when the environment fails.
+    """
+    started = time.monotonic()
+    result = ledger.UnitResult(unit_id=unit_id, sources=list(sources))
+    writer = ledger.UnitWriter(output_uri, unit_id, shards)
+    try:
+        for input_id, item in _guarded(iter(inputs), result):
+            result.inputs.append(input_id)
+            try:
+                samples = make_samples(item)
+            except Exception as exc:
+                if is_environment_failure(exc):
+                    raise
+                reject = reject_from(exc, input_id)
+                if reject.reason == "duplicate":
+                    result.duplicates += 1
+                log.info("rejected %s: %s", input_id, reject.reason)
+                result.rejects.append(reject)
+                continue
+            for sample in samples:
+                writer.write(sample)
+                result.add_sample(sample)
+            result.accepted.append(input_id)
+        writer.close(result)
+    except BaseException as exc:
+        writer.abort()
+        if isinstance(exc, Exception) and not isinstance(exc, UnitFailed):
+            raise UnitFailed(unit_id, f"{type(exc).__name__}: {exc}") from exc
+        raise
+    result.seconds = round(time.monotonic() - started, 3)
+    try:
+        ledger.write_marker(output_uri, result)
+    except Exception as exc:
+        raise UnitFailed(unit_id, f"cannot write its completion marker: {exc}") from exc
+    return result
+
+
+def _guarded(inputs: Iterator[tuple[str, Any]], result: ledger.UnitResult) -> Iterator[tuple[str, Any]]:
+    """``inputs``, with a :class:`RejectSource` turned into the source's reject (iteration ends)."""
+    while True:
+        try:
+            pair = next(inputs)
+        except StopIteration:
+            return
+        except RejectSource as exc:
+            result.inputs.append(exc.input_id)
+            result.rejects.append(ledger.Reject(exc.input_id, exc.reason, exc.detail))
+            log.info("rejected %s: %s", exc.input_id, exc.reason)
+            return
+        yield pair
