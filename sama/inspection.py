@@ -26,6 +26,9 @@ class ShardReport:
     per_dataset: Counter = field(default_factory=Counter)
     example: schema.SampleMeta | None = None
     exported: list[str] = field(default_factory=list)
+    # From the job's summary.json when the prefix is (under) a data-job output.
+    rejected_per_reason: dict[str, int] = field(default_factory=dict)
+    dropped_per_reason: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +43,8 @@ class ShardReport:
             "per_dataset": dict(sorted(self.per_dataset.items())),
             "example": dataclasses.asdict(self.example) if self.example else None,
             "exported": self.exported,
+            "rejected_per_reason": self.rejected_per_reason,
+            "dropped_per_reason": self.dropped_per_reason,
         }
 
     def format(self, top_sources: int = 10) -> str:
@@ -56,6 +61,13 @@ class ShardReport:
         for title, counts in groups:
             lines.append(f"per {title}:")
             lines.extend(f"  {name:<24} {count}" for name, count in sorted(counts.items()))
+        for title, counts in (
+            ("rejected inputs", self.rejected_per_reason),
+            ("dropped clips", self.dropped_per_reason),
+        ):
+            if counts:
+                lines.append(f"{title} per reason (the job's summary):")
+                lines.extend(f"  {name:<24} {count}" for name, count in sorted(counts.items()))
         lines.append(f"per source (top {top_sources} of {len(self.per_source)}):")
         lines.extend(f"  {name:<48} {count}" for name, count in self.per_source.most_common(top_sources))
         if self.example is not None:
@@ -103,11 +115,33 @@ def inspect_shards(
             chosen = item
     if sample is not None and chosen is None:
         raise KeyError(f"no sample {sample!r} in {prefix} ({report.samples} samples)")
+    summary = _job_summary(prefix)
+    if summary:
+        report.rejected_per_reason = dict(summary.get("rejected_per_reason", {}))
+        report.dropped_per_reason = dict(summary.get("dropped_per_reason", {}))
     if chosen is not None:
         report.example = chosen.meta
         if export_dir:
             report.exported = export_media(chosen, export_dir)
     return report
+
+
+def _job_summary(prefix: str) -> dict | None:
+    """The ``summary.json`` of the data-job output ``prefix`` is, or lies under, if any."""
+    from sama.prep import ledger
+
+    text = prefix.rstrip("/")
+    parts = text.split("/")
+    root = (
+        "/".join(parts[: len(parts) - 1 - parts[::-1].index(ledger.SHARDS_DIR)])
+        if ledger.SHARDS_DIR in parts
+        else text
+    )
+    uri = storage.join(root, ledger.SUMMARY_FILE)
+    try:
+        return json.loads(storage.read_text(uri))
+    except (storage.StorageError, ValueError):
+        return None
 
 
 def export_media(sample: schema.Sample, export_dir: str) -> list[str]:

@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import math
+import random
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -988,6 +989,19 @@ def _audio_only_mp4(seconds: float = 1.0, rate: int = 16000) -> bytes:
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return buffer.getvalue()
+
+
+def damage_stream(data: bytes, seed: int, start: float = 0.35, end: float = 0.65, flips: int = 20) -> bytes:
+    """``data`` (an mp4) with ``flips`` bytes inverted at random offsets between the fractions
+    ``start`` and ``end`` of the file: bit rot that leaves the container readable and that the
+    decoder conceals (smeared macroblocks) instead of failing on."""
+    damaged = bytearray(data)
+    media = damaged.index(b"mdat") + 8
+    rng = random.Random(seed)
+    low, high = max(media, int(len(data) * start)), int(len(data) * end)
+    for _ in range(flips):
+        damaged[rng.randrange(low, high)] ^= 0xFF
+    return bytes(damaged)
 
 
 def write_bad_inputs(output_uri: str) -> dict[str, str]:

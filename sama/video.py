@@ -66,6 +66,7 @@ ERROR_KINDS: tuple[str, ...] = (
     "bad_image",
     "decode_failed",
     "too_large",
+    "corrupt_stream",
 )
 
 # The largest frame a video may declare (8K UHD is 33.2 MP): decoding is refused above it.
@@ -134,12 +135,15 @@ class DecodeStats:
 
     ``packets`` counts demuxed video packets, ``frames_decoded`` counts frames the decoder
     produced (including frames decoded only to reach the start after a keyframe seek), ``seeks``
-    counts container seeks.
+    counts container seeks, ``corrupt_frames`` the decoded frames the decoder flagged corrupt.
     """
 
     packets: int = 0
     frames_decoded: int = 0
     seeks: int = 0
+    # Frames the decoder flagged corrupt: it met damaged data and concealed it (smeared
+    # macroblocks, streaks) instead of failing.
+    corrupt_frames: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,6 +604,10 @@ class _ClipReader:
         self.timing: _Timing | None = None
         self.sample_aspect: Fraction | None = None
         self.end_s: float | None = None
+        # Times of the frames decoded for this clip (lead-in from the keyframe included) that the
+        # decoder flagged corrupt.
+        self.corrupt_times: list[float] = []
+        self.decoded = 0  # frames this reader decoded (``stats`` may accumulate over readers)
 
     def frames(self) -> Iterator[np.ndarray]:
         seek = self.start_s > 0
@@ -655,6 +663,7 @@ class _ClipReader:
             gate = retry_possible
             landed_late = False
             got_frame = False
+            self.corrupt_times = []  # what an abandoned attempt decoded is not part of the clip
             for packet in container.demux(stream):
                 if packet.size:
                     self.stats.packets += 1
@@ -662,10 +671,14 @@ class _ClipReader:
                     if not packet.is_keyframe:
                         continue
                     gate = False
-                for frame in packet.decode():
+                for frame in self._decode_packet(packet):
+                    self.decoded += 1
                     self.stats.frames_decoded += 1
                     dur = _frame_duration(frame, timing)
                     t = _frame_time(frame, timing, last_t + dur if math.isfinite(last_t) else 0.0)
+                    if frame.is_corrupt:
+                        self.stats.corrupt_frames += 1
+                        self.corrupt_times.append(t)
                     if not got_frame:
                         got_frame = True
                         landed_late = retry_possible and t > self.start_s + eps
@@ -682,6 +695,20 @@ class _ClipReader:
                 raise VideoDecodeError(
                     self.name, "decode_failed", "seeking back to an earlier keyframe failed"
                 )
+
+    def _decode_packet(self, packet) -> list:
+        """``packet.decode()``; once the stream has produced frames, a decoder that rejects a
+        packet as invalid data met damage mid-stream: "corrupt_stream", like damage it conceals."""
+        try:
+            return packet.decode()
+        except av.error.InvalidDataError as exc:
+            if not self.decoded:
+                raise
+            raise VideoDecodeError(
+                self.name,
+                "corrupt_stream",
+                f"the decoder rejected damaged data after {self.decoded} frame(s) ({_av_message(exc)})",
+            ) from exc
 
     def _eps(self) -> float:
         timing = self.timing
@@ -795,6 +822,7 @@ def decode_clip(
     stats: DecodeStats | None = None,
     uri: str | None = None,
     threads: int | None = None,
+    max_errors: int | None = None,
 ) -> np.ndarray:
     """Decode a clip as a THWC uint8 RGB array.
 
@@ -811,6 +839,9 @@ def decode_clip(
         uri: the name used in errors (defaults to the URI, or ``"<bytes>"``).
         threads: decoder threads (None = FFmpeg's choice, about one per core). Set it to the
             CPUs a worker was given so parallel workers do not oversubscribe the machine.
+        max_errors: how many of the frames decoded for the clip (the lead-in from the keyframe
+            included, frames after the clip not) the decoder may have flagged corrupt; more
+            raises "corrupt_stream". None checks nothing.
 
     The decoder seeks to the keyframe before ``start_s`` and decodes only as far as the clip
     needs, so a short clip from the middle of a long file costs about one GOP plus the clip.
@@ -821,8 +852,8 @@ def decode_clip(
         VideoDecodeError: "too_short" when fewer than ``num_frames`` frames exist from
             ``start_s`` (or none at all); "truncated" when the file's data ends well before
             its declared duration and so the clip cannot be filled; "decode_failed" when the
-            decoder or demuxer fails midway; and the open-time kinds of :func:`probe`, plus
-            "no_video_stream".
+            decoder or demuxer fails midway; "corrupt_stream" (see ``max_errors``); and the
+            open-time kinds of :func:`probe`, plus "no_video_stream".
         ValueError: for invalid arguments.
     """
     _check_clip_args(start_s, num_frames, fps, size)
@@ -858,14 +889,33 @@ def decode_clip(
             "too_short",
             f"{wanted} from {start_s:.3f}s but only {count} exist (video is {length})",
         )
+    check_corrupt_frames(reader.name, reader.corrupt_times, max_errors)
     if num_frames is None:
         return np.stack(collected)
     return out
 
 
-def decode_video_bytes(data: bytes, uri: str = _BYTES_NAME) -> np.ndarray:
-    """Decode every frame of an in-memory video (THWC uint8 RGB)."""
-    return decode_clip(data, uri=uri)
+def check_corrupt_frames(name: str, corrupt_times: list[float], max_errors: int | None) -> None:
+    """Raise "corrupt_stream" when more than ``max_errors`` decoded frames were flagged corrupt.
+
+    FFmpeg's decoders conceal damaged data (flipped bits, a zeroed block) and keep returning
+    frames, smeared macroblocks and all; they flag such frames corrupt. ``None`` checks nothing.
+    """
+    if max_errors is None or len(corrupt_times) <= max_errors:
+        return
+    shown = ", ".join(f"{t:.2f}s" for t in corrupt_times[:5]) + (" ..." if len(corrupt_times) > 5 else "")
+    raise VideoDecodeError(
+        name,
+        "corrupt_stream",
+        f"the decoder concealed damaged data in {len(corrupt_times)} frame(s) decoded for this clip "
+        f"(at {shown}); {max_errors} allowed (decode.max_errors)",
+    )
+
+
+def decode_video_bytes(data: bytes, uri: str = _BYTES_NAME, max_errors: int | None = 0) -> np.ndarray:
+    """Decode every frame of an in-memory video (THWC uint8 RGB); a stream with more than
+    ``max_errors`` frames the decoder flagged corrupt raises "corrupt_stream"."""
+    return decode_clip(data, uri=uri, max_errors=max_errors)
 
 
 # --------------------------------------------------------------------------------------------

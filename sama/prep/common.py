@@ -28,6 +28,19 @@ class EncodeConfig:
 
 
 @dataclass
+class DecodeConfig:
+    """How strictly decoded media is checked."""
+
+    # Frames of a clip (its keyframe lead-in included) the decoder may flag corrupt, i.e. decoded
+    # by concealing damaged data; more rejects the clip as "corrupt_stream". None: no check.
+    max_errors: int | None = 0
+
+    def validate(self) -> None:
+        if self.max_errors is not None and self.max_errors < 0:
+            raise ValueError("decode.max_errors must be >= 0 (or null for no check)")
+
+
+@dataclass
 class RayConfig:
     """How the job runs on Ray (the cluster comes from RAY_ADDRESS when address is unset)."""
 

@@ -78,6 +78,9 @@ class UnitResult:
     seconds: float = 0.0
     # Inputs that had duplicates elsewhere and were written once (prep-pairs).
     duplicates: int = 0
+    # Parts of accepted inputs left out, with why (a clip of a video whose decode was corrupt,
+    # while the video's other clips were clean): ``input`` is ``<video>@<start>s``.
+    dropped: list[Reject] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -86,6 +89,7 @@ class UnitResult:
     def from_json(cls, text: str) -> UnitResult:
         raw = json.loads(text)
         raw["rejects"] = [Reject(**r) for r in raw.get("rejects", [])]
+        raw["dropped"] = [Reject(**r) for r in raw.get("dropped", [])]
         shards = []
         for shard in raw.get("shards", []):
             shard = dict(shard)
@@ -347,6 +351,9 @@ class Summary:
     accepted: int = 0
     rejected: int = 0
     rejected_per_reason: dict[str, int] = field(default_factory=dict)
+    # Clips of accepted inputs left out (UnitResult.dropped), per reason.
+    dropped: int = 0
+    dropped_per_reason: dict[str, int] = field(default_factory=dict)
     samples: int = 0
     samples_per_task: dict[str, int] = field(default_factory=dict)
     samples_per_bucket: dict[str, int] = field(default_factory=dict)
@@ -374,6 +381,7 @@ def summarize(
     failures: list[UnitFailure] | None = None,
 ) -> Summary:
     reasons: Counter = Counter()
+    dropped: Counter = Counter()
     tasks: Counter = Counter()
     buckets: Counter = Counter()
     summary = Summary()
@@ -382,6 +390,7 @@ def summarize(
         summary.accepted += len(r.accepted)
         summary.rejected += len(r.rejects)
         reasons.update(rej.reason for rej in r.rejects)
+        dropped.update(d.reason for d in r.dropped)
         tasks.update(r.per_task)
         buckets.update(r.per_bucket)
         summary.samples += r.samples
@@ -390,6 +399,8 @@ def summarize(
         summary.duplicates += r.duplicates
     summary.units = len(results)
     summary.rejected_per_reason = dict(sorted(reasons.items()))
+    summary.dropped = sum(dropped.values())
+    summary.dropped_per_reason = dict(sorted(dropped.items()))
     summary.samples_per_task = dict(sorted(tasks.items()))
     summary.samples_per_bucket = dict(sorted(buckets.items()))
     summary.failures = sorted(failures or [], key=lambda f: f.unit_id)
@@ -403,12 +414,11 @@ def summarize(
 
 
 def write_summary(output_uri: str, results: list[UnitResult], summary: Summary) -> None:
-    """Write ``rejects.jsonl`` (every rejected input with its reason) and ``summary.json``."""
-    lines = [
-        json.dumps(asdict(rej), sort_keys=True)
-        for r in sorted(results, key=lambda r: r.unit_id)
-        for rej in r.rejects
-    ]
+    """Write ``rejects.jsonl`` (every rejected input, then every dropped clip, with its reason)
+    and ``summary.json``."""
+    ordered = sorted(results, key=lambda r: r.unit_id)
+    lines = [json.dumps(asdict(rej), sort_keys=True) for r in ordered for rej in r.rejects]
+    lines += [json.dumps({**asdict(d), "dropped": True}, sort_keys=True) for r in ordered for d in r.dropped]
     storage.write_text(storage.join(output_uri, REJECTS_FILE), "".join(line + "\n" for line in lines))
     storage.write_text(storage.join(output_uri, SUMMARY_FILE), json.dumps(asdict(summary), indent=2) + "\n")
 

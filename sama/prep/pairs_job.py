@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from sama import schema, video
 from sama.buckets import BucketConfig, floor_4k_plus_1
 from sama.prep import ledger
-from sama.prep.common import EncodeConfig, OutputConfig, RayConfig, RejectInput
+from sama.prep.common import DecodeConfig, EncodeConfig, OutputConfig, RayConfig, RejectInput
 from sama.prep.inputs import DisallowedLocation, read_table, resolve_manifest_path
 from sama.prep.unit import run_unit
 from sama.schema import ShardConfig
@@ -150,6 +150,7 @@ class PrepPairsConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     buckets: BucketConfig = field(default_factory=BucketConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     # SAMA prefixes editing prompts (code); an instruction already carrying it is left alone.
@@ -159,7 +160,7 @@ class PrepPairsConfig:
     dataset: str | None = None
 
     def validate(self) -> None:
-        for part in (self.input, self.align, self.buckets, self.shards):
+        for part in (self.input, self.align, self.buckets, self.shards, self.decode):
             part.validate()
 
 
@@ -456,8 +457,13 @@ def _video_pair(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
     bucket = cfg.buckets.nearest(src_info.height, src_info.width)
     size = (bucket.height, bucket.width)
     enc = cfg.encode
-    src = video.decode_clip(row.source, 0.0, frames, fps=fps, size=size, threads=enc.threads)
-    tgt = video.decode_clip(row.target, 0.0, frames, fps=fps, size=size, threads=enc.threads)
+    strict = cfg.decode.max_errors
+    src = video.decode_clip(
+        row.source, 0.0, frames, fps=fps, size=size, threads=enc.threads, max_errors=strict
+    )
+    tgt = video.decode_clip(
+        row.target, 0.0, frames, fps=fps, size=size, threads=enc.threads, max_errors=strict
+    )
     meta = _meta(
         row,
         cfg,
@@ -485,5 +491,5 @@ def process_pairs_unit(unit: PairsUnit, cfg: PrepPairsConfig) -> ledger.UnitResu
         cfg.output.uri,
         cfg.shards,
         ((row.row_id, row) for row in unit.rows),
-        lambda row: [pair_sample(row, cfg)],
+        lambda row, _dropped: [pair_sample(row, cfg)],
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from sama import schema, storage, video
 from sama.buckets import Bucket, BucketConfig, is_4k_plus_1
 from sama.prep import ledger
-from sama.prep.common import EncodeConfig, OutputConfig, RayConfig, RejectInput
+from sama.prep.common import DecodeConfig, EncodeConfig, OutputConfig, RayConfig, RejectInput
 from sama.prep.inputs import BadMember, InputConfig, VideoInput, WorkUnit, iter_tar_videos
 from sama.prep.unit import RejectSource, run_unit
 from sama.pretext import TASK_NONE, PretextConfig, apply_task, choose_task, instruction_for, task_rng
@@ -70,6 +70,7 @@ class PrepPretextConfig:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     pretext: PretextConfig = field(default_factory=PretextConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     # Seeds the per-clip task draw (with the clip id), so reruns assign the same tasks.
@@ -78,7 +79,7 @@ class PrepPretextConfig:
     dataset: str = "raw-video"
 
     def validate(self) -> None:
-        for part in (self.input, self.clips, self.buckets, self.pretext, self.shards):
+        for part in (self.input, self.clips, self.buckets, self.pretext, self.shards, self.decode):
             part.validate()
 
 
@@ -158,28 +159,47 @@ def make_clip_sample(
     return schema.Sample(meta=meta, target=target, source=source)
 
 
-def video_samples(source: str, item: VideoInput, cfg: PrepPretextConfig) -> list[schema.Sample]:
+def video_samples(
+    source: str, item: VideoInput, cfg: PrepPretextConfig, dropped: list[ledger.Reject] | None = None
+) -> list[schema.Sample]:
     """All samples of one video (``source`` is where to read it: its URI or a local spool file).
 
     Raises RejectInput (or VideoDecodeError) when the video is unusable; a video with a clip that
-    fails to decode is rejected whole, so a damaged file never contributes partial samples.
+    fails to decode is rejected whole, so a damaged file never contributes partial samples. The
+    exception is a clip the decoder had to conceal damage in ("corrupt_stream", see
+    ``decode.max_errors``): it is left out and recorded in ``dropped`` while the video's clean clips
+    are kept; a video with no clean clip is rejected as "corrupt_stream".
     """
     info = video.probe(source, uri=item.input_id)
     starts = check_video(info, cfg)
     bucket = cfg.buckets.nearest(info.height, info.width)
     caption = item.resolve_caption()
-    samples = []
+    samples, corrupt = [], []
     for index, start in enumerate(starts):
-        frames = video.decode_clip(
-            source,
-            start_s=start,
-            num_frames=cfg.clips.num_frames,
-            fps=cfg.clips.fps,
-            size=(bucket.height, bucket.width),
-            uri=item.input_id,
-            threads=cfg.encode.threads,
-        )
+        try:
+            frames = video.decode_clip(
+                source,
+                start_s=start,
+                num_frames=cfg.clips.num_frames,
+                fps=cfg.clips.fps,
+                size=(bucket.height, bucket.width),
+                uri=item.input_id,
+                threads=cfg.encode.threads,
+                max_errors=cfg.decode.max_errors,
+            )
+        except video.VideoDecodeError as exc:
+            if exc.kind != "corrupt_stream":
+                raise
+            corrupt.append(exc)
+            clip_id = f"{item.input_id}@{start:g}s"
+            if dropped is not None:
+                dropped.append(ledger.Reject(clip_id, exc.kind, f"{clip_id}: {exc.reason}"))
+            continue
         samples.append(make_clip_sample(frames, item.input_id, index, start, caption, bucket, cfg))
+    if corrupt and not samples:
+        if dropped is not None:
+            del dropped[len(dropped) - len(corrupt) :]  # the video's reject says it all
+        raise corrupt[0]
     return samples
 
 
@@ -187,11 +207,13 @@ def process_unit(unit: WorkUnit, cfg: PrepPretextConfig) -> ledger.UnitResult:
     """Process every video of a unit, write its shards, then its completion marker
     (:func:`sama.prep.unit.run_unit`: rejects recorded, environment failures raise UnitFailed)."""
 
-    def make_samples(item: tuple[VideoInput, str | BadMember]) -> list[schema.Sample]:
+    def make_samples(
+        item: tuple[VideoInput, str | BadMember], dropped: list[ledger.Reject]
+    ) -> list[schema.Sample]:
         video_input, source = item
         if isinstance(source, BadMember):
             raise RejectInput(source.reason, source.detail)
-        return video_samples(source, video_input, cfg)
+        return video_samples(source, video_input, cfg, dropped)
 
     return run_unit(
         unit.unit_id,

@@ -67,11 +67,12 @@ def run_unit(
     output_uri: str,
     shards: schema.ShardConfig,
     inputs: Iterable[tuple[str, Any]],
-    make_samples: Callable[[Any], list[schema.Sample]],
+    make_samples: Callable[[Any, list[ledger.Reject]], list[schema.Sample]],
 ) -> ledger.UnitResult:
     """Turn a unit's ``inputs`` (``(input_id, item)`` pairs) into shards and a completion marker.
 
-    ``make_samples(item)`` returns an input's samples or raises for a bad input. Raises
+    ``make_samples(item, dropped)`` returns an input's samples or raises for a bad input; it may
+    append to ``dropped`` the parts of an accepted input it left out (kept in the marker). Raises
     :class:`UnitFailed` (no marker written, shards of this attempt discarded or left as orphans
     for the next run) when the environment fails.
     """
@@ -81,8 +82,9 @@ def run_unit(
     try:
         for input_id, item in _guarded(iter(inputs), result):
             result.inputs.append(input_id)
+            dropped: list[ledger.Reject] = []
             try:
-                samples = make_samples(item)
+                samples = make_samples(item, dropped)
             except Exception as exc:
                 if is_environment_failure(exc):
                     raise
@@ -96,6 +98,7 @@ def run_unit(
                 writer.write(sample)
                 result.add_sample(sample)
             result.accepted.append(input_id)
+            result.dropped.extend(dropped)
         writer.close(result)
     except BaseException as exc:
         writer.abort()

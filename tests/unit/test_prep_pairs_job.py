@@ -1043,3 +1043,41 @@ def test_process_pairs_unit_all_rejected_writes_no_shards(tmp_path, media):
     assert schema.list_shards(ledger.shards_uri(out)) == []
     assert ledger.read_markers(out) == [result]
     assert not math.isnan(result.seconds) and result.seconds >= 0
+
+
+def test_a_pair_with_a_stream_the_decoder_conceals_is_rejected_as_corrupt_stream(tmp_path):
+    folder = tmp_path / "edits"
+    folder.mkdir()
+    scene = synthetic.random_scene(5)
+    edited, instruction = synthetic.make_edit(scene, "recolor", 1)
+    source = video.encode_mp4(synthetic.render(scene, 36, 12.0, 96, 128), 12.0, gop=12)
+    target = video.encode_mp4(synthetic.render(edited, 36, 12.0, 96, 128), 12.0, gop=12)
+    (folder / "src.mp4").write_bytes(source)
+    (folder / "tgt.mp4").write_bytes(target)
+    damaged = next(d for seed in range(8) if _concealed(d := synthetic.damage_stream(target, seed, flips=4)))
+    (folder / "tgt_bitrot.mp4").write_bytes(damaged)
+    rows = [
+        {"source": "src.mp4", "target": "tgt.mp4", "instruction": instruction},
+        {"source": "src.mp4", "target": "tgt_bitrot.mp4", "instruction": instruction + " "},
+    ]
+    manifest = synthetic.write_manifest(
+        rows, str(folder / "m.jsonl"), columns=("source", "target", "instruction")
+    )
+    cfg = small_cfg(str(tmp_path / "out"))
+    cfg.input.manifests = [manifest]
+    cfg.filter.enabled = False
+    (unit,), _ = list_pair_units(cfg, set())
+    result = process_pairs_unit(unit, cfg)
+    assert result.accepted == [f"{manifest}#0"]
+    assert [(r.input, r.reason) for r in result.rejects] == [(f"{manifest}#1", "corrupt_stream")]
+    assert "tgt_bitrot.mp4" in result.rejects[0].detail
+
+
+def _concealed(data: bytes) -> bool:
+    """Whether the decoder gets through ``data`` by concealing damage (rather than failing)."""
+    stats = video.DecodeStats()
+    try:
+        video.decode_clip(data, stats=stats, threads=1)  # one thread, as the job decodes
+    except video.VideoDecodeError:
+        return False
+    return stats.corrupt_frames > 0

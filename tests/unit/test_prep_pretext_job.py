@@ -500,3 +500,63 @@ def test_process_unit_records_an_unreadable_sidecar(tmp_path, mixed_input):
     assert [(r.input, r.reason) for r in result.rejects] == [(good[0], "unreadable")]
     assert "gone.txt" in result.rejects[0].detail
     assert [s.meta.source_uri for s in read_shards(out)] == [good[1]]
+
+
+def test_streams_the_decoder_conceals_are_rejected_as_corrupt_stream(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    clean = video.encode_mp4(synthetic.render(synthetic.random_scene(3), 36, 12.0, 96, 128), 12.0, gop=12)
+    files = {"clean.mp4": clean, "truncated.mp4": clean[: len(clean) // 3]}
+    for seed in range(3):  # a few flipped bytes in the middle of the stream
+        files[f"bitrot{seed}.mp4"] = synthetic.damage_stream(clean, seed, flips=4)
+    # Damage after the only clip (1 s at 8 fps from t=0): the clip itself decodes clean.
+    files["late_damage.mp4"] = synthetic.damage_stream(clean, 0, start=0.8, end=0.95, flips=4)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    zeroed = bytearray(clean)
+    at = int(len(clean) * 0.3)
+    zeroed[at : at + 512] = bytes(512)  # a zeroed block in the stream, inside the clip's span
+    files["zeroed.mp4"] = bytes(zeroed)
+    (root / "zeroed.mp4").write_bytes(files["zeroed.mp4"])
+    (unit,), _ = inputs.list_units(InputConfig(uri=str(root)))
+    result = process_unit(unit, small_cfg(str(tmp_path / "out")))
+    reasons = {os.path.basename(r.input): r.reason for r in result.rejects}
+    assert sorted(os.path.basename(a) for a in result.accepted) == ["clean.mp4", "late_damage.mp4"]
+    # Damage the decoder conceals and damage it stops at mid-stream are both "corrupt_stream".
+    assert reasons == {
+        **{f"bitrot{seed}.mp4": "corrupt_stream" for seed in range(3)},
+        "zeroed.mp4": "corrupt_stream",
+        "truncated.mp4": "truncated",
+    }
+    details = [r.detail for r in result.rejects if r.reason == "corrupt_stream"]
+    assert all(("damaged data" in d and "bitrot" in d) or "zeroed" in d for d in details)
+    assert any("concealed damaged data" in d and "decode.max_errors" in d for d in details)
+    assert sorted(result.accepted + [r.input for r in result.rejects]) == sorted(result.inputs)
+    # The policy is configurable: with the check off the damaged clips go through.
+    lenient = small_cfg(str(tmp_path / "lenient"))
+    lenient.decode.max_errors = None
+    lenient_result = process_unit(unit, lenient)
+    concealed = {os.path.basename(a) for a in lenient_result.accepted} - {"clean.mp4", "late_damage.mp4"}
+    assert concealed and concealed <= {"bitrot0.mp4", "bitrot1.mp4", "bitrot2.mp4", "zeroed.mp4"}
+
+
+def test_a_corrupt_clip_is_dropped_while_the_clean_clips_of_its_video_are_kept(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    clean = video.encode_mp4(synthetic.render(synthetic.random_scene(3), 36, 12.0, 96, 128), 12.0, gop=12)
+    # Two clips of 1.125 s (9 frames at 8 fps) at 0 and 1.125 s; damage only in the last GOP (2-3 s).
+    (root / "late.mp4").write_bytes(synthetic.damage_stream(clean, 0, start=0.8, end=0.95, flips=4))
+    cfg = small_cfg(str(tmp_path / "out"), max_clips=2)
+    cfg.clips.stride_s = 1.875  # second clip at 1.875 s: inside the damaged GOP
+    (unit,), _ = inputs.list_units(InputConfig(uri=str(root)))
+    result = process_unit(unit, cfg)
+    assert result.accepted == [str(root / "late.mp4")] and result.rejects == [] and result.samples == 1
+    assert [(d.input, d.reason) for d in result.dropped] == [
+        (f"{root / 'late.mp4'}@1.875s", "corrupt_stream")
+    ]
+    summary = ledger.summarize([result], [result], 1.0)
+    assert summary.dropped == 1 and summary.dropped_per_reason == {"corrupt_stream": 1}
+    ledger.write_summary(cfg.output.uri, [result], summary)
+    lines = storage.read_text(storage.join(cfg.output.uri, ledger.REJECTS_FILE)).splitlines()
+    assert [json.loads(line)["reason"] for line in lines] == ["corrupt_stream"]
+    assert ledger.read_markers(cfg.output.uri)[0].dropped == result.dropped

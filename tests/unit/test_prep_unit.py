@@ -37,7 +37,7 @@ def _accounted_once(result: ledger.UnitResult) -> bool:
 def test_run_unit_rejects_bad_inputs_and_writes_the_rest(tmp_path):
     out = str(tmp_path / "out")
 
-    def make(item):
+    def make(item, dropped):
         if item == "bad":
             raise RejectInput("too_short", "bad: 0.1 s")
         if item == "dup":
@@ -59,7 +59,9 @@ def test_a_source_unreadable_part_way_keeps_what_was_read_and_rejects_the_source
         yield "tar#a", "a"
         raise RejectSource("tar", "bad_tar", "tar: unexpected end of data")
 
-    result = run_unit("u" * 32, ["tar"], out, schema.ShardConfig(), inputs(), lambda k: [_sample(k)])
+    result = run_unit(
+        "u" * 32, ["tar"], out, schema.ShardConfig(), inputs(), lambda k, _dropped: [_sample(k)]
+    )
     assert result.accepted == ["tar#a"] and result.inputs == ["tar#a", "tar"]
     assert [(r.input, r.reason) for r in result.rejects] == [("tar", "bad_tar")]
 
@@ -77,7 +79,7 @@ def test_environment_failures_fail_the_unit_instead_of_rejecting_inputs(tmp_path
     out = str(tmp_path / "out")
     assert is_environment_failure(failure)
 
-    def make(item):
+    def make(item, dropped):
         if item == "second":
             raise failure
         return [_sample(item)]
@@ -95,7 +97,7 @@ def test_a_shard_that_cannot_be_written_fails_the_unit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(schema.ShardWriter, "write", full_disk)
     with pytest.raises(UnitFailed, match="No space left"):
-        run_unit("u" * 32, ["s"], out, schema.ShardConfig(), [("a", "a")], lambda k: [_sample(k)])
+        run_unit("u" * 32, ["s"], out, schema.ShardConfig(), [("a", "a")], lambda k, _dropped: [_sample(k)])
     assert ledger.read_markers(out) == []
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sama import video
+from sama import synthetic, video
 from sama.video import DecodeStats, VideoDecodeError
 
 STEP = 4  # brightness step per frame index in ramp videos; codec error stays well under STEP/2
@@ -591,3 +591,39 @@ def test_uri_suffixes():
     for suffix in ("mp4", "mov", "mkv", "webm", "avi"):
         assert f".{suffix}" in video.VIDEO_SUFFIXES
         assert video.is_video_uri(f"s3://b/clip.{suffix}")
+
+
+# --------------------------------------------------------------------------------------------
+# Damage the decoder conceals
+
+
+@pytest.fixture(scope="module")
+def gop_clip() -> bytes:
+    """48 frames at 12 fps, a keyframe every 12 frames."""
+    return video.encode_mp4(synthetic.render(synthetic.random_scene(3), 48, 12.0, 128, 160), 12.0, gop=12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_concealed_damage_is_a_corrupt_stream(gop_clip, seed):
+    # A few flipped bytes mid-stream; one decoder thread, as the prep jobs decode (with frame
+    # threads, whether FFmpeg conceals a damaged slice or gives up on it can vary from run to run).
+    damaged = synthetic.damage_stream(gop_clip, seed, flips=4)
+    stats = video.DecodeStats()
+    frames = video.decode_clip(damaged, stats=stats, threads=1)  # no check: decoded, smeared
+    assert len(frames) == 48 and stats.corrupt_frames > 0
+    with pytest.raises(video.VideoDecodeError, match="concealed damaged data") as info:
+        video.decode_clip(damaged, max_errors=0, uri="bitrot.mp4", threads=1)
+    assert info.value.kind == "corrupt_stream" and str(info.value).startswith("bitrot.mp4: ")
+    with pytest.raises(video.VideoDecodeError) as loader:
+        video.decode_video_bytes(damaged)  # the training loader's default: none allowed
+    assert loader.value.kind in ("corrupt_stream", "decode_failed")
+    assert video.decode_clip(damaged, max_errors=stats.corrupt_frames, threads=1).shape == frames.shape
+
+
+def test_the_check_is_per_clip(gop_clip):
+    clean = video.DecodeStats()
+    assert len(video.decode_clip(gop_clip, max_errors=0, stats=clean)) == 48 and clean.corrupt_frames == 0
+    damaged = synthetic.damage_stream(gop_clip, 0, start=0.75, end=0.95, flips=4)  # the last GOP
+    assert video.decode_clip(damaged, 0.0, 12, max_errors=0, threads=1).shape[0] == 12  # 1st second
+    with pytest.raises(video.VideoDecodeError, match="corrupt_stream"):
+        video.decode_clip(damaged, 3.0, 12, max_errors=0, threads=1)  # the last second
