@@ -14,7 +14,6 @@ of failing the job.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -61,11 +60,10 @@ def run_units(
         # retries crashed workers, not exceptions). It comes back as the unit's failure instead;
         # the unit has no marker, so the next run retries it.
         try:
-            return {"result": process(row["unit"]).to_json(), "failure": ""}
+            return {"result": process(row["unit"]).to_json(), "failed_unit": "", "error": ""}
         except Exception as exc:
             unit_id = json.loads(row["unit"]).get("unit_id", "?")
-            failure = ledger.UnitFailure(unit_id, f"{type(exc).__name__}: {exc}")
-            return {"result": "", "failure": json.dumps(dataclasses.asdict(failure))}
+            return {"result": "", "failed_unit": unit_id, "error": f"{type(exc).__name__}: {exc}"}
 
     dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
     map_kwargs: dict = {"num_cpus": num_cpus_per_task}
@@ -76,8 +74,8 @@ def run_units(
     progress = ledger.Progress(what, len(units), progress_interval_s)
     results, failures = [], []
     for row in dataset.iter_rows():
-        if row["failure"]:
-            failure = ledger.UnitFailure(**json.loads(row["failure"]))
+        if row["failed_unit"]:
+            failure = ledger.UnitFailure(row["failed_unit"], row["error"])
             log.error("unit %s failed (a rerun retries it): %s", failure.unit_id, failure.error)
             failures.append(failure)
             continue
@@ -106,67 +104,53 @@ def run_job(
     """
     started = time.monotonic()
     # Everything below deletes or commits under the output root: only with its lease.
-    with ledger.OutputLease(output_uri, cfg.output.lease_ttl_s, what=name) as lease:
-        return _run_job_leased(
-            name=name,
-            cfg=cfg,
-            output_uri=output_uri,
-            overwrite=overwrite,
-            list_units=list_units,
-            process=process,
-            ray_cfg=ray_cfg,
-            what=what,
-            lease=lease,
-            started=started,
-        )
-
-
-def _run_job_leased(*, name, cfg, output_uri, overwrite, list_units, process, ray_cfg, what, lease, started):
-    done = ledger.prepare_output(output_uri, overwrite)
-    done_sources = {source for result in done for source in result.sources}
-    units, skipped = list_units(done_sources)
-    log.info(
-        "%s: %d unit(s) to process, %d input(s) already done by %d unit(s), output %s",
-        name,
-        len(units),
-        skipped,
-        len(done),
-        output_uri,
-    )
-    config.save(cfg, storage.join(output_uri, ledger.CONFIG_FILE))
-    if units:
-        cluster.connect(ray_cfg.address)
-    run_results, failures = run_units(
-        [u.to_json() for u in units],
-        process,
-        what=what,
-        num_cpus_per_task=ray_cfg.num_cpus_per_task,
-        concurrency=ray_cfg.concurrency,
-        progress_interval_s=ray_cfg.progress_interval_s,
-    )
-    lease.check()  # a run that lost its lease must not delete what the new owner writes
-    results = ledger.read_markers(output_uri)
-    ledger.remove_orphan_shards(output_uri, results)
-    summary = ledger.summarize(results, run_results, time.monotonic() - started, failures)
-    ledger.write_summary(output_uri, results, summary)
-    log.info(
-        "%s done: %d inputs, %d accepted, %d rejected %s, %d %s in %d shards, %.2f %s/s",
-        name,
-        summary.inputs_seen,
-        summary.accepted,
-        summary.rejected,
-        summary.rejected_per_reason,
-        summary.samples,
-        what,
-        summary.shards,
-        summary.samples_per_s,
-        what,
-    )
-    if failures:
-        log.error(
-            "%s: %d unit(s) failed (%s); their inputs are not done: run the same command again to retry them",
+    with ledger.OutputLease(output_uri, cfg.output.lease_ttl_s) as lease:
+        done = ledger.prepare_output(output_uri, overwrite)
+        done_sources = {source for result in done for source in result.sources}
+        units, skipped = list_units(done_sources)
+        log.info(
+            "%s: %d unit(s) to process, %d input(s) already done by %d unit(s), output %s",
             name,
-            len(failures),
-            ", ".join(f.unit_id for f in failures[:5]) + (" ..." if len(failures) > 5 else ""),
+            len(units),
+            skipped,
+            len(done),
+            output_uri,
         )
-    return summary
+        config.save(cfg, storage.join(output_uri, ledger.CONFIG_FILE))
+        if units:
+            cluster.connect(ray_cfg.address)
+        run_results, failures = run_units(
+            [u.to_json() for u in units],
+            process,
+            what=what,
+            num_cpus_per_task=ray_cfg.num_cpus_per_task,
+            concurrency=ray_cfg.concurrency,
+            progress_interval_s=ray_cfg.progress_interval_s,
+        )
+        lease.check()  # a run that lost its lease must not delete what the new owner writes
+        results = ledger.read_markers(output_uri)
+        ledger.remove_orphan_shards(output_uri, results)
+        summary = ledger.summarize(results, run_results, time.monotonic() - started, failures)
+        ledger.write_summary(output_uri, results, summary)
+        log.info(
+            "%s done: %d inputs, %d accepted, %d rejected %s, %d %s in %d shards, %.2f %s/s",
+            name,
+            summary.inputs_seen,
+            summary.accepted,
+            summary.rejected,
+            summary.rejected_per_reason,
+            summary.samples,
+            what,
+            summary.shards,
+            summary.samples_per_s,
+            what,
+        )
+        if failures:
+            log.error(
+                "%s: %d unit(s) failed (%s); their inputs are not done: "
+                "run the same command again to retry them",
+                name,
+                len(failures),
+                ", ".join(f.unit_id for f in failures[:5]) + (" ..." if len(failures) > 5 else ""),
+            )
+        return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -130,13 +131,11 @@ def _job_summary(prefix: str) -> dict | None:
     """The ``summary.json`` of the data-job output ``prefix`` is, or lies under, if any."""
     from sama.prep import ledger
 
-    text = prefix.rstrip("/")
-    parts = text.split("/")
-    root = (
-        "/".join(parts[: len(parts) - 1 - parts[::-1].index(ledger.SHARDS_DIR)])
-        if ledger.SHARDS_DIR in parts
-        else text
-    )
+    root = prefix.rstrip("/")
+    # ".../out/shards/video" -> ".../out": what precedes ledger.shard_path's tail. Without a
+    # shards/ segment (ValueError) the prefix itself may be the output root.
+    with contextlib.suppress(ValueError):
+        root = root[: len(root) - len(ledger.shard_path(root))].rstrip("/")
     uri = storage.join(root, ledger.SUMMARY_FILE)
     try:
         return json.loads(storage.read_text(uri))

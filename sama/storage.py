@@ -212,9 +212,9 @@ class _S3Reader(io.RawIOBase):
             return method(*args)
         except (FileNotFoundError, PermissionError) as exc:
             raise StorageError(self._uri, str(exc)) from exc
+        except ValueError:
+            raise  # a caller's mistake (a closed file, a bad whence), not the service
         except Exception as exc:
-            if isinstance(exc, StorageError | ValueError):
-                raise
             raise StorageUnavailable(self._uri, f"{type(exc).__name__}: {exc}") from exc
 
     def readable(self) -> bool:
@@ -299,9 +299,7 @@ def atomic_writer(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
             spool.seek(0)
             _upload_all_or_nothing(spool, uri)
         return
-    directory = os.path.dirname(loc.path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = os.path.join(directory, f".{os.path.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
+    tmp_path = _temp_sibling(loc.path)
     try:
         with open(tmp_path, "wb") as handle:
             yield handle
@@ -312,6 +310,14 @@ def atomic_writer(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)
         raise
+
+
+def _temp_sibling(path: str) -> str:
+    """A fresh hidden temporary name beside local ``path`` (its folder created): where a write
+    goes before it is renamed or linked into place; :func:`list_files` never lists it."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
 
 
 def _upload_all_or_nothing(source: IO[bytes], uri: str | os.PathLike) -> None:
@@ -356,9 +362,7 @@ def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
         except FileExistsError:
             return False
         return True
-    directory = os.path.dirname(loc.path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = os.path.join(directory, f".{os.path.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
+    tmp_path = _temp_sibling(loc.path)
     try:
         with open(tmp_path, "wb") as handle:
             handle.write(data)

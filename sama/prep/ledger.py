@@ -252,18 +252,17 @@ class OutputLease:
     ``acquire`` creates the lease file atomically (see :func:`sama.storage.create_exclusive`); a
     lease held by another run refuses with :class:`OutputLeased` naming the holder, unless it
     expired or its holder is known dead (same host, process gone), in which case it is taken
-    over. A thread renews
-    the lease every ``ttl_s / 3`` seconds; ``release`` stops it and deletes the lease if it is
-    still this run's. ``lost`` turns true when a renewal found another owner (this run stalled
-    past its expiry and was taken over): the run must then stop without committing more.
+    over. A thread renews the lease every ``ttl_s / 3`` seconds; ``release`` stops it and deletes
+    the lease if it is still this run's. ``lost`` turns true when a renewal found another owner
+    (this run stalled past its expiry and was taken over): the run must then stop without
+    committing more.
     """
 
-    def __init__(self, output_uri: str, ttl_s: float = 300.0, what: str = "a data job"):
+    def __init__(self, output_uri: str, ttl_s: float = 300.0):
         if ttl_s <= 0:
             raise ValueError(f"lease ttl must be positive, got {ttl_s}")
         self.uri = storage.join(output_uri, LEASE_FILE)
         self.ttl_s = float(ttl_s)
-        self.what = what
         self.owner = uuid.uuid4().hex
         self.lost = False
         self._stop = threading.Event()
@@ -315,7 +314,8 @@ class OutputLease:
                 held = self.read()
                 if held is None or held.owner != self.owner:
                     self.lost = True
-                    log.error("%s: lost the output's lease to %s", self.uri, held.owner if held else "nobody")
+                    holder = held.owner if held else "nobody"
+                    log.error("%s: lost the output's lease to %s", self.uri, holder)
                     return
                 storage.write_text(self.uri, json.dumps(asdict(self._record())))
             except Exception as exc:  # a renewal that fails is retried at the next tick

@@ -190,16 +190,13 @@ def video_samples(
         except video.VideoDecodeError as exc:
             if exc.kind != "corrupt_stream":
                 raise
-            corrupt.append(exc)
-            clip_id = f"{item.input_id}@{start:g}s"
-            if dropped is not None:
-                dropped.append(ledger.Reject(clip_id, exc.kind, f"{clip_id}: {exc.reason}"))
+            corrupt.append((f"{item.input_id}@{start:g}s", exc))
             continue
         samples.append(make_clip_sample(frames, item.input_id, index, start, caption, bucket, cfg))
     if corrupt and not samples:
-        if dropped is not None:
-            del dropped[len(dropped) - len(corrupt) :]  # the video's reject says it all
-        raise corrupt[0]
+        raise corrupt[0][1]  # no clean clip: the video's reject says it all
+    if dropped is not None:
+        dropped.extend(ledger.Reject(clip, exc.kind, f"{clip}: {exc.reason}") for clip, exc in corrupt)
     return samples
 
 
