@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from sama import cluster, config, storage
+from sama import cluster, config, preflight, storage
 from sama.prep import ledger
 
 log = logging.getLogger(__name__)
@@ -91,18 +91,29 @@ def run_job(
     cfg,
     output_uri: str,
     overwrite: bool,
+    check_input: Callable[[], str],
     list_units: Callable[[set[str]], tuple[list, int]],
     process: Callable[[str], ledger.UnitResult],
     ray_cfg,
     what: str,
 ) -> ledger.Summary:
-    """The driver of a data-prep job, from output preparation to the summary.
+    """The driver of a data-prep job, from preflight to the summary.
 
-    ``list_units(done_sources)`` lists the pending work units (objects with ``to_json``) given the
-    inputs completed units already cover; ``process(unit_json)`` runs one on a worker. The run
-    holds the output's lease (:class:`sama.prep.ledger.OutputLease`) from start to summary.
+    ``check_input()`` is the input's preflight check (:mod:`sama.preflight`), run with the output's
+    before anything is written or Ray starts. ``list_units(done_sources)`` lists the pending work
+    units (objects with ``to_json``) given the inputs completed units already cover;
+    ``process(unit_json)`` runs one on a worker. The run holds the output's lease
+    (:class:`sama.prep.ledger.OutputLease`) from start to summary.
     """
     started = time.monotonic()
+    checks = [
+        preflight.Check("input", check_input),
+        preflight.Check("output", lambda: preflight.writable(output_uri)),
+    ]
+    results = preflight.run_checks(checks)
+    for result in results:
+        log.info("%s preflight: %s [%s] %s", name, result.name, result.status, result.found)
+    preflight.require(name, results)
     # Everything below deletes or commits under the output root: only with its lease.
     with ledger.OutputLease(output_uri, cfg.output.lease_ttl_s) as lease:
         done = ledger.prepare_output(output_uri, overwrite)

@@ -11,9 +11,15 @@ import functools
 import logging
 
 from pipelines import common
-from sama import config, storage
+from sama import config
 from sama.prep import ledger
-from sama.prep.pairs_job import PairsUnit, PrepPairsConfig, list_pair_units, process_pairs_unit
+from sama.prep.pairs_job import (
+    PairsUnit,
+    PrepPairsConfig,
+    check_manifests,
+    list_pair_units,
+    process_pairs_unit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +32,6 @@ def run(cfg: PrepPairsConfig, overwrite: bool = False) -> ledger.Summary:
     """Run the job to completion (or resume it); returns the summary also written to the output."""
     if not cfg.input.manifests:
         raise config.ConfigError("input.manifests: no manifest given (use --manifest URI)")
-    for uri in cfg.input.manifests:
-        if not storage.exists(uri):
-            raise storage.StorageError(uri, "manifest not found")
     if not cfg.output.uri:
         raise config.ConfigError("output.uri: no output given (use --output URI)")
     cfg.validate()
@@ -37,6 +40,7 @@ def run(cfg: PrepPairsConfig, overwrite: bool = False) -> ledger.Summary:
         cfg=cfg,
         output_uri=cfg.output.uri,
         overwrite=overwrite,
+        check_input=lambda: check_manifests(cfg),
         list_units=lambda done: list_pair_units(cfg, done),
         process=functools.partial(_process, cfg=cfg),
         ray_cfg=cfg.ray,

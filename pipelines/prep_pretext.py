@@ -14,7 +14,7 @@ import logging
 from pipelines import common
 from sama import config
 from sama.prep import ledger
-from sama.prep.inputs import WorkUnit, list_units
+from sama.prep.inputs import WorkUnit, check_input_prefix, list_units
 from sama.prep.pretext_job import PrepPretextConfig, process_unit
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def run(cfg: PrepPretextConfig, overwrite: bool = False) -> ledger.Summary:
         cfg=cfg,
         output_uri=cfg.output.uri,
         overwrite=overwrite,
+        check_input=lambda: check_input_prefix(cfg.input),
         list_units=lambda done: list_units(cfg.input, done),
         process=functools.partial(_process, cfg=cfg),
         ray_cfg=cfg.ray,

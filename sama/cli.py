@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     add_override_argument(p, "optim.lr=1e-4")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="run the preflight checks (config, run, model, data, storage, tracking, cluster), print "
+        "them and exit: 0 when all pass, 1 otherwise",
+    )
 
     p = sub.add_parser("edit", help="edit a video with a trained model")
     p.add_argument("--video", required=True)
@@ -160,12 +166,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.dumps(cfg), end="")
         return 0
-    from sama.train.launch import RunExistsError, run_training
+    from sama.preflight import PreflightError, format_report
+    from sama.train.preflight import WHAT, run_preflight
+
+    if args.check:
+        results = run_preflight(cfg, resume=args.resume)
+        print(format_report(WHAT, results))
+        return 1 if any(r.status == "fail" for r in results) else 0
+    from sama.train.launch import ResourcesUnavailable, TrainingError, run_training
 
     try:
         info = run_training(cfg, resume=args.resume)
-    except RunExistsError as exc:
-        raise CommandError(str(exc)) from None
+    except PreflightError as exc:
+        print(format_report(WHAT, exc.results), file=sys.stderr)
+        return 1
+    except TrainingError as exc:
+        # The first failing rank's traceback, once: every rank raising the same error would
+        # otherwise print it once per worker.
+        print(exc.traceback, file=sys.stderr)
+        print(f"sama train: error: {exc}", file=sys.stderr)
+        return 1
+    except ResourcesUnavailable as exc:
+        print(f"sama train: error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(info, indent=2))
     return 0
 
@@ -230,11 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from sama.config import ConfigError
+    from sama.preflight import PreflightError
     from sama.storage import StorageError
 
     try:
         return _lookup(args.command)(args)
-    except (CommandError, ConfigError, StorageError) as exc:
+    except (CommandError, ConfigError, StorageError, PreflightError) as exc:
         print(f"sama {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -56,6 +56,7 @@ __all__ = [
     "SamaEditOutput",
     "SamaEditPipeline",
     "pad_video",
+    "parse_manifest",
 ]
 
 PIPELINE_FILE = "sama_pipeline.json"
@@ -94,6 +95,33 @@ class PipelineConfig:
     add_prefix: bool = True
     negative_prompt: str | None = None
     semantic: bool = True
+
+
+def parse_manifest(text: str, where: str) -> tuple[dict, ModelConfig | None, PipelineConfig]:
+    """An export's ``sama_pipeline.json`` text -> (manifest, model config, pipeline defaults).
+
+    Raises:
+        ModelDirectoryError: naming ``where`` (the export), when the text is not a manifest of
+            this format version or its configuration is invalid.
+    """
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelDirectoryError(where, f"{PIPELINE_FILE} is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != PIPELINE_FORMAT:
+        raise ModelDirectoryError(where, f"{PIPELINE_FILE} is not a {PIPELINE_FORMAT} manifest")
+    if manifest.get("format_version") != PIPELINE_FORMAT_VERSION:
+        raise ModelDirectoryError(
+            where,
+            f"{PIPELINE_FILE} has format_version {manifest.get('format_version')!r}; this code reads "
+            f"version {PIPELINE_FORMAT_VERSION}",
+        )
+    try:
+        model_config = from_dict(ModelConfig, manifest["model"]) if manifest.get("model") else None
+        pipeline_config = from_dict(PipelineConfig, manifest.get("pipeline") or {})
+    except (ConfigError, KeyError) as exc:
+        raise ModelDirectoryError(where, f"{PIPELINE_FILE} has an invalid configuration: {exc}") from exc
+    return manifest, model_config, pipeline_config
 
 
 @dataclass
@@ -429,22 +457,10 @@ class SamaEditPipeline:
             raise ModelDirectoryError(path, f"not a SAMA model directory: {PIPELINE_FILE} is missing{hint}")
         try:
             with open(manifest_path) as handle:
-                manifest = json.load(handle)
-        except (OSError, json.JSONDecodeError) as exc:
+                text = handle.read()
+        except OSError as exc:
             raise ModelDirectoryError(path, f"{PIPELINE_FILE} is unreadable: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != PIPELINE_FORMAT:
-            raise ModelDirectoryError(path, f"{PIPELINE_FILE} is not a {PIPELINE_FORMAT} manifest")
-        if manifest.get("format_version") != PIPELINE_FORMAT_VERSION:
-            raise ModelDirectoryError(
-                path,
-                f"{PIPELINE_FILE} has format_version {manifest.get('format_version')!r}; this code reads "
-                f"version {PIPELINE_FORMAT_VERSION}",
-            )
-        try:
-            model_config = from_dict(ModelConfig, manifest["model"]) if manifest.get("model") else None
-            pipeline_config = from_dict(PipelineConfig, manifest.get("pipeline") or {})
-        except (ConfigError, KeyError) as exc:
-            raise ModelDirectoryError(path, f"{PIPELINE_FILE} has an invalid configuration: {exc}") from exc
+        manifest, model_config, pipeline_config = parse_manifest(text, path)
         components = manifest.get("components") or {}
         dtype = torch_dtype or (torch_dtype_of(model_config) if model_config is not None else None)
 

@@ -412,6 +412,39 @@ def list_files(prefix: str | os.PathLike, suffixes: tuple[str, ...] | None = Non
     return sorted(uris)
 
 
+def list_files_head(prefix: str | os.PathLike, limit: int = 1000) -> tuple[list[str], bool]:
+    """Up to ``limit`` files under ``prefix`` (in the store's listing order, not sorted), and whether
+    that is all of them: a look at a prefix that costs one listing page, not the whole listing."""
+    loc = parse(prefix)
+    fs, path = filesystem(prefix)
+    found: list[str] = []
+    if not loc.is_s3:
+        if os.path.isfile(path):
+            return [path], True
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not name.startswith("."):
+                    found.append(os.path.join(root, name))
+                    if len(found) >= limit:
+                        return found, False
+        return found, True
+    bucket, _, key = path.partition("/")
+    if fs.isfile(path):
+        return [f"s3://{path}"], True
+    request = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else "", "MaxKeys": min(limit, 1000)}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        for item in page.get("Contents", []):
+            if not posixpath.basename(item["Key"]).startswith("."):
+                found.append(f"s3://{bucket}/{item['Key']}")
+        if len(found) >= limit:
+            return found[:limit], False
+        if not page.get("IsTruncated"):
+            return found, True
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
 def delete(uri: str | os.PathLike, recursive: bool = False) -> None:
     """Remove an object (or, with ``recursive``, everything under a prefix); missing is fine."""
     fs, path = filesystem(uri)

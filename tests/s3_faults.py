@@ -17,7 +17,7 @@ from dataclasses import dataclass
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 )
-_CODES = {500: "InternalError", 503: "SlowDown"}
+_CODES = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown"}
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ __all__ = [
     "get_preset",
     "resolve_model_config",
     "torch_dtype_of",
+    "transformer_mismatch",
 ]
 
 # Public diffusers-format checkpoints matching each preset (never fetched implicitly).
@@ -213,18 +214,24 @@ def build_transformer(config: ModelConfig, *, load_weights: bool = True) -> Sama
     base = WanTransformer3DModel.from_pretrained(
         source, subfolder=config.transformer.subfolder or None, torch_dtype=dtype
     )
-    expected = config.transformer.wan_kwargs()
-    differing = {
-        key: (value, base.config.get(key))
-        for key, value in expected.items()
-        if key != "rope_max_seq_len" and _normalise(base.config.get(key)) != _normalise(value)
-    }
-    if differing:
-        details = ", ".join(f"{k}: config {v[0]!r} vs checkpoint {v[1]!r}" for k, v in differing.items())
-        raise ValueError(
-            f"{source}: transformer checkpoint does not match the '{config.preset}' config ({details})"
-        )
+    mismatch = transformer_mismatch(config, base.config)
+    if mismatch:
+        raise ValueError(f"{source}: {mismatch}")
     return SamaTransformer3DModel.from_wan(base, **_sama_kwargs(config))
+
+
+def transformer_mismatch(config: ModelConfig, checkpoint_config: Mapping[str, Any]) -> str | None:
+    """How a Wan transformer checkpoint's ``config.json`` differs from ``config.transformer``
+    (architecture keys; the rotary table length is not one), or None when it matches."""
+    differing = {
+        key: (value, checkpoint_config.get(key))
+        for key, value in config.transformer.wan_kwargs().items()
+        if key != "rope_max_seq_len" and _normalise(checkpoint_config.get(key)) != _normalise(value)
+    }
+    if not differing:
+        return None
+    details = ", ".join(f"{k}: config {v[0]!r} vs checkpoint {v[1]!r}" for k, v in differing.items())
+    return f"transformer checkpoint does not match the '{config.preset}' config ({details})"
 
 
 def _normalise(value: Any) -> Any:

@@ -282,6 +282,28 @@ def list_units(cfg: InputConfig, done_inputs: set[str] | None = None) -> tuple[l
     return units, skipped
 
 
+def check_input_prefix(cfg: InputConfig) -> str:
+    """Preflight of ``prep-pretext``'s input: the prefix lists, and holds videos or tars of videos
+    among its first listing page. Raises :class:`sama.preflight.CheckFailed` naming the problem."""
+    from sama.preflight import CheckFailed, CheckWarning, storage_access
+
+    where = storage.redact(cfg.uri)
+    with storage_access("list", cfg.uri, "--input"):
+        files, complete = storage.list_files_head(cfg.uri)
+    if not files:
+        raise CheckFailed(f"the input prefix {where} holds no files", "check --input")
+    usable = (*(s.lower() for s in cfg.suffixes), TAR_SUFFIX)
+    inputs = sum(f.lower().endswith(usable) for f in files)
+    listed = f"{len(files)} file(s)" if complete else f"the first {len(files)} file(s)"
+    if inputs:
+        return f"{where}: {inputs} video or tar input(s) among {listed}"
+    message = f"{where}: none of {listed} is a video ({', '.join(cfg.suffixes)}) or a .tar of videos"
+    fix = "check --input, or list the videos' suffixes in input.suffixes"
+    if complete:
+        raise CheckFailed(message, fix)
+    raise CheckWarning(message + "; the job lists the rest", fix)
+
+
 @contextlib.contextmanager
 def _spooled_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Iterator[str]:
     """Copy one tar member to a temporary file (videos need seekable input; never all in memory)."""

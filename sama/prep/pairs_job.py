@@ -26,7 +26,7 @@ import math
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from sama import schema, video
+from sama import schema, storage, video
 from sama.buckets import BucketConfig, floor_4k_plus_1
 from sama.prep import ledger
 from sama.prep.common import DecodeConfig, EncodeConfig, OutputConfig, RayConfig, RejectInput
@@ -296,6 +296,22 @@ def mark_duplicates(rows: list[PairRow]) -> int:
         else:
             first[key] = row.row_id
     return count
+
+
+def check_manifests(cfg: PrepPairsConfig) -> str:
+    """Preflight of ``prep-pairs``' input: every manifest exists and is not empty."""
+    from sama.preflight import CheckFailed, storage_access
+
+    if not cfg.input.manifests:
+        raise CheckFailed("no manifest given", "pass --manifest URI (csv, jsonl or parquet)")
+    total = 0
+    for uri in cfg.input.manifests:
+        with storage_access("read the manifest", uri, "--manifest"):
+            size = storage.size(uri)
+        if size == 0:
+            raise CheckFailed(f"manifest {storage.redact(uri)} is empty", "check --manifest")
+        total += size
+    return f"{len(cfg.input.manifests)} manifest(s), {total} bytes"
 
 
 def list_pair_units(cfg: PrepPairsConfig, done_rows: set[str]) -> tuple[list[PairsUnit], int]:

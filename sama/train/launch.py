@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
+import time
+import traceback
 from typing import Any
 
 from sama import cluster, storage
 from sama import config as config_lib
+from sama.preflight import describe_error
+from sama.train.preflight import describe_resources
 from sama.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -139,58 +144,223 @@ def _publish(cfg: TrainConfig, trainer, tracker, export_dir: str, loop_config: d
     storage.write_text(storage.join(run_uri(cfg), RUN_INFO_FILE), json.dumps(info, indent=2) + "\n")
 
 
-class RunExistsError(RuntimeError):
-    """A run of that name already has checkpoints and --resume was not given."""
+class TrainingError(RuntimeError):
+    """The training function raised an error that a restart would raise again (configuration,
+    data or code): the job fails at once with the original error instead of being retried."""
+
+    def __init__(self, run_name: str, failures: dict[int, BaseException]):
+        first = failures[min(failures)]
+        ranks = ", ".join(str(r) for r in sorted(failures))
+        self.run_name = run_name
+        self.failures = failures
+        self.original = first
+        self.traceback = "".join(traceback.format_exception(first)).rstrip()
+        super().__init__(
+            f"run {run_name!r} failed on rank(s) {ranks} with {type(first).__name__}: {first} "
+            "(an error of the configuration, the data or the code: not retried, since a restart "
+            "would raise it again)"
+        )
 
 
-def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train one stage to completion; returns run_info (export URI, MLflow run, model version)."""
+class ResourcesUnavailable(RuntimeError):
+    """The cluster could provide the workers but did not within scaling.resource_timeout_s."""
+
+
+# Errors in a worker that mean the worker, its node or the link between workers was lost, not
+# that the training function is wrong: a restart from the last checkpoint may well succeed.
+_COLLECTIVE_FAILURE_MARKERS = (
+    "gloo/transport",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "NCCL communicator was aborted",
+    "NCCL error",
+    "ncclRemoteError",
+    "ncclSystemError",
+    "uncorrectable ECC error",
+)
+
+
+def is_worker_loss(error: BaseException) -> bool:
+    """Whether one worker's failure is the loss of a worker (death, preemption, OOM kill, a failed
+    collective) rather than an error of the training function."""
+    import ray.exceptions
+
+    if isinstance(
+        error, ray.exceptions.RayActorError | ray.exceptions.NodeDiedError | ray.exceptions.OutOfMemoryError
+    ):
+        return True
+    # Ray Train V2 reports a worker process that vanished as a failed health check.
+    if type(error).__name__ in ("WorkerHealthCheckFailedError", "WorkerHealthCheckTimeoutError"):
+        return True
+    import torch.distributed
+
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(marker in text for marker in _COLLECTIVE_FAILURE_MARKERS)
+
+
+def classify_failure(error: BaseException) -> str:
+    """``"worker_lost"`` (restart from the last checkpoint, within run.max_failures), ``"startup"``
+    (the worker group could not start), or ``"error"`` (fail now: a restart raises it again)."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    if isinstance(error, WorkerGroupError):
+        failures = list(error.worker_failures.values())
+        # One lost worker makes the others fail too (aborted collectives): any loss is a loss.
+        if failures and any(is_worker_loss(f) for f in failures):
+            return "worker_lost"
+        return "error" if failures else "worker_lost"
+    if isinstance(error, ControllerError):
+        return "startup"
+    return "error"
+
+
+def wait_for_workers(cfg: TrainConfig, poll_s: float = 30.0) -> None:
+    """Block until the cluster can place every worker (a placement group of the workers' bundles
+    is ready), at most ``scaling.resource_timeout_s``; the reservation is released before Ray Train
+    makes its own. Pending autoscaler demand comes from this reservation, so nodes start early."""
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    need = cfg.scaling.worker_resources()
+    workers = cfg.scaling.num_workers
+    timeout = cfg.scaling.resource_timeout_s
+    group = placement_group([dict(need)] * workers, strategy="PACK")
+    started = time.monotonic()
+    try:
+        while True:
+            waited = time.monotonic() - started
+            if group.wait(timeout_seconds=max(0.0, min(poll_s, timeout - waited))):
+                if waited > poll_s:
+                    log.info("the cluster can place the %d worker(s) after %.0f s", workers, waited)
+                return
+            waited = time.monotonic() - started
+            available = ray.available_resources()
+            if waited >= timeout:
+                asked = f"{workers} worker(s) x {{{describe_resources(need)}}}"
+                raise ResourcesUnavailable(
+                    f"run {cfg.run.name!r}: the cluster did not provide {asked} within "
+                    f"scaling.resource_timeout_s={timeout:g} s "
+                    f"(available now: {describe_resources(available)}). Other jobs may hold them, or "
+                    "the autoscaler cannot start the nodes (quota, instance availability): check "
+                    "`ray status`, then retry, raise scaling.resource_timeout_s, or ask for fewer workers"
+                )
+            log.info(
+                "waiting for %d worker(s) x {%s}: %.0f of %.0f s, available now {%s}",
+                workers,
+                describe_resources(need),
+                waited,
+                timeout,
+                describe_resources(available),
+            )
+    finally:
+        remove_placement_group(group)
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, *, preflight: bool = True) -> dict[str, Any]:
+    """Train one stage to completion; returns run_info (export URI, MLflow run, model version).
+
+    Runs the preflight checks first (:mod:`sama.train.preflight`; ``PreflightError`` when one
+    fails, before any worker is requested), then waits at most ``scaling.resource_timeout_s`` for
+    the workers. A lost worker restarts the workers from the last checkpoint, up to
+    ``run.max_failures`` times; an error the training function raises fails the run at once
+    (:class:`TrainingError`).
+    """
+    from sama import preflight as preflight_lib
+    from sama.train.preflight import WHAT, run_preflight
+
+    if preflight:
+        results = run_preflight(cfg, resume)
+        for result in results:
+            if result.status == "warn":
+                log.warning("preflight: %s: %s (%s)", result.name, result.found, result.fix)
+        preflight_lib.require(WHAT, results)
+    else:
+        cfg.validate()
+    cluster.connect()
+    if not storage.parse(cfg.run.storage_uri).is_s3:
+        storage.makedirs(cfg.run.storage_uri)
+    restarts = 0
+    while True:
+        # Before a restart too: a lost node may have to be replaced first.
+        wait_for_workers(cfg)
+        latest = latest_checkpoint(cfg)
+        if latest:
+            # Ray Train V2 restores a run from its storage (same name and storage path): the
+            # workers' ray.train.get_checkpoint() returns the run's latest checkpoint.
+            log.info("%s %s from %s", "restarting" if restarts else "resuming", cfg.run.name, latest)
+        try:
+            _fit(cfg)
+            break
+        except Exception as exc:
+            kind = classify_failure(exc)
+            if kind == "error":
+                from ray.train import WorkerGroupError
+
+                if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+                    raise TrainingError(cfg.run.name, dict(exc.worker_failures)) from None
+                raise
+            if kind == "startup":
+                raise ResourcesUnavailable(
+                    f"run {cfg.run.name!r}: the training workers did not start: {exc}"
+                ) from exc
+            restarts += 1
+            if restarts > cfg.run.max_failures:
+                log.error(
+                    "run %s: a worker was lost %d time(s), run.max_failures=%d",
+                    cfg.run.name,
+                    restarts,
+                    cfg.run.max_failures,
+                )
+                raise
+            log.warning(
+                "run %s: a worker was lost (%s); restart %d of run.max_failures=%d from the last checkpoint",
+                cfg.run.name,
+                describe_error(exc),
+                restarts,
+                cfg.run.max_failures,
+            )
+    info_uri = storage.join(run_uri(cfg), RUN_INFO_FILE)
+    return json.loads(storage.read_text(info_uri))
+
+
+def _fit(cfg: TrainConfig) -> None:
+    """One Ray Train attempt: restores from the run's storage when it has a checkpoint."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg.validate()
-    latest = latest_checkpoint(cfg)
-    if latest and not resume:
-        raise RunExistsError(
-            f"run {cfg.run.name!r} already has checkpoints in {run_uri(cfg)} "
-            f"(latest {storage.basename(latest)}): pass --resume to continue it, "
-            "or set run.name to start a new run"
-        )
-    if resume and not latest:
-        raise RunExistsError(f"--resume: run {cfg.run.name!r} has no checkpoint in {run_uri(cfg)}")
-
-    cluster.connect()
     storage_fs, storage_path = storage.pyarrow_filesystem(cfg.run.storage_uri)
-    if not storage.parse(cfg.run.storage_uri).is_s3:
-        storage.makedirs(cfg.run.storage_uri)
-        storage_fs = None
-    resources: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
     mlflow_dir = None
     if not storage.parse(cfg.run.storage_uri).is_s3:
+        storage_fs = None
         # The embedded default: a local MLflow store beside the runs, shared by every stage.
         mlflow_dir = os.path.join(storage.parse(cfg.run.storage_uri).path, "mlruns")
-    if latest:
-        # Ray Train V2 restores a run from its storage (same name and storage path): the workers'
-        # ray.train.get_checkpoint() returns the run's latest checkpoint.
-        log.info("resuming %s from %s", cfg.run.name, latest)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config_lib.to_dict(cfg), "mlflow_dir": mlflow_dir},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=cfg.scaling.worker_resources(),
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # Restarts are decided here (run_training), by what failed: Ray Train's own would
+            # retry a deterministic error too. Preemptions stay Ray Train's (its own budget).
+            failure_config=ray.train.FailureConfig(
+                max_failures=0, controller_failure_limit=_startup_retries(cfg)
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
     )
     trainer.fit()
-    info_uri = storage.join(run_uri(cfg), RUN_INFO_FILE)
-    return json.loads(storage.read_text(info_uri))
+
+
+def _startup_retries(cfg: TrainConfig) -> int:
+    """Ray Train retries a worker group whose placement waits past its start timeout (60 s) without
+    limit; wait_for_workers has already waited, so allow about the same again, then fail."""
+    return max(1, math.ceil(cfg.scaling.resource_timeout_s / 60.0))

@@ -87,6 +87,33 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     # Torch intra-op threads per worker on CPU (None: what the worker's CPU budget allows).
     torch_threads: int | None = None
+    # Host memory each worker reserves, in GiB (0: no reservation); Ray places workers by it.
+    memory_per_worker_gb: float = 0.0
+    # Only nodes with this accelerator (Ray's accelerator_type, e.g. "H100"); None: any.
+    accelerator_type: str | None = None
+    # How long to wait for a cluster that can provide the workers but has not yet (autoscaling,
+    # other jobs) before failing; a cluster that never can fails at once (preflight).
+    resource_timeout_s: float = 900.0
+
+    def worker_resources(self) -> dict[str, float]:
+        """The Ray resources one training worker reserves."""
+        resources: dict[str, float] = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = 1
+        if self.memory_per_worker_gb > 0:
+            resources["memory"] = self.memory_per_worker_gb * 2**30
+        if self.accelerator_type:
+            # How Ray expresses an accelerator constraint: a sliver of the node's type resource.
+            resources[f"accelerator_type:{self.accelerator_type}"] = 0.001
+        return resources
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1")
+        if self.cpus_per_worker < 0 or self.memory_per_worker_gb < 0:
+            raise ValueError("scaling.cpus_per_worker and scaling.memory_per_worker_gb must be >= 0")
+        if self.resource_timeout_s < 0:
+            raise ValueError("scaling.resource_timeout_s must be >= 0")
 
 
 @dataclass
@@ -153,14 +180,13 @@ class TrainConfig:
             raise ValueError("max_steps, grad_accum and log_every must be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must be in [0, 1)")
-        if self.scaling.num_workers < 1:
-            raise ValueError("scaling.num_workers must be >= 1")
         if self.checkpoint.every_steps < 1 or self.validation.every_steps < 1:
             raise ValueError("checkpoint.every_steps and validation.every_steps must be >= 1")
         if self.checkpoint.keep_last < 1:
             raise ValueError("checkpoint.keep_last must be >= 1")
         if self.stage == 1 and not self.model.init_from:
             raise ValueError("stage 1 (SFT) starts from a stage-0 export: set model.init_from")
+        self.scaling.validate()
         self.data.validate()
         self.optim.validate()
         self.objective.validate()
@@ -183,19 +209,22 @@ def local_export(uri: str) -> str:
 
 def resolve_model_config(section: ModelSection):
     """The ModelConfig to build: the export's own (init_from), else the preset with overrides."""
-    from sama.models.config import ModelConfig
     from sama.models.presets import get_preset
 
     if section.init_from:
-        import json
+        from sama.pipeline_edit import PIPELINE_FILE, parse_manifest
 
-        manifest_path = os.path.join(local_export(section.init_from), "sama_pipeline.json")
+        manifest_path = os.path.join(local_export(section.init_from), PIPELINE_FILE)
         if not os.path.isfile(manifest_path):
             raise FileNotFoundError(
-                f"model.init_from {section.init_from}: not a SAMA export (no sama_pipeline.json)"
+                f"model.init_from {section.init_from}: not a SAMA export (no {PIPELINE_FILE})"
             )
         with open(manifest_path) as handle:
-            model_config = config_lib.from_dict(ModelConfig, json.load(handle)["model"])
+            _, model_config, _ = parse_manifest(handle.read(), section.init_from)
+        if model_config is None:
+            raise ValueError(
+                f"model.init_from {section.init_from}: the export records no model configuration"
+            )
     else:
         model_config = get_preset(section.preset)
         if section.pretrained:

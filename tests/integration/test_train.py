@@ -210,3 +210,208 @@ def test_killed_worker_recovers_from_the_last_checkpoint(store, mlflow_server, r
     assert steps[-1] == 40 and set(range(5, 45, 5)) <= set(steps)
     assert ray.is_initialized()
     assert storage.exists(storage.join(run_uri(cfg), RUN_INFO_FILE))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fail fast: preflight before any worker, bounded waits, which failures are retried
+
+
+def _train_workers_created(ray_cluster) -> int:
+    """Ray Train worker actors this cluster has ever created (alive or dead)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=ray_cluster.test_dashboard_url,
+        filters=[("class_name", "=", "RayTrainWorker")],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    return len(actors)
+
+
+def test_a_gpu_recipe_on_the_cpu_cluster_fails_within_seconds_naming_the_gpus(
+    store, mlflow_server, ray_cluster, tmp_path
+):
+    from sama.preflight import PreflightError
+
+    before = _train_workers_created(ray_cluster)
+    cfg = stage0_config(store, str(tmp_path / "runs"), mlflow_server, "t-gpu", "scaling.use_gpu=true")
+    started = time.monotonic()
+    with pytest.raises(PreflightError) as caught:
+        run_training(cfg)
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, elapsed
+    failed = {r.name: r for r in caught.value.results if r.status == "fail"}
+    assert list(failed) == ["cluster"]
+    assert "each worker needs 1 GPU and the cluster has 0 GPUs" in failed["cluster"].found
+    assert "scaling.use_gpu=false" in failed["cluster"].fix
+    assert _train_workers_created(ray_cluster) == before
+
+
+def test_train_check_prints_every_check_and_exits_by_the_verdict(
+    store, mlflow_server, ray_cluster, tmp_path, capsys
+):
+    from sama.cli import main
+
+    args = [
+        "train",
+        "--check",
+        "--recipe",
+        "debug",
+        "--set",
+        quickstart._sources(
+            ("pretext", f"{store}/pretext/shards/video", "video", 3.0), quickstart._image_edits(store)
+        ),
+        "--set",
+        f"data.val_uri={store}/pretext-val/shards/video",
+        "--set",
+        f"run.storage_uri={tmp_path / 'runs'}",
+        "--set",
+        f"tracking.uri={mlflow_server}",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for name in ("config", "run", "model", "data source 'pretext'", "data source 'image_edits'"):
+        assert f"[ok  ] {name}: " in out
+    assert "[ok  ] validation shards: " in out and "[ok  ] run storage: " in out
+    assert f"[ok  ] tracking: MLflow server {mlflow_server} answers" in out
+    assert "[ok  ] cluster: 2 worker(s) x {CPU 0.5}: the cluster's 1 node(s) can place them" in out
+    assert out.rstrip().endswith("passed: 9 ok, 0 warning(s), 0 failure(s)")
+    assert not (tmp_path / "runs").exists()  # a check leaves nothing behind
+
+    assert main([*args, "--set", "scaling.use_gpu=true", "--set", "tracking.uri=http://127.0.0.1:9"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] cluster: the cluster cannot place 2 worker(s) x {CPU 0.5, GPU 1}" in out
+    assert "[WARN] tracking: the MLflow server at http://127.0.0.1:9 does not answer" in out
+    assert out.rstrip().endswith("FAILED: 7 ok, 1 warning(s), 1 failure(s)")
+
+
+def test_missing_data_unwritable_storage_and_a_missing_export_fail_before_any_worker(
+    store, mlflow_server, ray_cluster, s3_bucket, s3_faults, tmp_path
+):
+    from sama.preflight import PreflightError
+
+    before = _train_workers_created(ray_cluster)
+    missing = f"{store}/no-such-prep/shards/video"
+    cfg = stage0_config(
+        store,
+        f"{s3_bucket}/runs",
+        mlflow_server,
+        "t-preflight",
+        quickstart._sources(("pretext", missing, "video", 3.0), quickstart._image_edits(store)),
+    )
+    s3_faults.fail("PUT", r"/runs/t-preflight/", status=403)
+    with pytest.raises(PreflightError) as caught:
+        run_training(cfg)
+    failed = {r.name: r for r in caught.value.results if r.status == "fail"}
+    assert set(failed) == {"data source 'pretext'", "run storage"}
+    assert failed["data source 'pretext'"].found == f"no shards (*.tar) under {missing}"
+    assert "data.sources[0].uri" in failed["data source 'pretext'"].fix
+    assert failed["run storage"].found.startswith(f"cannot write under {s3_bucket}/runs/t-preflight")
+    assert "PermissionError" in failed["run storage"].found
+    message = str(caught.value)
+    assert "2 preflight check(s) failed, nothing was started" in message and missing in message
+
+    export = str(tmp_path / "runs" / "t-stage0" / "export")
+    cfg1 = config.load(
+        TrainConfig,
+        recipe_path("debug_sft"),
+        [
+            quickstart._sources(
+                ("video_edits", f"{store}/pairs/shards/video", "video", 3.0), quickstart._image_edits(store)
+            ),
+            f"data.val_uri={store}/pairs-val/shards/video",
+            f"run.storage_uri={tmp_path / 'runs'}",
+            f"tracking.uri={mlflow_server}",
+            f"model.init_from={export}",
+        ],
+    )
+    with pytest.raises(PreflightError) as caught:
+        run_training(cfg1)
+    failed = {r.name: r for r in caught.value.results if r.status == "fail"}
+    assert list(failed) == ["model"]
+    assert failed["model"].found == f"model.init_from {export} does not exist: not a SAMA export"
+    assert _train_workers_created(ray_cluster) == before
+
+
+def test_an_error_of_the_training_function_is_not_retried(store, mlflow_server, ray_cluster, tmp_path):
+    from sama.train.launch import TrainingError
+
+    before = _train_workers_created(ray_cluster)
+    missing = f"{store}/no-such-prep/shards/video"
+    cfg = stage0_config(
+        store,
+        str(tmp_path / "runs"),
+        mlflow_server,
+        "t-error",
+        quickstart._sources(("pretext", missing, "video", 3.0), quickstart._image_edits(store)),
+        "run.max_failures=3",
+    )
+    # Without the preflight, the error reaches the workers, as a data problem appearing after
+    # the checks would.
+    with pytest.raises(TrainingError) as caught:
+        run_training(cfg, preflight=False)
+    assert isinstance(caught.value.original, FileNotFoundError)
+    assert f"no shards (*.tar) under {missing}" in str(caught.value)
+    assert "not retried" in str(caught.value)
+    # One attempt: one worker group of 2, although run.max_failures allows 3 restarts.
+    assert _train_workers_created(ray_cluster) - before == cfg.scaling.num_workers
+
+
+def test_workers_the_cluster_cannot_provide_in_time_fail_after_the_resource_timeout(
+    store, mlflow_server, ray_cluster, tmp_path
+):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from sama.train.launch import ResourcesUnavailable
+
+    # Another job holds both CPUs of the cluster: the run could start, but not now.
+    other = placement_group([{"CPU": 2}])
+    assert other.wait(timeout_seconds=30)
+    before = _train_workers_created(ray_cluster)
+    try:
+        cfg = stage0_config(
+            store, str(tmp_path / "runs"), mlflow_server, "t-wait", "scaling.resource_timeout_s=4"
+        )
+        started = time.monotonic()
+        with pytest.raises(ResourcesUnavailable, match=r"did not provide 2 worker\(s\) x \{CPU 0.5\} within"):
+            run_training(cfg)
+        assert 4 <= time.monotonic() - started < 30
+    finally:
+        remove_placement_group(other)
+    assert _train_workers_created(ray_cluster) == before
+
+
+def test_node_types_of_an_autoscaler_count_as_capacity(ray_cluster):
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    from sama.train import preflight as train_preflight
+    from sama.train.launch import ResourcesUnavailable, wait_for_workers
+
+    cfg = config.load(
+        TrainConfig, recipe_path("debug"), ["scaling.use_gpu=true", "scaling.resource_timeout_s=2"]
+    )
+    with pytest.raises(Exception, match="the cluster has 0 GPUs.*no autoscaler node types reported"):
+        train_preflight.check_cluster(cfg)
+    cluster_config = autoscaler_pb2.ClusterConfig()
+    group = cluster_config.node_group_configs.add()
+    group.name = "gpu-workers"
+    group.resources["CPU"] = 16
+    group.resources["GPU"] = 2
+    group.max_count = 1
+    namespace = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
+    internal_kv._internal_kv_put(key, cluster_config.SerializeToString(), namespace=namespace)
+    try:
+        found = train_preflight.check_cluster(cfg)
+        assert "the nodes hold 0 now, the autoscaler can add the rest" in found
+        # No autoscaler actually runs here: the bounded wait ends it.
+        with pytest.raises(ResourcesUnavailable, match="within scaling.resource_timeout_s=2 s"):
+            wait_for_workers(cfg, poll_s=1)
+        cfg.scaling.num_workers = 3  # more than one node of two GPUs holds
+        with pytest.raises(Exception, match="node types: gpu-workers x1"):
+            train_preflight.check_cluster(cfg)
+    finally:
+        internal_kv._internal_kv_del(key, namespace=namespace)
