@@ -25,3 +25,15 @@ def connect(address: str | None = None) -> None:
         ray.init(include_dashboard=False, configure_logging=False)
         return
     ray.init(address=target, configure_logging=False)
+
+
+def driver_host() -> str:
+    """An address of this (the driver's) machine that the cluster's workers reach: loopback when
+    the cluster is this machine alone, else the driver node's address."""
+    import ray
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    here = ray.util.get_node_ip_address()
+    if all(node.get("NodeManagerAddress") == here for node in nodes):
+        return "127.0.0.1"
+    return here

@@ -35,8 +35,12 @@ class TrackingConfig:
     """Where and how runs are tracked."""
 
     enabled: bool = True
-    # None: MLFLOW_TRACKING_URI, else a local file store.
+    # An MLflow tracking URI; "local": a store in ``local_dir`` on the driver's machine, served to
+    # the workers by an MLflow server the driver runs; None: MLFLOW_TRACKING_URI, else (training
+    # with local run storage only) a store beside the runs.
     uri: str | None = None
+    # The directory of tracking.uri = "local" (relative to the driver's working directory).
+    local_dir: str = "mlruns"
     experiment: str = "sama"
     # Register the exported model under this name (None: do not register).
     registered_model: str | None = None
@@ -46,14 +50,161 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+LOCAL = "local"
+
+
+class TrackingNotConfigured(config_lib.ConfigError):
+    """A run on object storage with no tracking store that outlives the job."""
+
+
+def training_store(cfg: TrackingConfig, run_storage_uri: str) -> tuple[str | None, str | None]:
+    """Where a training run is tracked, decided on the driver: ``(tracking URI, local directory)``.
+
+    The URI is ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else, with local run storage, a
+    SQLite store beside the runs (``{run storage}/mlruns``). ``tracking.uri = "local"`` gives
+    ``(None, directory)``: the driver serves that directory (:class:`LocalTrackingServer`). A
+    store is never a worker's working directory (Ray's temporary session directory, gone with
+    the session), so run storage on object storage with nothing configured is an error.
+    """
+    from sama import storage
+
+    if cfg.uri == LOCAL:
+        return None, os.path.abspath(os.path.expanduser(cfg.local_dir))
+    if cfg.uri:
+        return cfg.uri, None
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], None
+    local_runs = storage.local_path(run_storage_uri)
+    if local_runs is None:
+        raise TrackingNotConfigured(
+            f"run.storage_uri is {storage.redact(run_storage_uri)} but no MLflow tracking store is "
+            "configured: the run's metrics and model would land in a temporary directory of the Ray session. "
+            "Set tracking.uri (or MLFLOW_TRACKING_URI) to your MLflow server, or tracking.uri=local "
+            f"to keep a store in tracking.local_dir ({cfg.local_dir}) on the driver's machine"
+        )
+    return sqlite_uri(os.path.join(os.path.abspath(local_runs), "mlruns")), None
+
+
+def sqlite_uri(directory: str) -> str:
+    """The tracking URI of a local store: ``mlflow.db`` in ``directory`` (artifacts beside it)."""
+    return f"sqlite:///{os.path.join(directory, 'mlflow.db')}"
+
+
+class LocalTrackingServer:
+    """An MLflow tracking server over a local directory (``mlflow.db`` and ``artifacts/``), run by
+    the driver for the length of a job so that workers on any node track into the driver's disk.
+
+    It listens on loopback when Ray is local, else on the driver node's address (inside the
+    cluster's network, like Ray's own ports).
+    """
+
+    def __init__(self, directory: str, host: str = "127.0.0.1", start_timeout_s: float = 120.0):
+        self.directory = directory
+        self.host = host
+        self.start_timeout_s = start_timeout_s
+        self.uri: str | None = None
+        self._process = None
+        self._log = None
+
+    def __enter__(self) -> LocalTrackingServer:
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        os.makedirs(self.directory, exist_ok=True)
+        with socket.socket() as sock:
+            sock.bind((self.host, 0))
+            port = sock.getsockname()[1]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            sqlite_uri(self.directory),
+            "--artifacts-destination",
+            os.path.join(self.directory, "artifacts"),
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
+        self._log = open(os.path.join(self.directory, "server.log"), "ab")  # lives with the server
+        # Its store is the one named above, whatever the environment says.
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        self._process = subprocess.Popen(
+            command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        uri = f"http://{self.host}:{port}"
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(
+                    f"the local MLflow server over {self.directory} did not start (its log: "
+                    f"{os.path.join(self.directory, 'server.log')})"
+                )
+            time.sleep(0.5)
+        self.uri = uri
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Stop the server and every process it started (uvicorn workers, its job runner)."""
+        import signal
+        import time
+
+        import psutil
+
+        if self._process is not None:
+            members = []
+            with contextlib.suppress(psutil.Error):
+                parent = psutil.Process(self._process.pid)
+                members = [parent, *parent.children(recursive=True)]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and any(_running(p) for p in members):
+                time.sleep(0.2)
+            for process in members:
+                if _running(process):
+                    with contextlib.suppress(psutil.Error):
+                        process.kill()
+            self._process.wait()
+        if self._log is not None:
+            self._log.close()
+        self._process = self._log = None
+
+
+def _running(process) -> bool:
+    """Running and not a zombie (an exited process nobody has reaped yet counts as gone)."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def resolve_tracking_uri(cfg: TrackingConfig, default_local_dir: str | None) -> str:
+    if cfg.uri == LOCAL:
+        return sqlite_uri(os.path.abspath(os.path.expanduser(cfg.local_dir)))
     if cfg.uri:
         return cfg.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     directory = os.path.abspath(default_local_dir or "mlruns")
     os.makedirs(directory, exist_ok=True)
-    return f"sqlite:///{os.path.join(directory, 'mlflow.db')}"
+    return sqlite_uri(directory)
 
 
 def resolve_registry_uri(cfg: TrackingConfig, tracking_uri: str) -> str:
@@ -77,6 +228,7 @@ class Tracker:
         self.tracking_uri = resolve_tracking_uri(cfg, default_local_dir) if self.enabled else None
         self.registry_uri = resolve_registry_uri(cfg, self.tracking_uri) if self.enabled else None
         self._client = None
+        self.created_run = False
 
     @property
     def client(self):
@@ -88,9 +240,20 @@ class Tracker:
         return self._client
 
     def start(
-        self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None
+        self,
+        run_name: str,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        resumed_from: str | None = None,
     ) -> str | None:
-        """Start a new run, or continue ``run_id`` (after a resume or restart)."""
+        """Start a new run, or continue ``run_id`` (after a resume or restart).
+
+        A ``run_id`` this store does not have (another store, a deleted run) starts a new run
+        instead, tagged ``sama.previous_mlflow_run`` and ``sama.resumed_from`` (``resumed_from``:
+        the checkpoint), with a warning: tracking never stops a run from resuming.
+        ``self.created_run`` says whether a new run was created.
+        """
+        self.created_run = False
         if not self.enabled:
             return None
         # Only this tracker's client is used: no process-global MLflow state is touched.
@@ -103,18 +266,42 @@ class Tracker:
                 )
             experiment = self.client.get_experiment_by_name(self.cfg.experiment)
         all_tags = {**self.cfg.tags, **(tags or {})}
+        if run_id and not self._has_active_run(run_id):
+            log.warning(
+                "MLflow run %s is not in the store %s (another store, or deleted): continuing the "
+                "resumed training in a new MLflow run, tagged with the previous run's id",
+                run_id,
+                self.tracking_uri,
+            )
+            all_tags["sama.previous_mlflow_run"] = run_id
+            if resumed_from:
+                all_tags["sama.resumed_from"] = resumed_from
+            run_id = None
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
             self.run_id = run.info.run_id
+            self.created_run = True
         if self.cfg.system_metrics:
             self._start_system_metrics()
         log.info(
             "tracking to %s (experiment %s, run %s)", self.tracking_uri, self.cfg.experiment, self.run_id
         )
         return self.run_id
+
+    def _has_active_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                return False
+            raise
+        return run.info.lifecycle_stage != "deleted"
 
     def _start_system_metrics(self) -> None:
         try:

@@ -214,9 +214,13 @@ def build_pass(
     if filter_by_key:
         ds = ds.filter(_keep_for_rank(rank, world_size))
     ds = ds.randomize_block_order(seed=_seed(cfg.seed, rank, source.name, pass_index, salt))
-    return ds.map(
+    ds = ds.map(
         functools.partial(_decode_at_niceness, niceness=cfg.decode_niceness), num_cpus=cfg.decode_num_cpus
     )
+    # Rows in plan order, not in whichever order parallel decode tasks finish: the same seed
+    # then gives the same stream, so a run (and a test of what it learns) is reproducible.
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def _seed(*parts) -> int:

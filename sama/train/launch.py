@@ -13,10 +13,11 @@ same MLflow run, with continuous step numbers.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 import traceback
@@ -25,6 +26,7 @@ from typing import Any
 from sama import cluster, storage
 from sama import config as config_lib
 from sama.preflight import describe_error
+from sama.tracking import LocalTrackingServer, sqlite_uri, training_store
 from sama.train.preflight import describe_resources
 from sama.train.trainer import TrainConfig
 
@@ -71,14 +73,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             trainer.restore(directory)
 
-    tracker = Tracker(cfg.tracking, enabled=rank == 0, default_local_dir=loop_config.get("mlflow_dir"))
+    # The store the driver chose (sama.tracking.training_store): never the worker's directory.
+    tracking = dataclasses.replace(cfg.tracking, uri=loop_config.get("tracking_uri") or cfg.tracking.uri)
+    tracker = Tracker(tracking, enabled=rank == 0)
     resumed = trainer.step > 0
     trainer.mlflow_run_id = tracker.start(
-        cfg.run.name, run_id=trainer.mlflow_run_id, tags={"stage": str(cfg.stage), "sama.run": cfg.run.name}
+        cfg.run.name,
+        run_id=trainer.mlflow_run_id,
+        tags={"stage": str(cfg.stage), "sama.run": cfg.run.name},
+        resumed_from=(
+            f"{storage.join(run_uri(cfg), storage.basename(checkpoint.path))} (step {trainer.step})"
+            if checkpoint is not None
+            else None
+        ),
     )
-    if not resumed:
+    if tracker.created_run:
         tracker.log_params(config_lib.to_dict(cfg))
         tracker.log_text(config_lib.dumps(cfg), "config.yaml")
+    if not resumed:
         tracker.log_metrics(trainer.validate(), step=0)
 
     window: list[dict[str, float]] = []
@@ -278,9 +290,36 @@ def run_training(cfg: TrainConfig, resume: bool = False, *, preflight: bool = Tr
         preflight_lib.require(WHAT, results)
     else:
         cfg.validate()
+    tracking_uri, tracking_dir = (
+        training_store(cfg.tracking, cfg.run.storage_uri) if cfg.tracking.enabled else (None, None)
+    )
     cluster.connect()
     if not storage.parse(cfg.run.storage_uri).is_s3:
         storage.makedirs(cfg.run.storage_uri)
+    with contextlib.ExitStack() as stack:
+        if tracking_dir is not None:
+            server = stack.enter_context(LocalTrackingServer(tracking_dir, host=cluster.driver_host()))
+            tracking_uri = server.uri
+            log.info("tracking locally in %s, served to the workers at %s", tracking_dir, tracking_uri)
+        _train_with_restarts(cfg, tracking_uri)
+    info_uri = storage.join(run_uri(cfg), RUN_INFO_FILE)
+    info = json.loads(storage.read_text(info_uri))
+    if tracking_dir is not None and info.get("mlflow_tracking_uri"):
+        # The server is gone with the job: point at the store itself.
+        info["mlflow_tracking_uri"] = sqlite_uri(tracking_dir)
+        storage.write_text(info_uri, json.dumps(info, indent=2) + "\n")
+        log.info(
+            "run %s is tracked in %s: mlflow ui --backend-store-uri %s",
+            cfg.run.name,
+            tracking_dir,
+            info["mlflow_tracking_uri"],
+        )
+    return info
+
+
+def _train_with_restarts(cfg: TrainConfig, tracking_uri: str | None) -> None:
+    """Ray Train attempts until one completes: a lost worker restarts from the last checkpoint,
+    up to run.max_failures times; anything else ends the run."""
     restarts = 0
     while True:
         # Before a restart too: a lost node may have to be replaced first.
@@ -291,8 +330,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, *, preflight: bool = Tr
             # workers' ray.train.get_checkpoint() returns the run's latest checkpoint.
             log.info("%s %s from %s", "restarting" if restarts else "resuming", cfg.run.name, latest)
         try:
-            _fit(cfg)
-            break
+            _fit(cfg, tracking_uri)
+            return
         except Exception as exc:
             kind = classify_failure(exc)
             if kind == "error":
@@ -321,24 +360,19 @@ def run_training(cfg: TrainConfig, resume: bool = False, *, preflight: bool = Tr
                 restarts,
                 cfg.run.max_failures,
             )
-    info_uri = storage.join(run_uri(cfg), RUN_INFO_FILE)
-    return json.loads(storage.read_text(info_uri))
 
 
-def _fit(cfg: TrainConfig) -> None:
+def _fit(cfg: TrainConfig, tracking_uri: str | None) -> None:
     """One Ray Train attempt: restores from the run's storage when it has a checkpoint."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_fs, storage_path = storage.pyarrow_filesystem(cfg.run.storage_uri)
-    mlflow_dir = None
     if not storage.parse(cfg.run.storage_uri).is_s3:
         storage_fs = None
-        # The embedded default: a local MLflow store beside the runs, shared by every stage.
-        mlflow_dir = os.path.join(storage.parse(cfg.run.storage_uri).path, "mlruns")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config_lib.to_dict(cfg), "mlflow_dir": mlflow_dir},
+        train_loop_config={"config": config_lib.to_dict(cfg), "tracking_uri": tracking_uri},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,

@@ -247,9 +247,20 @@ def check_shards(uri: str, media: str | None, key: str) -> str:
 
 
 def check_tracking(cfg: TrainConfig) -> str:
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return "a local MLflow store beside the runs"
+    from sama.tracking import TrackingNotConfigured, training_store
+
+    try:
+        uri, local_dir = training_store(cfg.tracking, cfg.run.storage_uri)
+    except TrackingNotConfigured as exc:
+        raise CheckFailed(
+            "run storage on object storage and no MLflow tracking store: the run would be tracked "
+            "in a temporary directory of the Ray session, lost with it",
+            "set tracking.uri (or MLFLOW_TRACKING_URI) to your MLflow server, or tracking.uri=local "
+            f"for a store in tracking.local_dir ({cfg.tracking.local_dir}) on this machine",
+        ) from exc
+    if local_dir is not None:
+        return f"a local store in {local_dir} on this machine, served to the workers during the run"
+    assert uri is not None
     where = storage.redact(uri)
     if not uri.startswith(("http://", "https://")):
         return f"MLflow store {where}"

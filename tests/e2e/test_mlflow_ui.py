@@ -10,23 +10,17 @@ skip when ``chromium`` is not installed; ``.ci/run`` installs it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.quickstart_run import Quickstart, tail
+from tests.e2e.quickstart_run import Quickstart
 
 # The quickstart (fixture set-up, counted in the first test's time) takes ~7 min on 2 idle cores.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -45,36 +39,6 @@ def _sample_dir(run_name: str) -> str:
 
     recipe = RECIPES[RUN_NAMES.index(run_name)]
     return f"samples/step_{config.load(TrainConfig, recipe_path(recipe), []).max_steps:07d}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _alive(proc) -> bool:
-    """Running and not a zombie (an exited child whose parent has not reaped it yet)."""
-    import psutil
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _wait_gone(procs: list, timeout: float) -> list:
-    """Wait until ``procs`` have exited, SIGKILL what is left after ``timeout``; return those."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
-        time.sleep(0.5)
-    left = [p for p in procs if _alive(p)]
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    return left
 
 
 def _runs_by_name(tracking_uri: str) -> tuple[str, dict]:
@@ -153,56 +117,13 @@ def test_quickstart_outputs(quickstart: Quickstart):
 
 
 @pytest.fixture(scope="session")
-def mlflow_ui(quickstart: Quickstart, tmp_path_factory):
-    """``mlflow ui`` over the quickstart's store; yields its URL."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("mlflow-ui") / "mlflow-ui.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        quickstart.tracking_uri,
-        # Runs keep their own artifact location (file://.../mlruns/artifacts, which the UI reads
-        # directly); this is where artifacts of anything logged through this server would go.
-        "--artifacts-destination",
-        str(quickstart.artifacts),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    members: list = []
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow ui did not start:\n{tail(log_path)}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        # The server runs uvicorn and job-runner (huey) children in its process group: stop them all.
-        import psutil
+def mlflow_ui(quickstart: Quickstart):
+    """An MLflow server over the quickstart's store (its ``mlflow.db`` and ``artifacts/``, which
+    runs read directly from their own file:// location); yields its URL."""
+    from sama.tracking import LocalTrackingServer
 
-        with contextlib.suppress(psutil.Error):
-            members = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        _wait_gone(members, timeout=30)
-        proc.wait(timeout=10)
+    with LocalTrackingServer(str(quickstart.artifacts.parent)) as server:
+        yield server.uri
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,15 @@ mlflow = pytest.importorskip("mlflow")
 
 from sama import config as config_lib  # noqa: E402
 from sama import synthetic, video  # noqa: E402
-from sama.tracking import Tracker, TrackingConfig, local_artifact_root, resolve_tracking_uri  # noqa: E402
+from sama.tracking import (  # noqa: E402
+    LocalTrackingServer,
+    Tracker,
+    TrackingConfig,
+    TrackingNotConfigured,
+    local_artifact_root,
+    resolve_tracking_uri,
+    training_store,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -340,3 +348,70 @@ def test_a_separate_registry_gets_the_model_version(tmp_path, tiny_export):
 
     versions = MlflowClient(registry, registry_uri=registry).search_model_versions(f"name = '{name}'")
     assert [(str(v.version), v.tags.get("stage")) for v in versions] == [(str(result["version"]), "stage0")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a training run is tracked, and resuming into a store that lost the run
+
+
+def test_training_store_never_lands_in_a_workers_directory(tmp_path, monkeypatch):
+    runs = str(tmp_path / "runs")
+    assert training_store(TrackingConfig(), runs) == (f"sqlite:///{runs}/mlruns/mlflow.db", None)
+    assert training_store(TrackingConfig(uri="http://mlflow:5000"), "s3://b/runs") == (
+        "http://mlflow:5000",
+        None,
+    )
+    local = TrackingConfig(uri="local", local_dir=str(tmp_path / "store"))
+    assert training_store(local, "s3://b/runs") == (None, str(tmp_path / "store"))
+    with pytest.raises(TrackingNotConfigured) as caught:
+        training_store(TrackingConfig(), "s3://b/runs")
+    message = str(caught.value)
+    assert "run.storage_uri is s3://b/runs" in message
+    assert "tracking.uri (or MLFLOW_TRACKING_URI)" in message and "tracking.uri=local" in message
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert training_store(TrackingConfig(), "s3://b/runs") == ("http://from-env:5000", None)
+
+
+def test_a_local_tracking_server_keeps_the_store_in_its_directory(tmp_path):
+    directory = tmp_path / "mlruns"
+    with LocalTrackingServer(str(directory)) as server:
+        assert server.uri.startswith("http://127.0.0.1:")
+        tracker = _tracker(server.uri)
+        run_id = tracker.start("served")
+        tracker.log_metrics({"train/loss": 0.25}, 3)
+        tracker.log_text("hello", "notes/a.txt")
+        tracker.end()
+    assert (directory / "mlflow.db").is_file()
+    # The store reads without the server, as `mlflow ui --backend-store-uri sqlite:///...` does.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{directory / 'mlflow.db'}")
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [0.25]
+    stored = list((directory / "artifacts").rglob("a.txt"))
+    assert len(stored) == 1 and stored[0].read_text() == "hello"
+
+
+def test_resuming_a_run_the_store_does_not_have_starts_a_linked_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _tracker(uri, experiment="resume-links")
+    old = first.start("r")
+    assert first.created_run
+    first.end("FAILED")
+    # Continuing an existing run creates nothing.
+    again = _tracker(uri, experiment="resume-links")
+    assert again.start("r", run_id=old) == old and not again.created_run
+    again.end()
+    # A deleted run, or an id from another store: a new run, linked to the old one and the checkpoint.
+    first.client.delete_run(old)
+    for missing in (old, uuid.uuid4().hex):
+        tracker = _tracker(uri, experiment="resume-links")
+        new = tracker.start(
+            "r", run_id=missing, tags={"stage": "0"}, resumed_from="s3://b/runs/r/checkpoint_1 (step 10)"
+        )
+        assert new != missing and tracker.created_run
+        tags = tracker.client.get_run(new).data.tags
+        assert tags["sama.previous_mlflow_run"] == missing
+        assert tags["sama.resumed_from"] == "s3://b/runs/r/checkpoint_1 (step 10)"
+        assert tags["stage"] == "0"
+        tracker.log_metrics({"train/loss": 0.1}, 11)
+        tracker.end()

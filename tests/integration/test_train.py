@@ -130,14 +130,18 @@ def test_stage0_then_stage1_tracked_in_mlflow_and_editing(store, mlflow_server, 
     assert any(v.run_id == run1.info.run_id and v.tags.get("stage") == "stage1" for v in versions)
 
     # The exported stage-1 model edits a video through `sama edit`.
+    assert_sama_edit_runs(store, info1["export_uri"], tmp_path, steps=4)
+
+
+def assert_sama_edit_runs(store: str, model_uri: str, tmp_path, steps: int) -> None:
+    """`sama edit --model model_uri` edits a held-out source into a video of its size and length."""
     from sama.cli import main
 
-    source = sorted(storage.list_files(os.path.join(store, "edits-val", "pairs"), suffixes=("_source.mp4",)))[
-        0
-    ]
+    held_out = os.path.join(store, "edits-val", "pairs")
+    source = sorted(storage.list_files(held_out, suffixes=("_source.mp4",)))[0]
     out = str(tmp_path / "edited.mp4")
-    args = ["edit", "--video", source, "--instruction", "make it blue", "--model", info1["export_uri"]]
-    assert main([*args, "--output", out, "--steps", "4"]) == 0
+    args = ["edit", "--video", source, "--instruction", "make it blue", "--model", model_uri]
+    assert main([*args, "--output", out, "--steps", str(steps)]) == 0
     got, want = video.probe(out), video.probe(source)
     assert (got.num_frames, got.width, got.height) == (want.num_frames, want.width, want.height)
 
@@ -415,3 +419,128 @@ def test_node_types_of_an_autoscaler_count_as_capacity(ray_cluster):
             train_preflight.check_cluster(cfg)
     finally:
         internal_kv._internal_kv_del(key, namespace=namespace)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cluster path: everything on object storage
+
+
+@pytest.fixture(scope="module")
+def s3_store(store, s3_server):
+    """Both prep jobs writing to the loopback S3 server (held-out inputs: a few clips and pairs)."""
+    import boto3
+
+    bucket = f"sama-train-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    root = f"s3://{bucket}"
+    pretext = quickstart._prep_pretext(os.path.join(store, "raw-val"), f"{root}/pretext")
+    pairs = quickstart._prep_pairs(os.path.join(store, "edits-val", "manifest.csv"), f"{root}/pairs")
+    assert pretext["samples"] > 0 and pairs["samples"] > 0
+    return root
+
+
+def s3_stage0(root: str, tracking: list[str], name: str, *extra: str) -> TrainConfig:
+    shards = f"{root}/pretext/shards/video"
+    overrides = [
+        quickstart._sources(("pretext", shards, "video", 1.0)),
+        f"data.val_uri={shards}",
+        "data.val_samples=2",
+        f"run.storage_uri={root}/runs",
+        f"run.name={name}",
+        "tracking.experiment=sama-tests",
+        "log_every=3",
+        "checkpoint.every_steps=3",
+        "validation.every_steps=1000",
+        *tracking,
+        *extra,
+    ]
+    return config.load(TrainConfig, recipe_path("debug"), overrides)
+
+
+def test_a_run_on_object_storage_trains_resumes_exports_and_edits(s3_store, store, mlflow_server, tmp_path):
+    tracking = [f"tracking.uri={mlflow_server}"]
+    first = run_training(s3_stage0(s3_store, tracking, "t-s3", "max_steps=6"))
+    cfg = s3_stage0(s3_store, tracking, "t-s3", "max_steps=12")
+    checkpoint = latest_checkpoint(cfg)
+    assert checkpoint and checkpoint.startswith(f"{s3_store}/runs/t-s3/checkpoint_")
+    second = run_training(cfg, resume=True)
+    assert (first["steps"], second["steps"]) == (6, 12)
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    client, found = runs_named(mlflow_server, "t-s3")
+    assert len(found) == 1
+    assert metric_steps(client, first["mlflow_run_id"], "train/loss") == [3, 6, 9, 12]
+    export = second["export_uri"]
+    assert export == f"{s3_store}/runs/t-s3/export" and storage.exists(f"{export}/sama_pipeline.json")
+
+    sft = config.load(
+        TrainConfig,
+        recipe_path("debug_sft"),
+        [
+            f"model.init_from={export}",
+            quickstart._sources(("video_edits", f"{s3_store}/pairs/shards/video", "video", 1.0)),
+            f"data.val_uri={s3_store}/pairs/shards/video",
+            "data.val_samples=2",
+            f"run.storage_uri={s3_store}/runs",
+            "run.name=t-s3-sft",
+            *tracking,
+            "tracking.experiment=sama-tests",
+            "max_steps=4",
+            "checkpoint.every_steps=4",
+            "validation.every_steps=4",
+        ],
+    )
+    stage1 = run_training(sft)
+    assert stage1["steps"] == 4 and stage1["export_uri"] == f"{s3_store}/runs/t-s3-sft/export"
+    assert_sama_edit_runs(store, stage1["export_uri"], tmp_path, steps=2)
+
+
+def test_a_resume_whose_mlflow_run_is_gone_continues_in_a_linked_run(s3_store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    # Tracked locally on the driver (tracking.uri=local): a store that outlives the Ray session.
+    store_dir = tmp_path / "mlruns"
+    tracking = ["tracking.uri=local", f"tracking.local_dir={store_dir}"]
+    first = run_training(s3_stage0(s3_store, tracking, "t-s3-gone", "max_steps=6"))
+    assert first["mlflow_tracking_uri"] == f"sqlite:///{store_dir}/mlflow.db"
+    client = MlflowClient(first["mlflow_tracking_uri"])
+    assert metric_steps(client, first["mlflow_run_id"], "train/loss") == [3, 6]
+    client.delete_run(first["mlflow_run_id"])
+
+    cfg = s3_stage0(s3_store, tracking, "t-s3-gone", "max_steps=12")
+    checkpoint = latest_checkpoint(cfg)
+    second = run_training(cfg, resume=True)
+    assert second["steps"] == 12 and second["mlflow_run_id"] != first["mlflow_run_id"]
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.data.tags["sama.previous_mlflow_run"] == first["mlflow_run_id"]
+    assert run.data.tags["sama.resumed_from"] == f"{checkpoint} (step 6)"
+    assert run.data.params["run.name"] == "t-s3-gone"  # a new run gets the config again
+    # Metrics continue at the checkpoint's step.
+    assert metric_steps(client, second["mlflow_run_id"], "train/loss") == [9, 12]
+
+
+def test_a_run_on_object_storage_without_a_tracking_store_fails_at_once(s3_store, monkeypatch):
+    from sama.preflight import PreflightError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    started = time.monotonic()
+    with pytest.raises(PreflightError) as caught:
+        run_training(s3_stage0(s3_store, [], "t-s3-untracked", "max_steps=2"))
+    assert time.monotonic() - started < 30
+    failed = {r.name: r for r in caught.value.results if r.status == "fail"}
+    assert list(failed) == ["tracking"]
+    assert "tracking.uri (or MLFLOW_TRACKING_URI)" in failed["tracking"].fix
+    assert "tracking.uri=local" in failed["tracking"].fix
+
+
+def test_the_same_seed_trains_the_same_run(store, mlflow_server, tmp_path):
+    """Two runs of one config see the same data stream and report the same losses: Ray Data's
+    parallel decode must not reorder rows."""
+    common = ["max_steps=10", "log_every=1", "checkpoint.every_steps=1000", "validation.every_steps=1000"]
+    losses = []
+    for name in ("t-seed-a", "t-seed-b"):
+        info = run_training(stage0_config(store, str(tmp_path / "runs"), mlflow_server, name, *common))
+        client, _ = runs_named(mlflow_server, name)
+        history = sorted(client.get_metric_history(info["mlflow_run_id"], "train/loss"), key=lambda m: m.step)
+        losses.append([m.value for m in history])
+    assert len(losses[0]) == 10
+    assert losses[0] == losses[1]

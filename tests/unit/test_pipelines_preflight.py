@@ -73,7 +73,9 @@ def test_prep_pairs_checks_each_manifest(tmp_path):
     empty.write_text("")
     cfg.input.manifests = [str(good), str(tmp_path / "missing.jsonl"), str(empty)]
     cfg.output.uri = str(tmp_path / "out")
-    with pytest.raises(PreflightError, match=r"cannot read the manifest .*missing.jsonl: StorageError: .*no such file"):
+    with pytest.raises(
+        PreflightError, match=r"cannot read the manifest .*missing.jsonl: StorageError: .*no such file"
+    ):
         prep_pairs.run(cfg)
     cfg.input.manifests = [str(good), str(empty)]
     with pytest.raises(PreflightError, match=r"manifest .*empty.csv is empty"):
