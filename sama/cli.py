@@ -166,13 +166,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.dumps(cfg), end="")
         return 0
-    from sama.preflight import PreflightError, format_report
+    from sama.preflight import PreflightError, failures, format_report
     from sama.train.preflight import WHAT, run_preflight
 
     if args.check:
         results = run_preflight(cfg, resume=args.resume)
         print(format_report(WHAT, results))
-        return 1 if any(r.status == "fail" for r in results) else 0
+        return 1 if failures(results) else 0
     from sama.train.launch import ResourcesUnavailable, TrainingError, run_training
 
     try:

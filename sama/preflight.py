@@ -71,7 +71,7 @@ class PreflightError(RuntimeError):
     def __init__(self, what: str, results: Sequence[CheckResult]):
         self.what = what
         self.results = list(results)
-        failed = [r for r in self.results if r.status == "fail"]
+        failed = failures(self.results)
         lines = [f"{what}: {len(failed)} preflight check(s) failed, nothing was started:"]
         lines += [r.format() for r in failed]
         super().__init__("\n".join(lines))
@@ -125,8 +125,13 @@ def run_checks(checks: Sequence[Check], timeout_s: float = DEFAULT_CHECK_TIMEOUT
     return results
 
 
+def failures(results: Sequence[CheckResult]) -> list[CheckResult]:
+    """The checks that failed (warnings are not failures)."""
+    return [r for r in results if r.status == "fail"]
+
+
 def format_report(what: str, results: Sequence[CheckResult]) -> str:
-    failed = sum(r.status == "fail" for r in results)
+    failed = len(failures(results))
     warned = sum(r.status == "warn" for r in results)
     verdict = "FAILED" if failed else "passed"
     lines = [f"{what} preflight:"] + [r.format() for r in results]
@@ -136,7 +141,7 @@ def format_report(what: str, results: Sequence[CheckResult]) -> str:
 
 def require(what: str, results: Sequence[CheckResult]) -> None:
     """Raise :class:`PreflightError` when any check failed."""
-    if any(r.status == "fail" for r in results):
+    if failures(results):
         raise PreflightError(what, results)
 
 

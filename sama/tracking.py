@@ -69,7 +69,7 @@ def training_store(cfg: TrackingConfig, run_storage_uri: str) -> tuple[str | Non
     from sama import storage
 
     if cfg.uri == LOCAL:
-        return None, os.path.abspath(os.path.expanduser(cfg.local_dir))
+        return None, local_store_dir(cfg)
     if cfg.uri:
         return cfg.uri, None
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -83,6 +83,11 @@ def training_store(cfg: TrackingConfig, run_storage_uri: str) -> tuple[str | Non
             f"to keep a store in tracking.local_dir ({cfg.local_dir}) on the driver's machine"
         )
     return sqlite_uri(os.path.join(os.path.abspath(local_runs), "mlruns")), None
+
+
+def local_store_dir(cfg: TrackingConfig) -> str:
+    """The absolute directory of ``tracking.uri = "local"``."""
+    return os.path.abspath(os.path.expanduser(cfg.local_dir))
 
 
 def sqlite_uri(directory: str) -> str:
@@ -197,7 +202,7 @@ def _running(process) -> bool:
 
 def resolve_tracking_uri(cfg: TrackingConfig, default_local_dir: str | None) -> str:
     if cfg.uri == LOCAL:
-        return sqlite_uri(os.path.abspath(os.path.expanduser(cfg.local_dir)))
+        return sqlite_uri(local_store_dir(cfg))
     if cfg.uri:
         return cfg.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -294,8 +294,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, *, preflight: bool = Tr
         training_store(cfg.tracking, cfg.run.storage_uri) if cfg.tracking.enabled else (None, None)
     )
     cluster.connect()
-    if not storage.parse(cfg.run.storage_uri).is_s3:
-        storage.makedirs(cfg.run.storage_uri)
+    storage.makedirs(cfg.run.storage_uri)
     with contextlib.ExitStack() as stack:
         if tracking_dir is not None:
             server = stack.enter_context(LocalTrackingServer(tracking_dir, host=cluster.driver_host()))

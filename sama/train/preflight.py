@@ -224,13 +224,13 @@ def check_shards(uri: str, media: str | None, key: str) -> str:
         )
     first = shards[0]
     try:
-        with contextlib.closing(schema.iter_members(first)) as members:
-            row = next(members, None)
-        if row is None:
+        with contextlib.closing(schema.iter_samples([first])) as samples:
+            sample = next(samples, None)
+        if sample is None:
             raise CheckFailed(
                 f"the first shard {storage.redact(first)} holds no sample", f"rewrite it, or fix {key}"
             )
-        meta = schema.Sample.from_members(row, where=storage.redact(first)).meta
+        meta = sample.meta
     except CheckFailed:
         raise
     except Exception as exc:
