@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -75,6 +76,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's own)")
     p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: the model's own)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-frames",
+        type=int,
+        default=None,
+        help="frames per window at the training rate; longer clips are edited in consecutive windows "
+        "(default: the model's own, 81 unless its export records another)",
+    )
+    p.add_argument(
+        "--keep-bucket",
+        action="store_true",
+        help="write the edited clip at the training bucket size and frame rate, not the source's",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="model precision (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the text encoder and VAE in CPU memory, on the GPU only while they run",
+    )
+    p.add_argument(
+        "--tile-vae",
+        action="store_true",
+        help="tiled VAE encode/decode to save GPU memory (Wan VAE; a no-op for the tiny model)",
+    )
+
+    p = sub.add_parser(
+        "convert",
+        help="official SAMA weights or an original-format Wan2.1 DiT -> a SAMA export",
+        description="Convert a DiT checkpoint (the authors' SAMA-14B in Wan/DiffSynth key names, an "
+        "original-format Wan2.1 DiT, or a diffusers-layout one; safetensors only) over a base (Wan2.1 "
+        "diffusers dir or hub id, original-format Wan2.1 dir, or a SAMA export) into a SAMA export.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="FILE_OR_DIR", help=".safetensors file or shard dir"
+    )
+    p.add_argument("--base", required=True, metavar="PATH_OR_ID", help="architecture, VAE, text encoder")
+    p.add_argument("--output", required=True, metavar="DIR", help="the export directory to create")
+    p.add_argument("--preset", default=None, help="model preset (default: inferred, e.g. wan2.1-14b)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument(
+        "--parity",
+        default=None,
+        choices=["sama", "authors"],
+        help="the export's parity profile (default: authors for the official checkpoint, else sama)",
+    )
+    p.add_argument(
+        "--copy-frozen",
+        action="store_true",
+        help="copy a diffusers base's VAE and text encoder into the export instead of referencing them",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
     p = sub.add_parser("inspect", help="counts and one sample of a shard prefix; export media to watch")
     p.add_argument("uri", help="shard prefix or one shard (.tar), local or s3://")
@@ -160,9 +216,11 @@ def _cmd_prep_pairs(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from sama import config
     from sama.train.recipes import recipe_path
-    from sama.train.trainer import TrainConfig
+    from sama.train.trainer import TrainConfig, resolve_train_config
 
     cfg = config.load(TrainConfig, recipe_path(args.recipe), args.overrides)
+    # Parity knobs (sama.models.parity) made concrete: what is printed is what trains.
+    cfg = resolve_train_config(cfg, strict=False)
     if args.print_config:
         print(config.dumps(cfg), end="")
         return 0
@@ -196,22 +254,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_edit(args: argparse.Namespace) -> int:
     from sama.edit import run_edit
 
-    model_dir = args.model
-    if storage_is_remote(model_dir):
-        import tempfile
-
-        from sama import storage
-
-        model_dir = storage.download_dir(model_dir, tempfile.mkdtemp(prefix="sama-model-"))
     try:
         report = run_edit(
             args.video,
             args.instruction,
-            model_dir,
+            args.model,
             args.output,
             steps=args.steps,
             cfg=args.cfg,
             seed=args.seed,
+            max_frames=args.max_frames,
+            keep_bucket=args.keep_bucket,
+            dtype=args.dtype,
+            offload=args.offload,
+            tile_vae=args.tile_vae,
         )
     except ValueError as exc:  # VideoDecodeError and ModelDirectoryError are ValueErrors too
         raise CommandError(str(exc)) from None
@@ -219,10 +275,25 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def storage_is_remote(uri: str) -> bool:
-    from sama import storage
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from sama.models.convert import convert
 
-    return storage.local_path(uri) is None
+    try:
+        report = convert(
+            args.checkpoint,
+            args.base,
+            args.output,
+            preset=args.preset,
+            dtype=args.dtype,
+            parity=args.parity,
+            overwrite=args.overwrite,
+            copy_frozen=args.copy_frozen,
+        )
+    except (ValueError, OSError) as exc:  # ConversionError, ModelDirectoryError, unknown preset
+        print(f"sama convert: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(dataclasses.asdict(report), indent=2))
+    return 0
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -237,6 +308,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _cmd_train,
     "edit": _cmd_edit,
     "inspect": _cmd_inspect,
+    "convert": _cmd_convert,
     "quickstart": _cmd_quickstart,
 }
 

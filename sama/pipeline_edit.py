@@ -11,9 +11,14 @@ with the same sigmas as the video latents (a second scheduler instance, since di
 schedulers count their own steps) and are discarded; no SigLIP is needed. Guidance is applied to
 their velocity too, so the pair follows one guided ODE.
 
-Any input length and size works: the clip is padded to ``k * temporal + 1`` frames (repeating the
-last frame) and to a multiple of ``vae spatial factor x patch size`` (edge replication), and the
-output is cropped back to exactly the input's frame count and size.
+``__call__`` edits a clip as given: any length and size works (the clip is padded to
+``k * temporal + 1`` frames, repeating the last frame, and to a multiple of ``vae spatial factor x
+patch size`` by edge replication, and the output is cropped back to exactly the input's frame
+count and size), but the cost grows with the square of the tokens and the model only knows its
+training sizes. :meth:`SamaEditPipeline.edit_video` (what ``sama edit`` runs) edits a real video at
+the model's training bucket and frame rate, in windows of at most ``max_frames`` frames, and
+restores the source's size, rate and length; the export records those settings
+(:class:`PipelineConfig` ``buckets``, ``fps``, ``max_frames``).
 
 A saved pipeline directory::
 
@@ -30,20 +35,25 @@ their checkpoint (``pretrained`` + ``subfolder``) and loading fetches them from 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from sama.buckets import Bucket, BucketConfig, ceil_4k_plus_1, floor_4k_plus_1
 from sama.config import ConfigError, from_dict
-from sama.losses import randn
+from sama.losses import randn, set_scheduler_sigmas
 from sama.models.autoencoders import LatentAutoencoder, build_autoencoder, load_autoencoder
 from sama.models.config import ModelConfig
+from sama.models.parity import profile_value, resolve
 from sama.models.presets import SamaComponents, torch_dtype_of
 from sama.models.text import TextEncoder, build_text_encoder, clean_prompt
 from sama.models.training import EDIT_NEGATIVE_PROMPT, EDIT_PROMPT_PREFIX
@@ -55,8 +65,10 @@ __all__ = [
     "PipelineConfig",
     "SamaEditOutput",
     "SamaEditPipeline",
+    "SamaVideoEdit",
     "pad_video",
     "parse_manifest",
+    "plan_windows",
 ]
 
 PIPELINE_FILE = "sama_pipeline.json"
@@ -86,6 +98,17 @@ class PipelineConfig:
         negative_prompt: the unconditional prompt; None means the bare prefix when the prefix is
             used and the empty prompt otherwise.
         semantic: run the semantic branch (noise -> discarded) when the model has one.
+        buckets: the aspect-ratio buckets the model was trained at; :meth:`SamaEditPipeline.edit_video`
+            resizes and center-crops a source to the nearest one. Default: SAMA's 480p buckets
+            (area 480x832), which is also what an export without this field gets.
+        fps: the frame rate of the training clips (Wan2.1's 16 by default); ``edit_video`` edits at
+            this rate (or the source's, when lower).
+        max_frames: the longest window ``edit_video`` edits in one pass (81 = SAMA's longest clips);
+            longer clips are edited in consecutive windows.
+        sigma_grid: the sampler's sigmas: ``"diffusers"`` (the scheduler's ``set_timesteps``) or
+            ``"authors"`` (``shift(linspace(1, 0, steps + 1)[:-1])`` with ``flow_shift``, as the
+            authors' release; see :func:`sama.losses.set_scheduler_sigmas`). None follows the model
+            config's parity (:mod:`sama.models.parity`); the pipeline resolves it.
     """
 
     num_inference_steps: int = 50
@@ -95,6 +118,20 @@ class PipelineConfig:
     add_prefix: bool = True
     negative_prompt: str | None = None
     semantic: bool = True
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    fps: float = 16.0
+    max_frames: int = 81
+    sigma_grid: Literal["diffusers", "authors"] | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings no edit can run with."""
+        if self.num_inference_steps < 1:
+            raise ValueError(f"inference.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if not self.fps > 0:
+            raise ValueError(f"inference.fps must be positive, got {self.fps}")
+        if self.max_frames < 1:
+            raise ValueError(f"inference.max_frames must be >= 1, got {self.max_frames}")
+        self.buckets.validate()
 
 
 def parse_manifest(text: str, where: str) -> tuple[dict, ModelConfig | None, PipelineConfig]:
@@ -131,6 +168,47 @@ class SamaEditOutput:
 
     frames: np.ndarray | None
     latents: torch.Tensor
+
+
+@dataclass
+class SamaVideoEdit:
+    """What :meth:`SamaEditPipeline.edit_video` returns.
+
+    Attributes:
+        frames: ``(T, H, W, 3)`` uint8, the source's count and size (the bucket's and the
+            processed count with ``keep_bucket``).
+        fps: the frames' rate (the source's; the processing rate with ``keep_bucket``).
+        bucket: the training bucket the source was cropped to.
+        processed_frames / processed_fps: the clip the model edited, at the bucket size.
+        windows: ``[start, stop)`` frame ranges of the processed clip, one model run each.
+        seconds: wall time of the edit.
+    """
+
+    frames: np.ndarray
+    fps: float
+    bucket: Bucket
+    processed_frames: int
+    processed_fps: float
+    windows: list[tuple[int, int]]
+    seconds: float
+
+
+def plan_windows(num_frames: int, max_frames: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, stop)`` windows covering ``num_frames`` frames, none longer than
+    ``max_frames`` floored to 4k+1.
+
+    The fewest windows that fit, of equal length rounded up to 4k+1 (what the VAE takes without
+    padding), so e.g. 82 frames at ``max_frames=81`` are two windows of 41, not 81 and a lone
+    frame; only the last window may be shorter.
+    """
+    if num_frames < 1:
+        raise ValueError(f"cannot plan windows over {num_frames} frames")
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    limit = floor_4k_plus_1(max_frames)
+    count = -(-num_frames // limit)
+    size = min(limit, ceil_4k_plus_1(-(-num_frames // count)))
+    return [(start, min(start + size, num_frames)) for start in range(0, num_frames, size)]
 
 
 def _as_frames(video: Any) -> np.ndarray:
@@ -207,9 +285,14 @@ class SamaEditPipeline:
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
-        self.config = config or PipelineConfig()
+        self.config = resolve(config or PipelineConfig(), getattr(model_config, "parity", None), "inference")
         self.scheduler = scheduler or FlowMatchEulerDiscreteScheduler(shift=self.config.flow_shift)
-        self.model_config = model_config
+        # Parity knobs resolved, so the export's manifest records concrete values.
+        self.model_config = model_config.resolved() if model_config is not None else None
+        # Set by enable_model_cpu_offload: the device the text encoder and autoencoder visit.
+        self._offload_device: torch.device | None = None
+        # A prompt -> embeddings cache, alive only during edit_video (its windows share one prompt).
+        self._text_cache: dict[tuple, torch.Tensor] | None = None
         _check_compatible(transformer, vae, text_encoder, "<pipeline>")
 
     @classmethod
@@ -233,13 +316,75 @@ class SamaEditPipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """The dtype the transformer computes in (its inputs are cast to it)."""
+        # Not the first parameter's: diffusers keeps a few Wan modules (scale_shift_table, the
+        # time embedder) in float32 in a bf16 model, and the first parameter is one of them.
+        return self.transformer.patch_embedding.weight.dtype
 
     def to(self, device: torch.device | str) -> SamaEditPipeline:
-        """Move every model to ``device``; returns self."""
+        """Move every model to ``device`` (ending any CPU offload); returns self."""
+        self._offload_device = None
         for module in (self.transformer, self.vae, self.text_encoder):
             module.to(device)
         return self
+
+    def enable_model_cpu_offload(self, device: torch.device | str) -> SamaEditPipeline:
+        """Run the transformer on ``device`` and keep the text encoder and autoencoder in CPU memory,
+        moving each to ``device`` only while it encodes or decodes; returns self.
+
+        Frees their GPU memory (umT5-XXL alone is about 11 GB in bf16) for the transformer's
+        activations, at the cost of a host-to-device copy per use. With ``device="cpu"`` nothing
+        moves. :meth:`to` ends it.
+        """
+        self._offload_device = torch.device(device)
+        self.transformer.to(self._offload_device)
+        self.text_encoder.to("cpu")
+        self.vae.to("cpu")
+        return self
+
+    def enable_vae_tiling(self) -> bool:
+        """Decode and encode in spatial tiles (diffusers' ``AutoencoderKLWan.enable_tiling``) to
+        bound the autoencoder's memory at large sizes. Returns whether tiling is on: the tiny
+        space-to-depth autoencoder is a per-pixel rearrangement with no activations to bound, so
+        there it does nothing and returns False."""
+        from sama.models.autoencoders import WanAutoencoder
+
+        if isinstance(self.vae, WanAutoencoder):
+            self.vae.vae.enable_tiling()
+            return True
+        return False
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[None]:
+        """Under CPU offload, ``module`` on the offload device for the block, then back on the CPU."""
+        if self._offload_device is None or self._offload_device.type == "cpu":
+            yield
+            return
+        module.to(self._offload_device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self._offload_device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _encode_prompts(
+        self, prompt: str, negative: str, do_cfg: bool, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Text embeddings ``[prompt]`` or, with CFG, ``[prompt, negative]`` (one batched forward)."""
+        key = (prompt, negative if do_cfg else None, str(device), dtype)
+        if self._text_cache is not None and key in self._text_cache:
+            return self._text_cache[key]
+        with self._on_device(self.text_encoder):
+            text = self.text_encoder.encode([prompt], device=device, dtype=dtype)
+            if do_cfg:
+                negative_text = self.text_encoder.encode(
+                    [negative], allow_empty=True, device=device, dtype=dtype
+                )
+                text = torch.cat([text, negative_text])
+        if self._text_cache is not None:
+            self._text_cache[key] = text
+        return text
 
     @property
     def num_semantic_tokens(self) -> int:
@@ -324,10 +469,7 @@ class SamaEditPipeline:
         # The output's latent frames: num_frames padded to k * temporal + 1, as the source was.
         target_shape = (*source.shape[:2], -(-(num_frames - 1) // temporal) + 1, *source.shape[3:])
 
-        text = self.text_encoder.encode([prompt], device=device, dtype=dtype)
-        if do_cfg:
-            negative_text = self.text_encoder.encode([negative], allow_empty=True, device=device, dtype=dtype)
-            text = torch.cat([text, negative_text])
+        text = self._encode_prompts(prompt, negative, do_cfg, device, dtype)
 
         latents = randn(target_shape, generator, device)
         num_semantic = self.num_semantic_tokens
@@ -337,7 +479,7 @@ class SamaEditPipeline:
             semantic = randn((1, num_semantic, semantic_dim), generator, device)
 
         scheduler = self._fresh_scheduler()
-        scheduler.set_timesteps(steps, device=device)
+        self._set_timesteps(scheduler, steps, device)
         semantic_scheduler = copy.deepcopy(scheduler)
         total = len(scheduler.timesteps)
         for index, timestep in enumerate(scheduler.timesteps):
@@ -364,8 +506,124 @@ class SamaEditPipeline:
             return SamaEditOutput(frames=None, latents=latents)
         if output_type != "np":
             raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
-        decoded = self.vae.decode(latents.float())[0, :, :num_frames, :height, :width]
+        with self._on_device(self.vae):
+            decoded = self.vae.decode(latents.float())[0, :, :num_frames, :height, :width]
         return SamaEditOutput(frames=_to_uint8(decoded), latents=latents)
+
+    @torch.no_grad()
+    def edit_video(
+        self,
+        video: np.ndarray | torch.Tensor | Sequence[np.ndarray],
+        instruction: str,
+        fps: float,
+        *,
+        max_frames: int | None = None,
+        keep_bucket: bool = False,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        add_prefix: bool | None = None,
+        seed: int | None = 0,
+        progress: bool | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> SamaVideoEdit:
+        """Edit a real video at the size, rate and length the model was trained at, then restore it.
+
+        1. Size: the source is resized and center-cropped (:func:`sama.video.resize_center_crop`,
+           as the prep jobs cut clips) to the bucket of ``config.buckets`` nearest its aspect ratio.
+        2. Rate: it is resampled by timestamp (:func:`sama.video.resample_indices`, nearest frame)
+           to ``config.fps``, or kept at its own rate when that is lower (as prep-pairs never raises
+           a clip's rate: repeated frames would only cost tokens).
+        3. Length: clips longer than ``max_frames`` (default ``config.max_frames``, floored to 4k+1)
+           are edited in consecutive windows (:func:`plan_windows`), each conditioned on its own
+           source frames only, with the same seed, so every window starts from the same noise.
+           Windows do not overlap and are not blended: the edit may change between the last frame
+           of one window and the first of the next (a seam). An overlap cross-faded across windows
+           would trade that jump for ghosting where two windows disagree and cost extra windows,
+           so it is not done; with one window per clip (up to ``max_frames`` frames at the
+           training rate, about 5 s at 81 frames and 16 fps) there is no seam.
+        4. Restore (unless ``keep_bucket``): every source frame takes the edited frame nearest in
+           time, and the edited frames are scaled back onto the region of the source the crop kept
+           (:func:`sama.video.paste_center_crop`); the margins the crop dropped, which the model
+           never saw, keep the source's pixels.
+
+        Args:
+            video: ``(T, H, W, 3)`` uint8 frames (or a list of frames, or one image).
+            instruction: the edit (see :meth:`__call__`).
+            fps: the source's frame rate.
+            max_frames: frames per window (default ``config.max_frames``).
+            keep_bucket: return the edited bucket-size frames at the processing rate instead.
+            num_inference_steps / guidance_scale / negative_prompt / add_prefix / seed: as for
+                :meth:`__call__`, applied to every window.
+            progress: show a tqdm bar over windows x steps (default: when stderr is a terminal).
+            callback: ``callback(step, total)`` after every step, counted over all windows.
+
+        Returns:
+            :class:`SamaVideoEdit`: the frames (the source's count, size and rate, or the bucket's
+            with ``keep_bucket``) and what was processed.
+        """
+        from tqdm.auto import tqdm
+
+        from sama import video as media
+
+        started = time.monotonic()
+        frames = _as_frames(video)
+        fps = float(fps)
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.build_prompts(instruction, add_prefix, negative_prompt)  # an empty instruction fails here
+        steps = int(num_inference_steps or self.config.num_inference_steps)
+        num_source, height, width, _ = frames.shape
+        bucket = self.config.buckets.nearest(height, width)
+        work_fps = min(fps, float(self.config.fps))
+        kept = media.resample_indices(num_source, fps, work_fps)
+        work = media.resize_center_crop(frames[kept], bucket.height, bucket.width)
+        windows = plan_windows(len(work), int(max_frames or self.config.max_frames))
+        total = len(windows) * steps
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = tqdm(total=total, desc="sama edit", unit="step", disable=not show)
+        edited = []
+        self._text_cache = {}
+        try:
+            for number, (start, stop) in enumerate(windows):
+                bar.set_postfix_str(f"window {number + 1}/{len(windows)}")
+                done = number * steps
+
+                def on_step(step: int, _total: int, done: int = done) -> None:
+                    bar.update(1)
+                    if callback is not None:
+                        callback(done + step, total)
+
+                out = self(
+                    work[start:stop],
+                    instruction,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt,
+                    add_prefix=add_prefix,
+                    seed=seed,
+                    callback=on_step,
+                )
+                assert out.frames is not None
+                edited.append(out.frames)
+        finally:
+            self._text_cache = None
+            bar.close()
+        result = np.concatenate(edited)
+        out_fps = work_fps
+        if not keep_bucket:
+            back = media.resample_indices(len(result), work_fps, fps, length=num_source)
+            result = media.paste_center_crop(result[back], frames)
+            out_fps = fps
+        return SamaVideoEdit(
+            frames=result,
+            fps=out_fps,
+            bucket=bucket,
+            processed_frames=len(work),
+            processed_fps=work_fps,
+            windows=windows,
+            seconds=time.monotonic() - started,
+        )
 
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
         """``(T, H, W, 3)`` uint8 frames -> ``(1, C, T', H', W')`` float32 latents, the video first
@@ -375,11 +633,18 @@ class SamaEditPipeline:
         padded = pad_video(frames, self.vae.temporal_compression, spatial * p_h, spatial * p_w)
         pixels = torch.from_numpy(np.ascontiguousarray(padded)).to(self.device)
         pixels = pixels.permute(3, 0, 1, 2).unsqueeze(0).float().div(127.5).sub(1.0)
-        return self.vae.encode(pixels).float()
+        with self._on_device(self.vae):
+            return self.vae.encode(pixels).float()
 
     def _fresh_scheduler(self):
         # A new instance per call: schedulers keep a step counter, and a pipeline may be shared.
         return type(self.scheduler).from_config(self.scheduler.config)
+
+    def _set_timesteps(self, scheduler: Any, steps: int, device: torch.device | str | None) -> None:
+        """The sampler's sigmas for ``steps`` steps, as ``config.sigma_grid`` says."""
+        parity = getattr(self.model_config, "parity", None)
+        grid = self.config.sigma_grid or profile_value(parity, "inference", "sigma_grid")
+        set_scheduler_sigmas(scheduler, steps, grid, self.config.flow_shift, device)
 
     # ----------------------------------------------------------------------------------------
     # Persistence

@@ -40,6 +40,7 @@ BUCKETS = [
     "buckets.base_height=48",
     "buckets.base_width=64",
     "buckets.multiple=16",
+    "buckets.preset=paper",
     'buckets.aspect_ratios=["3:4", "4:3"]',
 ]
 PREP_SETTINGS = [
@@ -58,6 +59,13 @@ PAIR_SETTINGS = [
     "align.min_side=48",
     "input.rows_per_unit=8",
     "encode.preset=veryfast",
+]
+# What the tiny models train at, recorded in their exports so `sama edit` resizes and resamples
+# real videos to it (the debug recipes say the same; these keep the exports in step with BUCKETS).
+INFERENCE_SETTINGS = [
+    *(f"inference.{setting}" for setting in BUCKETS),
+    "inference.fps=8",
+    "inference.max_frames=9",
 ]
 # Synthetic media: landscape and portrait, a little larger than the buckets they are cut to.
 SIZES = [(72, 96), (96, 72)]
@@ -144,7 +152,7 @@ def _train(recipe: str, workdir: str, extra: list[str]) -> dict:
     from sama.train.recipes import recipe_path
     from sama.train.trainer import TrainConfig
 
-    overrides = [f"run.storage_uri={os.path.join(workdir, 'runs')}", *extra]
+    overrides = [f"run.storage_uri={os.path.join(workdir, 'runs')}", *INFERENCE_SETTINGS, *extra]
     cfg = config.load(TrainConfig, recipe_path(recipe), overrides)
     info_uri = storage.join(run_uri(cfg), RUN_INFO_FILE)
     if storage.exists(info_uri):

@@ -16,9 +16,12 @@ multipart upload) only after the writer closes without error, and S3 never expos
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
 import posixpath
+import re
 import shutil
 import stat
 import tempfile
@@ -475,16 +478,91 @@ def upload_dir(local_dir: str, uri: str) -> None:
                 shutil.copyfile(path, parse(target).path)
 
 
-def download_dir(uri: str, local_dir: str) -> str:
-    """Copy everything under ``uri`` into ``local_dir``; returns ``local_dir``."""
-    base = parse(uri)
-    for item in list_files(uri):
-        relative = parse(item).path[len(base.path) :].lstrip("/")
-        target = os.path.join(local_dir, relative)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open_read(item) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=8 * 1024 * 1024)
-    return local_dir
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def default_cache_dir() -> str:
+    """Where remote model directories are cached: ``$SAMA_CACHE_DIR`` or ``~/.cache/sama``."""
+    return os.environ.get("SAMA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sama")
+
+
+def localize_dir(uri: str | os.PathLike, cache_dir: str | None = None) -> str:
+    """A local directory holding the directory tree at ``uri``; remote trees are downloaded once.
+
+    ``uri`` is a local path, a ``file://`` URI, an ``s3://`` prefix or a Hugging Face hub id
+    (``org/name``, used only when no local path of that name exists). Local paths come back as they
+    are (absolute; whether they exist is the caller's to report). An S3 tree is copied into
+    ``cache_dir/models/<digest>``, where the digest covers the URI (credentials removed) and every
+    object's name, size and version tag, so a changed tree is fetched again and an unchanged one is
+    reused. The copy is published atomically: written into a temporary sibling and renamed, so a
+    crash or a concurrent reader never sees half a directory. Object names that would land outside
+    the target (``..`` segments, absolute names, backslashes) refuse the whole download. Hub ids go
+    through ``huggingface_hub.snapshot_download`` and its own cache.
+
+    Raises:
+        StorageError: the tree is empty or missing remotely, an object name escapes the target,
+            or the hub id cannot be fetched.
+    """
+    text = os.fspath(uri)
+    loc = parse(text)
+    if not loc.is_s3:
+        if "://" not in text and not os.path.exists(loc.path) and _HUB_ID.match(text):
+            return _hub_snapshot(text)
+        return loc.path
+    fs, base = filesystem(text)
+    try:
+        found = fs.find(base, detail=True)
+    except FileNotFoundError:
+        found = {}
+    objects = []
+    for key, info in sorted(found.items()):
+        relative = key[len(base) :].lstrip("/") if key.startswith(base + "/") else None
+        parts = relative.split("/") if relative else []
+        if not parts or "\\" in relative or any(part in ("", ".", "..") for part in parts):
+            raise StorageError(
+                redact(text),
+                f"refusing to download object {redact('s3://' + key)}: its name would land outside the "
+                "model directory",
+            )
+        tag = info.get("ETag") or info.get("VersionId") or info.get("LastModified") or ""
+        objects.append((relative, int(info.get("size") or 0), str(tag)))
+    if not objects:
+        raise StorageError(redact(text), "no model directory there (no objects under this prefix)")
+    digest = hashlib.sha256(json.dumps([redact(loc.uri()), objects]).encode()).hexdigest()[:24]
+    root = os.path.join(cache_dir or default_cache_dir(), "models")
+    target = os.path.join(root, digest)
+    if os.path.isdir(target):
+        return target
+    os.makedirs(root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{digest}.", dir=root)
+    try:
+        for relative, _size, _tag in objects:
+            destination = os.path.join(staging, *relative.split("/"))
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            with open_read(join(text, relative)) as src, open(destination, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=8 * 1024 * 1024)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process published the same tree first: theirs is complete, use it.
+            if not os.path.isdir(target):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id)
+    except Exception as exc:  # the hub raises many kinds (offline, 404, auth); all mean "not here"
+        raise StorageError(
+            repo_id, f"not a local directory, and the Hugging Face hub could not provide it: {exc}"
+        ) from exc
 
 
 def list_dirs(uri: str) -> list[str]:

@@ -157,6 +157,25 @@ def stretch_frames(frames: np.ndarray, length: int) -> np.ndarray:
     return frames[index]
 
 
+def resample_indices(num_frames: int, fps: float, to_fps: float, length: int | None = None) -> np.ndarray:
+    """Which of ``num_frames`` frames at ``fps`` to show at ``to_fps``, by timestamp.
+
+    Output frame ``j`` (at ``j / to_fps`` seconds) takes the input frame nearest in time,
+    ``round(j * fps / to_fps)`` with halves rounded up, clamped to the last frame; a lower rate
+    skips frames, a higher one repeats them. ``length`` output frames; by default as many as span
+    the same duration, ``round(num_frames * to_fps / fps)`` (at least one).
+    """
+    if num_frames < 1:
+        raise ValueError(f"cannot resample {num_frames} frames")
+    if not (fps > 0 and to_fps > 0):
+        raise ValueError(f"frame rates must be positive, got {fps} -> {to_fps}")
+    if length is None:
+        length = max(1, math.floor(num_frames * to_fps / fps + 0.5))
+    # The epsilon keeps exact halves (e.g. 2.5 computed as 2.4999999) rounding up.
+    index = np.floor(np.arange(length) * (fps / to_fps) + 0.5 + 1e-9).astype(np.int64)
+    return np.minimum(index, num_frames - 1)
+
+
 def _suffix(uri: str) -> str:
     return posixpath.splitext(uri.split("?", 1)[0].rstrip("/"))[1].lower()
 
@@ -952,6 +971,29 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
         image = Image.fromarray(np.ascontiguousarray(plane))
         resized = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC, box=box))
         out[i] = resized[..., None] if c == 1 else resized
+    return out
+
+
+def paste_center_crop(frames: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Undo :func:`resize_center_crop`: scale ``frames`` back onto ``background``'s geometry.
+
+    ``frames`` ``(T, h, w, 3)`` stand for ``resize_center_crop(background, h, w)`` (edited, say);
+    they are scaled back to the region of ``background`` ``(T, H, W, 3)`` that crop covered and
+    pasted there, so every pixel lands where it came from. The margins the crop dropped (none when
+    the aspect ratios match) keep ``background``'s pixels. Returns a new ``(T, H, W, 3)`` array.
+    """
+    if frames.ndim != 4 or background.ndim != 4 or len(frames) != len(background):
+        raise ValueError(
+            f"frames {frames.shape} and background {background.shape} must be (T, H, W, C) of one length"
+        )
+    _, height, width, _ = frames.shape
+    _, big_h, big_w, _ = background.shape
+    scale = max(height / big_h, width / big_w)
+    region_h, region_w = min(big_h, round(height / scale)), min(big_w, round(width / scale))
+    top, left = (big_h - region_h) // 2, (big_w - region_w) // 2
+    out = background.copy()
+    # The region has the frames' aspect to within a pixel, so this is a plain resize.
+    out[:, top : top + region_h, left : left + region_w] = resize_center_crop(frames, region_h, region_w)
     return out
 
 

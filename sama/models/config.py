@@ -234,12 +234,22 @@ class SemanticConfig:
     # Tokens: grid_size**2 local + 1 global per anchor frame.
     num_anchors: int = 1
     grid_size: int = 8
-    anchor_sampling: Literal["random", "evenly_spaced"] = "random"
+    # Anchor frames: "random" (sama), "evenly_spaced" (evaluation) or "first" (frame 0, the
+    # authors' release). None follows ModelConfig.parity (see sama.models.parity).
+    anchor_sampling: Literal["random", "evenly_spaced", "first"] | None = None
     # (choice) parameter-free LayerNorm on each token so targets match the unit-variance noise.
     normalize: bool = True
     projector_hidden_dim: int = 1024
-    # (choice) RoPE placement of semantic tokens; see sama.models.transformer_sama.
-    rope: Literal["grid", "zero"] = "grid"
+    # (choice) RoPE placement of semantic tokens: "grid" (sama), "zero" (identity rotation) or
+    # "null" (cos = sin = 0, the authors' release); see sama.models.transformer_sama. None follows
+    # ModelConfig.parity.
+    rope: Literal["grid", "zero", "null"] | None = None
+    # LayerNorm eps of the projector and the head: 1e-5 (sama, PyTorch's default) or 1e-6 (the
+    # authors'). None follows ModelConfig.parity.
+    layernorm_eps: float | None = None
+    # Initialisation of the head's Linear: "default" (sama, PyTorch's) or "xavier" (the authors':
+    # xavier-uniform weight, N(0, 1e-3) bias). None follows ModelConfig.parity.
+    head_init: Literal["default", "xavier"] | None = None
 
     @property
     def tokens_per_sample(self) -> int:
@@ -256,11 +266,15 @@ class ModelConfig:
             ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``; None: random init.
         torch_dtype: dtype the components are built in (``"float32"``, ``"bfloat16"``,
             ``"float16"``); mixed-precision training keeps float32 here and uses autocast.
+        parity: ``"sama"`` (this project's choices) or ``"authors"`` (reproduce the authors'
+            released code; set automatically for converted official checkpoints). See
+            :mod:`sama.models.parity` for what each profile sets.
     """
 
     preset: str = "custom"
     pretrained: str | None = None
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    parity: Literal["sama", "authors"] = "sama"
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -287,10 +301,21 @@ class ModelConfig:
         sem = self.semantic
         if sem.enabled and (sem.num_anchors < 1 or sem.grid_size < 1):
             raise ValueError("semantic.num_anchors and semantic.grid_size must be positive")
+        if self.parity not in ("sama", "authors"):
+            raise ValueError(f"parity must be 'sama' or 'authors', got {self.parity!r}")
+        if sem.layernorm_eps is not None and sem.layernorm_eps <= 0:
+            raise ValueError("semantic.layernorm_eps must be positive")
         if self.vae.kind == "space_to_depth" and (
             self.vae.spatial_factor < 1 or self.vae.temporal_factor < 1
         ):
             raise ValueError("vae.spatial_factor and vae.temporal_factor must be positive")
+
+    def resolved(self) -> ModelConfig:
+        """A copy with every unset parity knob filled from ``parity``'s profile
+        (:func:`sama.models.parity.resolve`)."""
+        from sama.models.parity import resolve
+
+        return resolve(self, self.parity, "model")
 
     def component_source(self, component: Literal["transformer", "vae", "text"]) -> str | None:
         """Where ``component``'s weights come from: its own ``pretrained`` or the shared root."""

@@ -170,7 +170,8 @@ def get_preset(name: str) -> ModelConfig:
 
 
 def resolve_model_config(preset_or_config: str | ModelConfig, pretrained: str | None = None) -> ModelConfig:
-    """A validated copy of the preset / config, with ``pretrained`` set when given."""
+    """A validated copy of the preset / config, with ``pretrained`` set when given and every unset
+    parity knob filled from ``config.parity``'s profile (:mod:`sama.models.parity`)."""
     if isinstance(preset_or_config, str):
         config = get_preset(preset_or_config)
     elif isinstance(preset_or_config, ModelConfig):
@@ -179,17 +180,20 @@ def resolve_model_config(preset_or_config: str | ModelConfig, pretrained: str | 
         raise TypeError(f"expected a preset name or a ModelConfig, got {type(preset_or_config).__name__}")
     if pretrained is not None:
         config = dataclasses.replace(config, pretrained=pretrained)
+    config = config.resolved()
     config.validate()
     return config
 
 
 def _sama_kwargs(config: ModelConfig) -> dict[str, Any]:
-    sem = config.semantic
+    sem = config.resolved().semantic
     return {
         "semantic_dim": sem.hidden_size if sem.enabled else None,
         "semantic_hidden_dim": sem.projector_hidden_dim,
         "semantic_grid_size": sem.grid_size,
         "semantic_rope": sem.rope,
+        "semantic_layernorm_eps": sem.layernorm_eps,
+        "semantic_head_init": sem.head_init,
     }
 
 
@@ -240,7 +244,7 @@ def _normalise(value: Any) -> Any:
 
 def build_semantic_encoder(config: ModelConfig) -> SemanticEncoder | None:
     """The frozen SigLIP semantic encoder, or None when Semantic Anchoring is disabled."""
-    sem = config.semantic
+    sem = config.resolved().semantic
     if not sem.enabled:
         return None
     from transformers import SiglipVisionConfig, SiglipVisionModel

@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "ANCHOR_SAMPLING",
+    "HEAD_INITS",
     "SemanticEncoder",
     "SemanticHead",
     "SemanticProjector",
@@ -32,7 +33,8 @@ __all__ = [
     "tokens_per_anchor",
 ]
 
-ANCHOR_SAMPLING = ("random", "evenly_spaced")
+ANCHOR_SAMPLING = ("random", "evenly_spaced", "first")
+HEAD_INITS = ("default", "xavier")
 
 
 def tokens_per_anchor(grid_size: int) -> int:
@@ -44,12 +46,13 @@ class SemanticProjector(nn.Module):
     """SigLIP features -> DiT width: LayerNorm(in) -> Linear(in, hidden) -> GELU -> Linear(hidden, dim).
 
     SAMA.md (code): ``in = 1152`` (SigLIP so400m), ``hidden = 1024``; ``in`` follows the encoder's
-    hidden size so tiny test encoders work too.
+    hidden size so tiny test encoders work too. ``eps`` is the LayerNorm's (the authors' 1e-6;
+    PyTorch's default 1e-5 in the ``"sama"`` parity profile).
     """
 
-    def __init__(self, semantic_dim: int, hidden_dim: int, dim: int):
+    def __init__(self, semantic_dim: int, hidden_dim: int, dim: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(semantic_dim)
+        self.norm = nn.LayerNorm(semantic_dim, eps=eps)
         self.fc1 = nn.Linear(semantic_dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
@@ -63,13 +66,34 @@ class SemanticHead(nn.Module):
     """Last DiT layer -> SigLIP width: LayerNorm(dim) -> Linear(dim, semantic_dim).
 
     It predicts the semantic tokens' velocity in the same convention as the video output (see
-    :mod:`sama.losses`).
+    :mod:`sama.losses`). ``eps`` is the LayerNorm's; ``init`` the Linear's initialisation:
+    ``"default"`` (PyTorch's) or ``"xavier"`` (xavier-uniform weight, N(0, 1e-3) bias: the authors').
     """
 
-    def __init__(self, dim: int, semantic_dim: int):
+    def __init__(self, dim: int, semantic_dim: int, eps: float = 1e-5, init: str = "default"):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        if init not in HEAD_INITS:
+            raise ValueError(f"semantic head init must be one of {HEAD_INITS}, got {init!r}")
+        self.init = init
+        self.norm = nn.LayerNorm(dim, eps=eps)
         self.proj = nn.Linear(dim, semantic_dim)
+        if init != "default":
+            # The default is what nn.Linear just drew (no second draw: the RNG stream is unchanged).
+            self._init_proj()
+
+    @torch.no_grad()
+    def _init_proj(self) -> None:
+        if self.init == "xavier":
+            nn.init.xavier_uniform_(self.proj.weight)
+            nn.init.normal_(self.proj.bias, std=1e-3)
+        else:
+            self.proj.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise the LayerNorm and the Linear (the latter as ``init`` says)."""
+        self.norm.reset_parameters()
+        self._init_proj()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(B, S, dim)`` -> ``(B, S, semantic_dim)``."""
@@ -79,16 +103,17 @@ class SemanticHead(nn.Module):
 def sample_anchor_indices(
     num_frames: int,
     num_anchors: int,
-    mode: Literal["random", "evenly_spaced"] = "random",
+    mode: Literal["random", "evenly_spaced", "first"] = "random",
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """Frame indices of the anchor frames, in increasing order.
 
     ``"random"`` draws ``num_anchors`` distinct frames uniformly at random (SAMA.md: "sampled
     uniformly from the target video"); ``"evenly_spaced"`` takes the centres of ``num_anchors``
-    equal segments (deterministic, for evaluation). When the clip has fewer frames than anchors
-    (an image has one) frames are reused, so every sample yields the same number of tokens and a
-    batch stays rectangular.
+    equal segments (deterministic, for evaluation); ``"first"`` takes the first ``num_anchors``
+    frames, i.e. frame 0 for one anchor (the authors' release, ``SigLIPFirstFrameEncoder``). When
+    the clip has fewer frames than anchors (an image has one) frames are reused, so every sample
+    yields the same number of tokens and a batch stays rectangular.
     """
     if num_frames < 1:
         raise ValueError(f"cannot pick anchor frames from {num_frames} frames")
@@ -96,6 +121,8 @@ def sample_anchor_indices(
         raise ValueError(f"num_anchors must be at least 1, got {num_anchors}")
     if mode not in ANCHOR_SAMPLING:
         raise ValueError(f"anchor sampling must be one of {ANCHOR_SAMPLING}, got {mode!r}")
+    if mode == "first":
+        return [min(i, num_frames - 1) for i in range(num_anchors)]
     if mode == "evenly_spaced" or num_frames < num_anchors:
         return [min(num_frames - 1, int((i + 0.5) * num_frames / num_anchors)) for i in range(num_anchors)]
     device = generator.device if generator is not None else "cpu"
@@ -127,7 +154,7 @@ class SemanticEncoder(nn.Module):
         vision_model: a ``transformers.SiglipVisionModel`` (real weights or a tiny random config).
         grid_size: side of the pooled local grid (8 -> 64 local tokens).
         num_anchors: anchor frames per sample (SAMA.md: N = 1).
-        anchor_sampling: ``"random"`` (training) or ``"evenly_spaced"``.
+        anchor_sampling: ``"random"`` (training), ``"evenly_spaced"`` or ``"first"`` (frame 0).
         normalize: apply a parameter-free LayerNorm to every token so the targets have the unit
             scale of the Gaussian noise they are mixed with (a project choice; SAMA.md is silent).
 
@@ -139,7 +166,7 @@ class SemanticEncoder(nn.Module):
         vision_model: nn.Module,
         grid_size: int = 8,
         num_anchors: int = 1,
-        anchor_sampling: Literal["random", "evenly_spaced"] = "random",
+        anchor_sampling: Literal["random", "evenly_spaced", "first"] = "random",
         normalize: bool = True,
     ):
         super().__init__()

@@ -33,6 +33,7 @@ from sama.losses import (
     LossConfig,
     LossOutput,
     add_noise,
+    bell_weight,
     model_timestep,
     randn,
     sama_loss,
@@ -40,6 +41,7 @@ from sama.losses import (
     velocity_from_model_output,
     velocity_target,
 )
+from sama.models.parity import resolve
 from sama.models.presets import SamaComponents
 
 __all__ = [
@@ -83,7 +85,8 @@ class TrainingModuleConfig:
     """Objective knobs for :class:`SamaTrainingModule`.
 
     Attributes:
-        loss: the loss weights and timestep sampler.
+        loss: the loss weights, timestep sampler and weighting, and the semantic loss's space;
+            its unset (None) knobs follow the model's parity profile (:mod:`sama.models.parity`).
         text_dropout_prob: (choice) probability of replacing a prompt with its null prompt
             (:func:`null_prompt`) so classifier-free guidance has an unconditional model to use.
         semantic: run Semantic Anchoring when the model has a semantic branch (off: no semantic
@@ -134,12 +137,12 @@ class SamaTrainingModule(nn.Module):
     Args:
         components: from :func:`sama.models.build_model` (the encoders may be None when every
             batch brings the corresponding precomputed tensors).
-        config: objective knobs.
+        config: objective knobs; unset ones are resolved with the model config's parity.
     """
 
     def __init__(self, components: SamaComponents, config: TrainingModuleConfig | None = None):
         super().__init__()
-        self.config = config or TrainingModuleConfig()
+        self.config = resolve(config or TrainingModuleConfig(), components.config.parity, "objective")
         self.config.validate()
         self.model_config = components.config
         self.transformer = components.transformer
@@ -274,7 +277,7 @@ class SamaTrainingModule(nn.Module):
         noisy = add_noise(clean, noise, t)
 
         semantic_clean = encoded.semantic_tokens if self.uses_semantic else None
-        semantic_noisy = None
+        semantic_noisy = semantic_noise = None
         if semantic_clean is not None:
             semantic_clean = semantic_clean.to(device)
             semantic_noise = randn(semantic_clean.shape, generator, device)
@@ -289,6 +292,8 @@ class SamaTrainingModule(nn.Module):
             semantic_tokens=semantic_noisy.to(dtype) if semantic_noisy is not None else None,
         )
         semantic_pred = velocity_from_model_output(out.semantic) if out.semantic is not None else None
+        loss = self.config.loss
+        weight = bell_weight(t, loss.timesteps.shift) if loss.timestep_weighting == "bell" else None
         return sama_loss(
             velocity_from_model_output(out.sample),
             velocity_target(clean, noise),
@@ -296,7 +301,10 @@ class SamaTrainingModule(nn.Module):
             semantic_velocity_pred=semantic_pred,
             semantic_noisy=semantic_noisy,
             semantic_clean=semantic_clean,
-            semantic_weight=self.config.loss.semantic_weight,
+            semantic_weight=loss.semantic_weight,
+            semantic_noise=semantic_noise,
+            semantic_space=loss.semantic_space,
+            weight=weight,
         )
 
     def forward(self, batch: SamaBatch, generator: torch.Generator | None = None) -> LossOutput:

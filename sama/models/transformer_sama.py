@@ -24,6 +24,12 @@ code)::
     - ``"zero"``: the identity rotation (position (0, 0, 0)) for every semantic token. The tokens
       then carry no order at all, which makes it impossible to tell the 64 local tokens apart
       while they are still noise; kept as an ablation knob.
+    - ``"null"``: cos = sin = 0 for every semantic token, as the authors' release does (its
+      ``rope_apply`` multiplies their q and k by a complex zero): diffusers' Wan attention rotates
+      as ``x * cos + rotate(x) * sin``, so the semantic tokens' rotated queries and keys are exactly
+      zero in every self-attention layer. They then attend uniformly to the whole sequence and
+      every token gives them the same score 0; they still read values and are read through the
+      values. The ``"authors"`` parity profile (:mod:`sama.models.parity`).
 * **Timestep.** One timestep per sample, embedded and applied to every token as Wan does; clean
   source tokens get the same modulation as the noisy ones.
 
@@ -63,7 +69,7 @@ TOKEN_TYPE_SOURCE = 0
 TOKEN_TYPE_SEMANTIC = 1
 TOKEN_TYPE_TARGET = 2
 NUM_TOKEN_TYPES = 3
-SEMANTIC_ROPE_MODES = ("grid", "zero")
+SEMANTIC_ROPE_MODES = ("grid", "zero", "null")
 
 # Parameters that exist only in SAMA, not in a Wan checkpoint.
 _NEW_PARAMETER_PREFIXES = ("type_embedding.", "semantic_projector.", "semantic_head.")
@@ -140,7 +146,11 @@ class SamaTransformer3DModel(WanTransformer3DModel):
         semantic_hidden_dim: hidden width of the projector MLP (1024 in the authors' code).
         semantic_grid_size: side of the pooled local grid; one anchor frame has
             ``semantic_grid_size**2 + 1`` tokens.
-        semantic_rope: ``"grid"`` or ``"zero"`` (see the module docstring).
+        semantic_rope: ``"grid"``, ``"zero"`` or ``"null"`` (see the module docstring).
+        semantic_layernorm_eps: eps of the projector's and the head's LayerNorm (1e-5, PyTorch's
+            default; the authors' release uses 1e-6).
+        semantic_head_init: ``"default"`` (PyTorch's Linear init) or ``"xavier"`` (xavier-uniform
+            weight, N(0, 1e-3) bias: the authors') for the head's Linear.
 
     ``save_pretrained``/``from_pretrained`` are diffusers' and round-trip the SAMA config too.
     """
@@ -171,7 +181,9 @@ class SamaTransformer3DModel(WanTransformer3DModel):
         semantic_dim: int | None = 1152,
         semantic_hidden_dim: int = 1024,
         semantic_grid_size: int = 8,
-        semantic_rope: Literal["grid", "zero"] = "grid",
+        semantic_rope: Literal["grid", "zero", "null"] = "grid",
+        semantic_layernorm_eps: float = 1e-5,
+        semantic_head_init: Literal["default", "xavier"] = "default",
     ) -> None:
         super().__init__(
             patch_size=patch_size,
@@ -204,15 +216,20 @@ class SamaTransformer3DModel(WanTransformer3DModel):
         self.semantic_projector: SemanticProjector | None = None
         self.semantic_head: SemanticHead | None = None
         if semantic_dim is not None:
-            self.semantic_projector = SemanticProjector(semantic_dim, semantic_hidden_dim, inner_dim)
-            self.semantic_head = SemanticHead(inner_dim, semantic_dim)
+            self.semantic_projector = SemanticProjector(
+                semantic_dim, semantic_hidden_dim, inner_dim, eps=semantic_layernorm_eps
+            )
+            self.semantic_head = SemanticHead(
+                inner_dim, semantic_dim, eps=semantic_layernorm_eps, init=semantic_head_init
+            )
         self.init_sama_parameters()
 
     # ----------------------------------------------------------------------------------------
     # Construction from Wan
 
     def init_sama_parameters(self) -> None:
-        """(Re)initialise the SAMA-only parameters: zero type embedding, default-initialised MLPs.
+        """(Re)initialise the SAMA-only parameters: zero type embedding, default-initialised MLPs
+        (the head's Linear as ``semantic_head_init`` says).
 
         A zero type embedding makes the model start as the base Wan model on target-only input.
         """
@@ -224,6 +241,8 @@ class SamaTransformer3DModel(WanTransformer3DModel):
             for layer in module.modules():
                 if isinstance(layer, nn.Linear | nn.LayerNorm):
                     layer.reset_parameters()
+        if self.semantic_head is not None and self.semantic_head.init != "default":
+            self.semantic_head.reset_parameters()
 
     @torch.no_grad()
     def init_attention_locality(self, strength: float) -> None:
@@ -275,7 +294,9 @@ class SamaTransformer3DModel(WanTransformer3DModel):
         semantic_dim: int | None = 1152,
         semantic_hidden_dim: int = 1024,
         semantic_grid_size: int = 8,
-        semantic_rope: Literal["grid", "zero"] = "grid",
+        semantic_rope: Literal["grid", "zero", "null"] = "grid",
+        semantic_layernorm_eps: float = 1e-5,
+        semantic_head_init: Literal["default", "xavier"] = "default",
     ) -> SamaTransformer3DModel:
         """A SAMA model holding ``base``'s weights, with freshly initialised SAMA parameters.
 
@@ -294,6 +315,8 @@ class SamaTransformer3DModel(WanTransformer3DModel):
                 semantic_hidden_dim=semantic_hidden_dim,
                 semantic_grid_size=semantic_grid_size,
                 semantic_rope=semantic_rope,
+                semantic_layernorm_eps=semantic_layernorm_eps,
+                semantic_head_init=semantic_head_init,
             )
         result = model.load_state_dict(base.state_dict(), strict=False, assign=True)
         if result.unexpected_keys:
@@ -463,9 +486,11 @@ class SamaTransformer3DModel(WanTransformer3DModel):
             cos_parts.append(source_cos)
             sin_parts.append(source_sin)
         if layout.num_semantic:
-            if self.config.semantic_rope == "zero":
+            mode = self.config.semantic_rope
+            if mode in ("zero", "null"):
                 shape = (1, layout.num_semantic, 1, target_cos.shape[-1])
-                cos_parts.append(torch.ones(shape, dtype=target_cos.dtype, device=target_cos.device))
+                fill = torch.ones if mode == "zero" else torch.zeros
+                cos_parts.append(fill(shape, dtype=target_cos.dtype, device=target_cos.device))
                 sin_parts.append(torch.zeros(shape, dtype=target_sin.dtype, device=target_sin.device))
             else:
                 positions = self._semantic_positions(layout, target_cos.device)

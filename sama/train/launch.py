@@ -68,6 +68,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     trainer = Trainer(cfg, rank, world, context.get_local_rank())
     trainer.build()
+    # With its parity knobs resolved against the model (sama.models.parity): what config.yaml records.
+    cfg = trainer.cfg
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -47,6 +46,11 @@ class ModelSection:
     init_from: str | None = None
     # Dotted overrides of the preset's ModelConfig, e.g. {"transformer.num_layers": 2}.
     overrides: dict[str, Any] = field(default_factory=dict)
+    # The parity profile (sama.models.parity): "sama" (this project's choices) or "authors" (the
+    # authors' release). None: the model's own (the preset's "sama", or the init_from export's,
+    # "authors" for a converted official checkpoint). It also decides the unset knobs of the
+    # objective and inference sections; resolve_train_config writes the concrete values.
+    parity: Literal["sama", "authors"] | None = None
 
 
 @dataclass
@@ -170,7 +174,10 @@ class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
     # How the exported model edits by default (sama edit, the MLflow model, sample edits): written
     # into the export, where `sama edit --steps/--cfg` override it. Defaults: SAMA's (50 steps,
-    # CFG 5, shift 5).
+    # CFG 5, shift 5). It also records what the data was prepared at (inference.buckets, .fps,
+    # .max_frames: the prep jobs' buckets, clips.fps / align.max_fps and clip length), which
+    # `sama edit` resizes and resamples real videos to; the shards do not carry the bucket set, so
+    # a recipe over non-480p/16 fps data must say so here (the quickstart's does).
     inference: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self) -> None:
@@ -190,25 +197,19 @@ class TrainConfig:
         self.data.validate()
         self.optim.validate()
         self.objective.validate()
-
-
-_LOCAL_EXPORTS: dict[str, str] = {}
+        self.inference.validate()
 
 
 def local_export(uri: str) -> str:
-    """A local directory holding the SAMA export at ``uri`` (downloaded once when remote)."""
+    """A local directory holding the SAMA export at ``uri`` (see :func:`sama.storage.localize_dir`)."""
     from sama import storage
 
-    local = storage.local_path(uri)
-    if local is not None:
-        return local
-    if uri not in _LOCAL_EXPORTS:
-        _LOCAL_EXPORTS[uri] = storage.download_dir(uri, tempfile.mkdtemp(prefix="sama-export-"))
-    return _LOCAL_EXPORTS[uri]
+    return storage.localize_dir(uri)
 
 
 def resolve_model_config(section: ModelSection):
-    """The ModelConfig to build: the export's own (init_from), else the preset with overrides."""
+    """The ModelConfig to build: the export's own (init_from), else the preset with overrides;
+    ``section.parity`` (when set) names its profile, whose values fill the unset parity knobs."""
     from sama.models.presets import get_preset
 
     if section.init_from:
@@ -231,8 +232,61 @@ def resolve_model_config(section: ModelSection):
             model_config = dataclasses.replace(model_config, pretrained=section.pretrained)
     for key, value in config_lib.flatten(section.overrides).items():
         model_config = config_lib.apply_override(model_config, f"{key}={_override_text(value)}")
+    if section.parity is not None:
+        model_config = dataclasses.replace(model_config, parity=section.parity)
+    model_config = model_config.resolved()
     model_config.validate()
     return model_config
+
+
+def resolve_train_config(cfg: TrainConfig, model_config=None, *, strict: bool = True) -> TrainConfig:
+    """``cfg`` with its parity knobs concrete (:mod:`sama.models.parity`): ``model.parity`` set to
+    the model's profile, and the unset knobs of ``objective`` and ``inference`` filled from it
+    (explicit values win). Resolving twice is resolving once.
+
+    ``model_config``: the resolved model config when the caller has it; otherwise the profile is
+    ``model.parity``, else a ``parity`` override, else the ``init_from`` export's (read from its
+    manifest), else the preset's. When that export cannot be read, ``strict=False`` returns ``cfg``
+    unchanged (``--print-config`` without access to it; the trainer resolves it once it has the
+    export) and ``strict=True`` raises.
+    """
+    from sama.models.parity import resolve
+
+    if model_config is not None:
+        parity = model_config.parity
+    elif cfg.model.parity is not None:
+        parity = cfg.model.parity
+    elif "parity" in config_lib.flatten(cfg.model.overrides):
+        parity = str(config_lib.flatten(cfg.model.overrides)["parity"])
+    elif cfg.model.init_from:
+        try:
+            parity = _export_parity(cfg.model.init_from)
+        except Exception as exc:  # storage or format errors: the export is needed to know
+            if strict:
+                raise
+            log.warning("model.parity follows model.init_from, which cannot be read now: %s", exc)
+            return cfg
+    else:
+        from sama.models.presets import get_preset
+
+        parity = get_preset(cfg.model.preset).parity
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, parity=parity),
+        objective=resolve(cfg.objective, parity, "objective"),
+        inference=resolve(cfg.inference, parity, "inference"),
+    )
+
+
+def _export_parity(uri: str) -> str:
+    """The parity of the SAMA export at ``uri``, from its manifest alone (no weights read)."""
+    from sama import storage
+    from sama.pipeline_edit import PIPELINE_FILE, parse_manifest
+
+    _, model_config, _ = parse_manifest(storage.read_text(storage.join(uri, PIPELINE_FILE)), uri)
+    if model_config is None:
+        raise ValueError(f"model.init_from {uri}: the export records no model configuration")
+    return model_config.parity
 
 
 def _override_text(value: Any) -> str:
@@ -249,6 +303,54 @@ def without_weight_sources(model_config):
         transformer=dataclasses.replace(model_config.transformer, pretrained=None),
         vae=dataclasses.replace(model_config.vae, pretrained=None),
         text=dataclasses.replace(model_config.text, pretrained=None),
+    )
+
+
+def components_from_export(export_uri: str, model_config):
+    """The model components of a run that starts from the SAMA export at ``export_uri``.
+
+    The transformer is built from ``model_config`` (the export's own configuration with the run's
+    overrides, so e.g. a changed ``semantic.rope`` applies) on the meta device and receives the
+    export's tensors (``assign=True``): a 14B start holds one copy of the weights, never a random
+    model beside the loaded one. The autoencoder and text encoder are the export's (copied into it
+    or referenced by it, whatever the preset's tokenizer); SigLIP comes from ``model_config``.
+
+    Raises:
+        ValueError: the export's transformer does not fit ``model_config`` (names the keys).
+    """
+    from accelerate import init_empty_weights
+
+    from sama.models.presets import (
+        SamaComponents,
+        build_semantic_encoder,
+        build_transformer,
+        torch_dtype_of,
+        transformer_mismatch,
+    )
+    from sama.pipeline_edit import SamaEditPipeline
+
+    dtype = torch_dtype_of(model_config)
+    pipeline = SamaEditPipeline.from_pretrained(local_export(export_uri), torch_dtype=dtype)
+    mismatch = transformer_mismatch(model_config, pipeline.transformer.config)
+    if mismatch:
+        raise ValueError(f"model.init_from {export_uri}: {mismatch}")
+    # Parameters on the meta device; buffers (the rotary tables, not in a state dict) are real.
+    with init_empty_weights():
+        transformer = build_transformer(model_config, load_weights=False)
+    result = transformer.load_state_dict(pipeline.transformer.state_dict(), strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"model.init_from {export_uri} does not fit the model: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    del pipeline.transformer
+    log.info("initialised from %s", export_uri)
+    return SamaComponents(
+        model_config,
+        transformer.to(dtype),
+        pipeline.vae,
+        pipeline.text_encoder,
+        build_semantic_encoder(model_config),
     )
 
 
@@ -353,14 +455,14 @@ class Trainer:
         # Same seed on every rank: identical initial weights (and identical frozen encoders).
         torch.manual_seed(cfg.seed)
         self.model_config = resolve_model_config(cfg.model)
-        build_config = self.model_config
+        # The objective and inference knobs follow the model's parity (concrete from here on).
+        self.cfg = cfg = resolve_train_config(cfg, self.model_config)
         if cfg.model.init_from:
             # Every weight but SigLIP's comes from the export: do not read stage 0's sources again.
-            build_config = without_weight_sources(self.model_config)
-            self.model_config = build_config
-        self.components = build_model(build_config)
-        if cfg.model.init_from:
-            self._load_init(cfg.model.init_from)
+            self.model_config = without_weight_sources(self.model_config)
+            self.components = components_from_export(cfg.model.init_from, self.model_config)
+        else:
+            self.components = build_model(self.model_config)
         self.components.to(self.device)
         self.module = SamaTrainingModule(self.components, cfg.objective)
         self.module.train()
@@ -373,23 +475,6 @@ class Trainer:
         self.batches = MixedBatchIterator(cfg.data, self.position, self.rank, self.world_size, rows)
         self.val_rows, self.render_rows = load_validation(cfg.data, cfg.validation.render_samples)
         self.peak = peak_flops(self.device)
-
-    def _load_init(self, export_dir: str) -> None:
-        """Start from a SAMA export: its transformer, autoencoder and text encoder weights."""
-        from sama.pipeline_edit import SamaEditPipeline
-
-        pipeline = SamaEditPipeline.from_pretrained(local_export(export_dir))
-        missing, unexpected = self.components.transformer.load_state_dict(
-            pipeline.transformer.state_dict(), strict=False
-        )
-        if missing or unexpected:
-            raise ValueError(
-                f"model.init_from {export_dir} does not fit the model: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}"
-            )
-        self.components.vae = pipeline.vae
-        self.components.text_encoder = pipeline.text_encoder
-        log.info("initialised from %s", export_dir)
 
     # ------------------------------------------------------------------------------------------
     # State

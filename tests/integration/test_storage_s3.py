@@ -60,3 +60,47 @@ def test_failed_atomic_write_keeps_the_previous_object(s3_bucket, monkeypatch):
     with pytest.raises(OSError, match="injected"):
         storage.write_bytes(uri, os.urandom(11 * 1024 * 1024))
     assert storage.read_text(uri) == "old"
+
+
+def _put(s3_server: str, bucket_uri: str, key: str, body: bytes) -> None:
+    bucket = bucket_uri.removeprefix("s3://")
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def test_localize_dir_downloads_once_and_refetches_a_changed_tree(s3_bucket, s3_server, tmp_path):
+    _put(s3_server, s3_bucket, "export/sama_pipeline.json", b"{}")
+    _put(s3_server, s3_bucket, "export/transformer/config.json", b'{"a": 1}')
+    cache = str(tmp_path / "cache")
+    first = storage.localize_dir(f"{s3_bucket}/export", cache_dir=cache)
+    with open(os.path.join(first, "transformer", "config.json"), "rb") as handle:
+        assert handle.read() == b'{"a": 1}'
+    assert sorted(os.listdir(first)) == ["sama_pipeline.json", "transformer"]
+    # Unchanged: the same directory, nothing fetched again; the prefix "export2" is not "export".
+    _put(s3_server, s3_bucket, "export2/other.json", b"x")
+    assert storage.localize_dir(f"{s3_bucket}/export/", cache_dir=cache) == first
+    # Changed remotely: a new copy; no staging directory is left behind.
+    _put(s3_server, s3_bucket, "export/transformer/config.json", b'{"a": 2}')
+    second = storage.localize_dir(f"{s3_bucket}/export", cache_dir=cache)
+    assert second != first
+    with open(os.path.join(second, "transformer", "config.json"), "rb") as handle:
+        assert handle.read() == b'{"a": 2}'
+    assert sorted(os.listdir(os.path.join(cache, "models"))) == sorted(
+        [os.path.basename(first), os.path.basename(second)]
+    )
+
+
+@pytest.mark.parametrize("bad_key", ["export/../../escaped", "export/a/../../../x"])
+def test_localize_dir_refuses_names_that_escape_the_target(s3_bucket, s3_server, tmp_path, bad_key):
+    _put(s3_server, s3_bucket, "export/sama_pipeline.json", b"{}")
+    _put(s3_server, s3_bucket, bad_key, b"payload")
+    cache = tmp_path / "cache"
+    with pytest.raises(storage.StorageError, match="outside the model directory"):
+        storage.localize_dir(f"{s3_bucket}/export", cache_dir=str(cache))
+    # Nothing written anywhere: no published copy, no staging directory, no escaped file.
+    assert not (cache / "models").exists() or os.listdir(cache / "models") == []
+    assert not list(tmp_path.rglob("escaped")) and not list(tmp_path.rglob("x"))
+
+
+def test_localize_dir_on_an_empty_prefix_says_so(s3_bucket, tmp_path):
+    with pytest.raises(storage.StorageError, match="no objects under this prefix"):
+        storage.localize_dir(f"{s3_bucket}/nothing", cache_dir=str(tmp_path))

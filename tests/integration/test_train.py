@@ -492,6 +492,21 @@ def test_a_run_on_object_storage_trains_resumes_exports_and_edits(s3_store, stor
     stage1 = run_training(sft)
     assert stage1["steps"] == 4 and stage1["export_uri"] == f"{s3_store}/runs/t-s3-sft/export"
     assert_sama_edit_runs(store, stage1["export_uri"], tmp_path, steps=2)
+    # The library call takes object storage everywhere too (model, source and output).
+    from sama.edit import run_edit
+
+    held_out = sorted(
+        storage.list_files(os.path.join(store, "edits-val", "pairs"), suffixes=("_source.mp4",))
+    )
+    source = f"{s3_store}/edit-in/source.mp4"
+    storage.write_bytes(source, storage.read_bytes(held_out[0]))
+    report = run_edit(
+        source, "make it blue", stage1["export_uri"], f"{s3_store}/edit-out/edited.mp4", steps=2
+    )
+    assert (
+        storage.exists(f"{s3_store}/edit-out/edited.mp4")
+        and report["frames"] == video.probe(source).num_frames
+    )
 
 
 def test_a_resume_whose_mlflow_run_is_gone_continues_in_a_linked_run(s3_store, tmp_path):

@@ -85,6 +85,8 @@ def test_source_dependence_tells_a_copying_model_from_one_ignoring_its_source():
     class _Pipeline:
         device, dtype, num_semantic_tokens = torch.device("cpu"), torch.float32, 0
         encode_frames = SamaEditPipeline.encode_frames
+        _on_device = SamaEditPipeline._on_device
+        _offload_device = None
         vae = SpaceToDepthAutoencoder(2, 4)
         transformer = _CopyingTransformer()
         text_encoder = type(

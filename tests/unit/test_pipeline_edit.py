@@ -14,21 +14,32 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from sama import synthetic, video  # noqa: E402
+from sama.buckets import BucketConfig  # noqa: E402
 from sama.models import build_model  # noqa: E402
 from sama.pipeline_edit import (  # noqa: E402
     PIPELINE_FILE,
     ModelDirectoryError,
+    PipelineConfig,
     SamaEditPipeline,
     pad_video,
 )
 
 STEPS = 3
+# The tiny model's training setup (the quickstart's: 48x64 buckets, 8 fps, 9-frame clips), so
+# run_edit works at that size rather than the 480p default.
+TINY = PipelineConfig(
+    buckets=BucketConfig(
+        preset="paper", base_height=48, base_width=64, multiple=16, aspect_ratios=["3:4", "4:3"]
+    ),
+    fps=8.0,
+    max_frames=9,
+)
 
 
 @pytest.fixture(scope="module")
 def pipeline() -> SamaEditPipeline:
     torch.manual_seed(0)
-    return SamaEditPipeline.from_components(build_model("tiny", with_semantic_encoder=False))
+    return SamaEditPipeline.from_components(build_model("tiny", with_semantic_encoder=False), TINY)
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +242,9 @@ def test_run_edit_writes_an_mp4_of_the_source_size(model_dir, clip, tmp_path):
     assert video.decode_clip(str(output)).shape == (30, 60, 100, 3)
     assert report["frames"] == 30 and (report["width"], report["height"]) == (100, 60)
     assert report["output"] == str(output) and not report["cropped_to_even"]
+    # 100x60 is cut to the 4:3 bucket 64x48, 30 frames at 24 fps to 10 at 8 fps, in two windows.
+    assert report["bucket"] == {"height": 48, "width": 64} and report["processed_frames"] == 10
+    assert report["windows"] == 2
 
 
 def test_run_edit_defaults_to_the_exports_inference_settings(pipeline, clip, tmp_path):
@@ -238,7 +252,6 @@ def test_run_edit_defaults_to_the_exports_inference_settings(pipeline, clip, tmp
     import dataclasses
 
     from sama.edit import run_edit
-    from sama.pipeline_edit import PipelineConfig
 
     directory = str(tmp_path / "model")
     saved = SamaEditPipeline(
@@ -246,7 +259,7 @@ def test_run_edit_defaults_to_the_exports_inference_settings(pipeline, clip, tmp
         pipeline.vae,
         pipeline.text_encoder,
         model_config=pipeline.model_config,
-        config=dataclasses.replace(PipelineConfig(), num_inference_steps=2, guidance_scale=1.0),
+        config=dataclasses.replace(TINY, num_inference_steps=2, guidance_scale=1.0),
     )
     saved.save_pretrained(directory)
     source = tmp_path / "source.mp4"

@@ -48,6 +48,8 @@ def small_cfg(output_uri: str = "") -> PrepPairsConfig:
     cfg = PrepPairsConfig()
     cfg.output.uri = output_uri
     cfg.align.min_side = 32
+    # The paper's seven ratios at a small area: the bucket names below are written for them.
+    cfg.buckets.preset = "paper"
     cfg.buckets.base_height = 64
     cfg.buckets.base_width = 112
     cfg.encode.preset = "ultrafast"

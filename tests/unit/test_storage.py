@@ -92,3 +92,24 @@ def test_open_read_refuses_what_is_not_a_regular_file(tmp_path):
         storage.open_read(str(fifo))
     with pytest.raises(storage.StorageError, match="directory"):
         storage.open_read(str(tmp_path))
+
+
+def test_localize_dir_returns_local_directories_as_they_are(tmp_path, monkeypatch):
+    (tmp_path / "export").mkdir()
+    assert storage.localize_dir(str(tmp_path / "export")) == str(tmp_path / "export")
+    assert storage.localize_dir(f"file://{tmp_path}/export") == str(tmp_path / "export")
+    # A relative name that exists locally is a directory, never a hub id.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "model").mkdir()
+    assert storage.localize_dir("org/model") == str(tmp_path / "org" / "model")
+    # A missing local path with more than one separator is left for the caller to report.
+    assert storage.localize_dir("runs/a/export") == str(tmp_path / "runs" / "a" / "export")
+
+
+def test_localize_dir_reports_an_unreachable_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(storage.StorageError, match="Hugging Face hub could not provide it"):
+        storage.localize_dir("no-such-org/no-such-model")

@@ -232,3 +232,39 @@ def test_stage_one_recipe_with_a_local_export(tiny_export):
     model = resolve_model_config(cfg.model)
     assert model.transformer.num_layers == 1
     assert dataclasses.asdict(model)["preset"] == "tiny"
+
+
+def test_components_from_export_hold_the_exports_weights_whatever_the_tokenizer(tiny_export, tmp_path):
+    torch = pytest.importorskip("torch")
+    import json
+    import shutil
+
+    from sama.pipeline_edit import PIPELINE_FILE, SamaEditPipeline
+    from sama.train.trainer import components_from_export, without_weight_sources
+
+    # A Wan preset's export names the "auto" tokenizer: nothing can be built from the config alone
+    # (no weights), so the components must come from the export's own directories.
+    export = str(tmp_path / "export")
+    shutil.copytree(tiny_export, export)
+    manifest_path = f"{export}/{PIPELINE_FILE}"
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    manifest["model"]["text"]["tokenizer"] = "auto"
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest, handle)
+    model_config = without_weight_sources(resolve_model_config(ModelSection(init_from=export)))
+    components = components_from_export(export, model_config)
+    reference = SamaEditPipeline.from_pretrained(tiny_export)
+    got = components.transformer.state_dict()
+    for key, value in reference.transformer.state_dict().items():
+        assert torch.equal(got[key], value), key
+    assert not any(p.is_meta for p in components.transformer.parameters())
+    assert (
+        components.text_encoder.encode(["make it red"]).shape
+        == reference.text_encoder.encode(["make it red"]).shape
+    )
+    assert components.semantic_encoder is not None
+    # An override that changes the architecture does not fit the export: named, not half-loaded.
+    wider = ModelSection(init_from=export, overrides={"transformer.ffn_dim": 512})
+    with pytest.raises(ValueError, match="ffn_dim"):
+        components_from_export(export, without_weight_sources(resolve_model_config(wider)))
