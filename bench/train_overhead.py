@@ -296,8 +296,8 @@ def _recording_loop(records_path: str, fifo_dir: str | None = None):
         original_next = _data.MixedBatchIterator.next
         baton = _Baton(fifo_dir) if fifo_dir else None
 
-        def next_batch(self):
-            batch = original_next(self)
+        def next_batch(self, *args, **kwargs):
+            batch = original_next(self, *args, **kwargs)
             micro_keys.append(list(batch["keys"]))
             return batch
 

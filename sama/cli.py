@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="stage-0 pre-training or stage-1 SFT on Ray Train")
     p.add_argument("--recipe", default="debug", help="recipe name (debug, pretrain, sft, ...) or file")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: let a changed model, optimizer, data or batch size take effect (the new "
+        "values win, optim.lr included); without it such a change stops the resume, naming the keys",
+    )
     add_override_argument(p, "optim.lr=1e-4")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.add_argument(
@@ -67,11 +73,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the preflight checks (config, run, model, data, storage, tracking, cluster), print "
         "them and exit: 0 when all pass, 1 otherwise",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a GPU run whose memory plan (sama plan) does not fit, with a warning "
+        "(= --set plan.enforce=false)",
+    )
+
+    p = sub.add_parser("plan", help="the per-GPU memory plan of a training recipe (nothing is loaded)")
+    p.add_argument("--recipe", default="debug", help="recipe name (debug, pretrain, sft, ...) or file")
+    add_override_argument(p, "scaling.num_workers=16")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory of one GPU in GiB (default: the recipe's plan.gpu_memory_gib, 80)",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
 
     p = sub.add_parser("edit", help="edit a video with a trained model")
     p.add_argument("--video", required=True)
     p.add_argument("--instruction", required=True)
     p.add_argument("--model", required=True)
+    p.add_argument(
+        "--lora", metavar="ADAPTER", default=None, help="a LoRA adapter export to apply over --model"
+    )
     p.add_argument("--output", required=True)
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's own)")
     p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: the model's own)")
@@ -218,7 +245,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sama.train.recipes import recipe_path
     from sama.train.trainer import TrainConfig, resolve_train_config
 
-    cfg = config.load(TrainConfig, recipe_path(args.recipe), args.overrides)
+    forced = ["plan.enforce=false"] if args.force else []
+    cfg = config.load(TrainConfig, recipe_path(args.recipe), [*args.overrides, *forced])
     # Parity knobs (sama.models.parity) made concrete: what is printed is what trains.
     cfg = resolve_train_config(cfg, strict=False)
     if args.print_config:
@@ -228,13 +256,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sama.train.preflight import WHAT, run_preflight
 
     if args.check:
-        results = run_preflight(cfg, resume=args.resume)
+        results = run_preflight(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
         print(format_report(WHAT, results))
         return 1 if failures(results) else 0
     from sama.train.launch import ResourcesUnavailable, TrainingError, run_training
 
     try:
-        info = run_training(cfg, resume=args.resume)
+        info = run_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     except PreflightError as exc:
         print(format_report(WHAT, exc.results), file=sys.stderr)
         return 1
@@ -248,6 +276,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"sama train: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from sama import config
+    from sama.train.plan import memory_plan
+    from sama.train.recipes import recipe_path
+    from sama.train.trainer import TrainConfig
+
+    cfg = config.load(TrainConfig, recipe_path(args.recipe), args.overrides)
+    try:
+        plan = memory_plan(cfg, args.recipe, args.gpu_memory)
+    except (ValueError, KeyError) as exc:
+        raise CommandError(str(exc).strip("'\"")) from None
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
     return 0
 
 
@@ -268,6 +311,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             offload=args.offload,
             tile_vae=args.tile_vae,
+            lora=args.lora,
         )
     except ValueError as exc:  # VideoDecodeError and ModelDirectoryError are ValueErrors too
         raise CommandError(str(exc)) from None
@@ -306,6 +350,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prep-pretext": _cmd_prep_pretext,
     "prep-pairs": _cmd_prep_pairs,
     "train": _cmd_train,
+    "plan": _cmd_plan,
     "edit": _cmd_edit,
     "inspect": _cmd_inspect,
     "convert": _cmd_convert,

@@ -45,6 +45,7 @@ def run_edit(
     offload: bool = False,
     tile_vae: bool = False,
     progress: bool | None = None,
+    lora: str | None = None,
 ) -> dict[str, Any]:
     """Edit ``video_uri`` as ``instruction`` says with the model in ``model_dir``; write ``output_uri``.
 
@@ -68,6 +69,8 @@ def run_edit(
         tile_vae: tiled VAE encode/decode (a Wan VAE only; the tiny autoencoder has nothing to tile
             and the report says ``vae_tiling: false``).
         progress: a progress bar over windows and steps (default: when stderr is a terminal).
+        lora: a LoRA adapter export (local path, ``file://`` or ``s3://``) applied over
+            ``model_dir`` (see ``SamaEditPipeline.load_lora``).
 
     Returns:
         A report: source/output URIs, the output's frames, size and fps, the bucket, the processed
@@ -107,6 +110,8 @@ def run_edit(
     pipeline = SamaEditPipeline.from_pretrained(
         storage.localize_dir(model_dir), device=None if offload else device, torch_dtype=torch_dtype
     )
+    if lora is not None:
+        pipeline.load_lora(storage.localize_dir(lora))
     if offload:
         pipeline.enable_model_cpu_offload(device)
     tiled = pipeline.enable_vae_tiling() if tile_vae else False
@@ -142,6 +147,7 @@ def run_edit(
         "output": output_uri,
         "instruction": instruction,
         "model_dir": model_dir,
+        "lora": lora,
         "frames": int(edited.shape[0]),
         "height": int(edited.shape[1]),
         "width": int(edited.shape[2]),

@@ -649,6 +649,26 @@ class SamaEditPipeline:
     # ----------------------------------------------------------------------------------------
     # Persistence
 
+    def load_lora(self, adapter_dir: str, *, merge: bool = True) -> dict[str, Any]:
+        """Apply a LoRA adapter export (``model.lora_export = "adapter"``, see
+        :mod:`sama.models.lora`) to this pipeline's transformer, in place: its SAMA modules replace
+        the transformer's and its adapters are folded into the weights (``merge=False`` keeps them
+        as peft layers). Returns the adapter's manifest (``base`` names the export it was trained
+        over).
+
+        Raises:
+            ModelDirectoryError: ``adapter_dir`` is not an adapter export, or does not fit the model.
+        """
+        from sama.models.lora import load_adapter
+
+        path = os.fspath(adapter_dir)
+        if not os.path.isdir(path):
+            raise ModelDirectoryError(path, "LoRA adapter directory does not exist")
+        try:
+            return load_adapter(self.transformer, path, merge=merge)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelDirectoryError(path, f"cannot apply the LoRA adapter: {exc}") from exc
+
     def save_pretrained(self, directory: str, *, copy_frozen: bool = True) -> None:
         """Write the whole pipeline to a local ``directory`` (see the module docstring).
 

@@ -67,6 +67,20 @@ INFERENCE_SETTINGS = [
     "inference.fps=8",
     "inference.max_frames=9",
 ]
+
+
+def inference_config():
+    """The :class:`~sama.pipeline_edit.PipelineConfig` a tiny quickstart model is exported with:
+    the pipeline defaults with :data:`INFERENCE_SETTINGS` applied (its buckets, fps and clip length)."""
+    from sama.pipeline_edit import PipelineConfig
+
+    settings = PipelineConfig()
+    for setting in INFERENCE_SETTINGS:
+        settings = config.apply_override(settings, setting.removeprefix("inference."))
+    settings.validate()
+    return settings
+
+
 # Synthetic media: landscape and portrait, a little larger than the buckets they are cut to.
 SIZES = [(72, 96), (96, 72)]
 # Edit kinds of the synthetic pairs. Not background replacement: painting a new textured backdrop

@@ -10,14 +10,26 @@ The tracking URI comes from ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else
 SQLite database ``mlflow.db`` with an ``artifacts/`` folder beside it (MLflow 3 retired the plain
 file store), under the run's storage when that is local. Credentials for a remote server come
 only from the environment (``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``..._TOKEN``).
+
+Tracking never stops training. MLflow's HTTP calls get bounded timeouts and retries
+(:data:`HTTP_DEFAULTS`, unless the environment sets them). Every write (metrics, params, tags,
+artifacts, the final status) returns at once: a daemon thread sends the writes in order and, while
+the store is unreachable, holds them in a bounded queue (the oldest dropped, and counted, past
+:data:`QUEUE_LIMIT` calls or :data:`QUEUE_BYTES`) and retries, with one warning when an outage
+starts and one when it ends. ``end`` flushes with a bounded wait and never raises.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +40,26 @@ log = logging.getLogger(__name__)
 # MLflow caps a param value at 6000 characters and a log_batch call at 100 params.
 _MAX_PARAM_CHARS = 6000
 _PARAM_BATCH = 100
+
+# MLflow's own defaults wait 120 s a request and retry 7 times with backoff (minutes per call).
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+# Uploading the exported model (gigabytes) may keep the server busy past a metric's timeout:
+# MLflow's own default for it (a request that hangs costs this, times 1 + the retries).
+MODEL_UPLOAD_TIMEOUT_S = 120
+# Writes held while the store is unreachable: calls, and bytes of artifacts among them.
+QUEUE_LIMIT = 10_000
+QUEUE_BYTES = 256 * 2**20
+# How often a held write is retried during an outage (seconds, doubling up to the maximum).
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 30.0
+# A call the store answers but refuses (a bad request) is tried this many times, then dropped.
+REFUSED_ATTEMPTS = 3
+# MLflow's global tracking URI is process state: one tracker at a time points it anywhere.
+_GLOBAL_URI_LOCK = threading.RLock()
 
 
 @dataclass
@@ -48,6 +80,8 @@ class TrackingConfig:
     registry_uri: str | None = None
     system_metrics: bool = True
     tags: dict[str, str] = field(default_factory=dict)
+    # At the end of a run, how long to wait for writes held during an outage (then they are lost).
+    flush_timeout_s: float = 60.0
 
 
 LOCAL = "local"
@@ -103,9 +137,16 @@ class LocalTrackingServer:
     cluster's network, like Ray's own ports).
     """
 
-    def __init__(self, directory: str, host: str = "127.0.0.1", start_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        directory: str,
+        host: str = "127.0.0.1",
+        start_timeout_s: float = 120.0,
+        port: int | None = None,
+    ):
         self.directory = directory
         self.host = host
+        self.port = port  # None: a free port, chosen at start
         self.start_timeout_s = start_timeout_s
         self.uri: str | None = None
         self._process = None
@@ -119,9 +160,11 @@ class LocalTrackingServer:
         import urllib.request
 
         os.makedirs(self.directory, exist_ok=True)
-        with socket.socket() as sock:
-            sock.bind((self.host, 0))
-            port = sock.getsockname()[1]
+        port = self.port
+        if port is None:
+            with socket.socket() as sock:
+                sock.bind((self.host, 0))
+                port = sock.getsockname()[1]
         command = [
             sys.executable,
             "-m",
@@ -161,6 +204,7 @@ class LocalTrackingServer:
                 )
             time.sleep(0.5)
         self.uri = uri
+        self.port = port  # a restart (same directory and port) serves the same URI
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -223,8 +267,237 @@ def local_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether an MLflow call failed because the store could not be reached (a connection error,
+    a timeout, a 5xx after retries), rather than because the store refused the call."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return True
+    return exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+
+
+@dataclass
+class _Write:
+    name: str
+    send: Callable[[], None]
+    size: int = 0  # bytes held (artifacts)
+    cleanup: Callable[[], None] | None = None
+    attempts: int = 0
+
+
+class _Sender:
+    """A tracker's writes, sent in order from a daemon thread.
+
+    While the store is unreachable (``probe`` fails too) the writes wait in a bounded queue and are
+    retried with backoff; past the bounds the oldest are dropped and counted. One warning marks
+    the start of an outage, one its end. A write the store refuses while it answers probes is
+    retried :data:`REFUSED_ATTEMPTS` times, then dropped with a warning.
+    """
+
+    def __init__(
+        self, store: str, probe: Callable[[], None], limit: int = QUEUE_LIMIT, max_bytes: int = QUEUE_BYTES
+    ):
+        self.store = store
+        self.probe = probe
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self.outage_since: float | None = None
+        self._items: collections.deque[_Write] = collections.deque()
+        self._bytes = 0
+        self._sending: _Write | None = None
+        self._cond = threading.Condition()
+        self._kick = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._dropped_reported = 0
+
+    def put(self, write: _Write) -> None:
+        with self._cond:
+            if self._closed:
+                log.warning("tracking: %s after the run ended is not sent", write.name)
+                self._discard(write)
+                return
+            self._items.append(write)
+            self._bytes += write.size
+            self._trim()
+            if self._thread is None:
+                _quiet_retries()
+                self._thread = threading.Thread(target=self._run, name=_THREAD_NAME, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._items) + (self._sending is not None)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for every write so far to be sent (retrying a held one now)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._cond:
+            self._kick = True
+            self._cond.notify_all()
+            while self._items or self._sending is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.5))
+            return True
+
+    def close(self, timeout_s: float) -> int:
+        """Flush with a bounded wait, stop the thread; the number of writes never sent."""
+        self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            lost = list(self._items)
+            held = len(lost) + (self._sending is not None)
+            self._items.clear()
+            self._bytes = 0
+        for write in lost:
+            self._discard(write)
+        unsent = held + self.dropped
+        if unsent:
+            log.warning(
+                "tracking: %d write(s) to %s were never sent (%d dropped from the full queue, %d still "
+                "held when the run ended)",
+                unsent,
+                self.store,
+                self.dropped,
+                held,
+            )
+        return unsent
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _trim(self) -> None:
+        """Drop the oldest held writes past the bounds (with the lock held)."""
+        while len(self._items) > 1 and (len(self._items) > self.limit or self._bytes > self.max_bytes):
+            oldest = self._items.popleft()
+            self._bytes -= oldest.size
+            self._discard(oldest)
+            if self.dropped == 0 or self.dropped - self._dropped_reported >= 1000:
+                log.warning(
+                    "tracking: the queue of writes held for %s is full (%d calls, %d MiB): dropping "
+                    "the oldest (%d so far)",
+                    self.store,
+                    self.limit,
+                    self.max_bytes // 2**20,
+                    self.dropped + 1,
+                )
+                self._dropped_reported = self.dropped + 1
+            self.dropped += 1
+
+    @staticmethod
+    def _discard(write: _Write) -> None:
+        if write.cleanup is not None:
+            with contextlib.suppress(Exception):
+                write.cleanup()
+
+    def _run(self) -> None:
+        delay = RETRY_MIN_S
+        while True:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                write = self._items.popleft()
+                self._bytes -= write.size
+                self._sending = write
+            done = self._attempt(write)
+            with self._cond:
+                self._sending = None
+                if done:
+                    self._discard(write)
+                    delay = RETRY_MIN_S
+                elif self._closed:  # the run ended while this write was being tried: lost
+                    self._discard(write)
+                    self._cond.notify_all()
+                    return
+                else:
+                    self._items.appendleft(write)
+                    self._bytes += write.size
+                    self._trim()
+                    # Wait before the retry, unless a flush asks for it now.
+                    self._cond.wait_for(lambda: self._kick or self._closed, timeout=delay)
+                    self._kick = False
+                    delay = min(RETRY_MAX_S, delay * 2)
+                self._cond.notify_all()
+
+    def _attempt(self, write: _Write) -> bool:
+        """Send one write: True when done with it (sent, or dropped as refused)."""
+        try:
+            write.send()
+        except Exception as exc:
+            if unreachable(exc) and not self._answers():
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                    log.warning(
+                        "tracking store %s is unreachable (%s: %s): holding metrics and artifacts and "
+                        "retrying in the background; training continues",
+                        self.store,
+                        type(exc).__name__,
+                        _first_line(exc),
+                    )
+                return False
+            self._recovered()
+            write.attempts += 1
+            if write.attempts < REFUSED_ATTEMPTS:
+                return False
+            log.warning("tracking: %s was refused by %s and is dropped: %s", write.name, self.store, exc)
+            return True
+        self._recovered()
+        return True
+
+    def _answers(self) -> bool:
+        try:
+            self.probe()
+        except Exception as exc:
+            return not unreachable(exc)
+        return True
+
+    def _recovered(self) -> None:
+        if self.outage_since is not None:
+            log.warning(
+                "tracking store %s is reachable again after %.0f s: sending the %d held write(s)%s",
+                self.store,
+                time.monotonic() - self.outage_since,
+                len(self._items) + 1,
+                f" ({self.dropped} dropped from the full queue)" if self.dropped else "",
+            )
+            self.outage_since = None
+
+
+_THREAD_NAME = "sama-tracking"
+
+
+class _QuietRetries(logging.Filter):
+    """urllib3 logs every retry of every request; the tracking thread's retries are summed up by
+    its two outage warnings instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return threading.current_thread().name != _THREAD_NAME
+
+
+def _quiet_retries() -> None:
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _QuietRetries) for f in logger.filters):
+        logger.addFilter(_QuietRetries())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 class Tracker:
-    """A thin, rank-0-only wrapper around one MLflow run. Every method is a no-op when disabled."""
+    """A thin, rank-0-only wrapper around one MLflow run. Every method is a no-op when disabled.
+
+    ``start`` and ``log_model`` talk to the store directly; every other write is queued and sent
+    from a background thread (see the module docstring): call :meth:`flush` to wait for them.
+    """
 
     def __init__(self, cfg: TrackingConfig, enabled: bool, default_local_dir: str | None = None):
         self.cfg = cfg
@@ -234,6 +507,11 @@ class Tracker:
         self.registry_uri = resolve_registry_uri(cfg, self.tracking_uri) if self.enabled else None
         self._client = None
         self.created_run = False
+        self._sender: _Sender | None = None
+        self._spool: str | None = None
+        if self.enabled:
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
 
     @property
     def client(self):
@@ -243,6 +521,28 @@ class Tracker:
             # Both URIs explicit: a client left to resolve them reads MLflow's process-global state.
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         return self._client
+
+    @property
+    def sender(self) -> _Sender:
+        if self._sender is None:
+            client = self.client  # made here, not first in the sender's thread
+            self._sender = _Sender(
+                self.tracking_uri,
+                lambda: (
+                    client.get_run(self.run_id) if self.run_id else client.search_experiments(max_results=1)
+                ),
+            )
+        return self._sender
+
+    def _queue(self, name: str, send: Callable[[], None], size: int = 0, cleanup=None) -> None:
+        self.sender.put(_Write(name, send, size, cleanup))
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most ``timeout_s``, default ``tracking.flush_timeout_s``) for the queued writes
+        to reach the store; whether they all did. Never raises."""
+        if self._sender is None:
+            return True
+        return self._sender.flush(self.cfg.flush_timeout_s if timeout_s is None else timeout_s)
 
     def start(
         self,
@@ -256,11 +556,31 @@ class Tracker:
         A ``run_id`` this store does not have (another store, a deleted run) starts a new run
         instead, tagged ``sama.previous_mlflow_run`` and ``sama.resumed_from`` (``resumed_from``:
         the checkpoint), with a warning: tracking never stops a run from resuming.
-        ``self.created_run`` says whether a new run was created.
+        ``self.created_run`` says whether a new run was created. A new run needs the store (a
+        call bounded by :data:`HTTP_DEFAULTS` raises when it is unreachable); continuing
+        ``run_id`` does not: its writes are held until the store is back.
         """
         self.created_run = False
         if not self.enabled:
             return None
+        try:
+            return self._start(run_name, run_id, tags, resumed_from)
+        except Exception as exc:
+            if not (run_id and unreachable(exc)):
+                raise
+            log.warning(
+                "tracking store %s is unreachable at start (%s): continuing MLflow run %s, its writes "
+                "held until the store is back",
+                self.tracking_uri,
+                _first_line(exc),
+                run_id,
+            )
+            self.run_id = run_id
+            client = self.client
+            self._queue("run status", lambda: client.update_run(run_id, status="RUNNING"))
+            return run_id
+
+    def _start(self, run_name, run_id, tags, resumed_from) -> str:
         # Only this tracker's client is used: no process-global MLflow state is touched.
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
         if experiment is None:
@@ -326,25 +646,29 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        existing = set(self.client.get_run(self.run_id).data.params)
-        items = [
-            Param(key, str(value)[:_MAX_PARAM_CHARS])
-            for key, value in config_lib.flatten(params).items()
-            if key not in existing  # a resumed run keeps its params (MLflow forbids changing them)
-        ]
-        for start in range(0, len(items), _PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=items[start : start + _PARAM_BATCH])
+        client, run_id = self.client, self.run_id
+        flat = {key: str(value)[:_MAX_PARAM_CHARS] for key, value in config_lib.flatten(params).items()}
+
+        def send() -> None:
+            # Read when sent: a resumed run keeps its params (MLflow forbids changing them), and a
+            # retry after a partial send skips what arrived.
+            existing = set(client.get_run(run_id).data.params)
+            items = [Param(key, value) for key, value in flat.items() if key not in existing]
+            for start in range(0, len(items), _PARAM_BATCH):
+                client.log_batch(run_id, params=items[start : start + _PARAM_BATCH])
+
+        self._queue("params", send)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue ``metrics`` at ``step``, timestamped now (returns at once)."""
         if not self.enabled or not metrics:
             return
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        client, run_id = self.client, self.run_id
+        self._queue(f"metrics of step {step}", lambda: client.log_batch(run_id, metrics=batch))
 
     @contextlib.contextmanager
     def _global_uri(self):
@@ -352,37 +676,69 @@ class Tracker:
         block, then put back exactly what was there (explicit settings and environment variables),
         so that no other client in the process resolves to this tracker's stores afterwards.
         MLflow's fluent API (log_model) and its proxied ``mlflow-artifacts:`` locations resolve the
-        server from the global URIs, not the client's."""
+        server from the global URIs, not the client's. One block at a time in the process (the
+        tracking thread uploads artifacts while the training thread may log a model)."""
         import mlflow
         from mlflow.tracking._model_registry import utils as registry_utils
 
-        saved_tracking = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-        # MLflow has no public "is the registry URI set" query; None when it moved.
-        saved_registry = getattr(registry_utils, "_registry_uri", None)
-        saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.registry_uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(saved_tracking)
-            if hasattr(registry_utils, "_registry_uri"):
-                registry_utils._registry_uri = saved_registry
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        with _GLOBAL_URI_LOCK:
+            saved_tracking = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+            # MLflow has no public "is the registry URI set" query; None when it moved.
+            saved_registry = getattr(registry_utils, "_registry_uri", None)
+            saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.set_registry_uri(self.registry_uri)
+            try:
+                yield
+            finally:
+                mlflow.set_tracking_uri(saved_tracking)
+                if hasattr(registry_utils, "_registry_uri"):
+                    registry_utils._registry_uri = saved_registry
+                for key, value in saved_env.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+
+    def _spool_dir(self) -> str:
+        """A directory of this tracker's own for artifacts waiting to be sent."""
+        if self._spool is None:
+            self._spool = tempfile.mkdtemp(prefix="sama-tracking-")
+        return tempfile.mkdtemp(dir=self._spool)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        client, run_id = self.client, self.run_id
+
+        def send() -> None:
             with self._global_uri():
-                self.client.log_text(self.run_id, text, artifact_file)
+                client.log_text(run_id, text, artifact_file)
+
+        self._queue(f"artifact {artifact_file}", send, size=len(text))
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        if self.enabled:
+        """Queue a file or directory as an artifact (copied now: the caller may delete it)."""
+        if not self.enabled:
+            return
+        held = os.path.join(self._spool_dir(), os.path.basename(os.path.normpath(local_path)))
+        if os.path.isdir(local_path):
+            shutil.copytree(local_path, held)
+            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(held) for f in fs)
+        else:
+            shutil.copyfile(local_path, held)
+            size = os.path.getsize(held)
+        client, run_id = self.client, self.run_id
+
+        def send() -> None:
             with self._global_uri():
-                self.client.log_artifact(self.run_id, local_path, artifact_path)
+                client.log_artifact(run_id, held, artifact_path)
+
+        def cleanup() -> None:
+            shutil.rmtree(os.path.dirname(held), ignore_errors=True)
+
+        name = f"artifact {os.path.join(artifact_path or '', os.path.basename(held))}"
+        self._queue(name, send, size=size, cleanup=cleanup)
 
     def log_video(self, data: bytes, artifact_file: str) -> None:
         """Log mp4 bytes as an artifact (the MLflow UI plays H.264 mp4 in the browser)."""
@@ -395,9 +751,25 @@ class Tracker:
             self.log_artifact(path, os.path.dirname(artifact_file) or None)
 
     def log_model(self, export_dir: str, stage: int, registered_model: str | None = None) -> dict[str, Any]:
-        """Log the exported pipeline as an MLflow pyfunc model; register it when a name is set."""
+        """Log the exported pipeline as an MLflow pyfunc model; register it when a name is set.
+
+        Synchronous (its result names the model). When the store cannot take it, the error is
+        logged and ``{}`` returned: the export itself is already in the run's storage.
+        """
         if not self.enabled:
             return {}
+        try:
+            with _http_timeout(MODEL_UPLOAD_TIMEOUT_S):
+                return self._log_model(export_dir, stage, registered_model)
+        except Exception:
+            log.exception(
+                "logging the model to %s failed (the export is in the run's storage; log it again "
+                "with `mlflow` when the store is back)",
+                self.tracking_uri,
+            )
+            return {}
+
+    def _log_model(self, export_dir: str, stage: int, registered_model: str | None) -> dict[str, Any]:
         import mlflow
 
         from sama import mlflow_model
@@ -421,10 +793,44 @@ class Tracker:
             log.info("registered %s version %s (stage %d)", name, version, stage)
         return result
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
+        """Set the run's final status, then send what is queued, waiting at most ``timeout_s``
+        (default ``tracking.flush_timeout_s``); what is still held then is lost, with a warning.
+        Never raises: it runs in the ``finally`` of a training run whose own error must surface."""
         if not self.enabled or self.run_id is None:
             return
-        monitor = getattr(self, "_monitor", None)
-        if monitor is not None:
-            monitor.finish()
-        self.client.set_terminated(self.run_id, status=status)
+        try:
+            monitor = getattr(self, "_monitor", None)
+            self._monitor = None
+            if monitor is not None:
+                with contextlib.suppress(Exception):
+                    monitor.finish()
+            client, run_id = self.client, self.run_id
+            self._queue(f"run status {status}", lambda: client.set_terminated(run_id, status=status))
+            self.sender.close(self.cfg.flush_timeout_s if timeout_s is None else timeout_s)
+            self._sender = None
+        except Exception:
+            log.exception("ending the MLflow run %s failed", self.run_id)
+        finally:
+            if self._spool is not None:
+                shutil.rmtree(self._spool, ignore_errors=True)
+                self._spool = None
+
+
+@contextlib.contextmanager
+def _http_timeout(seconds: int):
+    """MLflow's request timeout raised to at least ``seconds`` for a block (a large upload)."""
+    key = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+    saved = os.environ.get(key)
+    try:
+        current = int(saved) if saved else 0
+    except ValueError:
+        current = 0
+    os.environ[key] = str(max(current, seconds))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved

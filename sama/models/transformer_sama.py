@@ -153,6 +153,11 @@ class SamaTransformer3DModel(WanTransformer3DModel):
             weight, N(0, 1e-3) bias: the authors') for the head's Linear.
 
     ``save_pretrained``/``from_pretrained`` are diffusers' and round-trip the SAMA config too.
+
+    ``sequence_parallel`` (default None) is the context-parallelism hook: an object with
+    ``shard(sequence, rotary) -> (local sequence, local rotary)``, called on the full sequence and
+    rotary tables before the blocks, and ``gather(local sequence, length) -> sequence`` after them
+    (:func:`sama.train.context_parallel.apply_context_parallel` sets it). Not part of the config.
     """
 
     # Context parallelism plans are written for Wan's own forward; this one builds its sequence
@@ -223,6 +228,8 @@ class SamaTransformer3DModel(WanTransformer3DModel):
                 inner_dim, semantic_dim, eps=semantic_layernorm_eps, init=semantic_head_init
             )
         self.init_sama_parameters()
+        # Context parallelism hook (see forward); set by sama.train.context_parallel.
+        self.sequence_parallel: Any = None
 
     # ----------------------------------------------------------------------------------------
     # Construction from Wan
@@ -551,6 +558,13 @@ class SamaTransformer3DModel(WanTransformer3DModel):
         )
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
 
+        # Context parallelism (sama.train.context_parallel): the blocks run on this rank's chunk of
+        # the sequence with the matching rotary chunk, and the full sequence is gathered after them.
+        # None (the default) is the plain single-device path.
+        sequence_parallel = getattr(self, "sequence_parallel", None)
+        if sequence_parallel is not None:
+            sequence, rotary_emb = sequence_parallel.shard(sequence, rotary_emb)
+
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             for block in self.blocks:
                 sequence = self._gradient_checkpointing_func(
@@ -559,6 +573,8 @@ class SamaTransformer3DModel(WanTransformer3DModel):
         else:
             for block in self.blocks:
                 sequence = block(sequence, encoder_hidden_states, timestep_proj, rotary_emb)
+        if sequence_parallel is not None:
+            sequence = sequence_parallel.gather(sequence, layout.length)
 
         semantic_out = None
         if layout.num_semantic:

@@ -16,12 +16,29 @@ independently, so no rank ever waits for another's data and every rank gets data
 
 Inside a worker, :class:`MixedBatchIterator` interleaves the sources by their weights and groups
 rows into batches of one shape with the media's batch size (images and videos batch separately).
+The source is drawn once per optimizer step, from (seed, step) alone: every micro-batch of a step
+(gradient accumulation) comes from that source, and every rank draws the same one, so a global
+step is all images or all videos, as the recipes' per-step batch sizes assume.
 
-Resume semantics: the data position (step, per-source passes, batches drawn) is saved with each
-checkpoint. On resume every source starts a new pass whose shuffle seeds derive from (seed, rank,
-source, pass, resume step), so the stream continues in a fresh order instead of replaying the
-interrupted pass in the same order. Samples of the interrupted pass may be seen again, in another
-order (at-least-once per pass, never the same sequence twice).
+Resume semantics: exact replay. Every checkpoint saves each data-parallel rank's data position: the
+optimizer step and, per source, the pass it is reading (``passes``: passes started, the current one
+being ``passes - 1``), the batches already drawn from that pass (``pass_batches``) and how many
+times that pass lists the worker's shards (``repeats``, learned from the first pass: restored with
+the pass, so the replay lists them as often as the interrupted pass did). On resume each source
+restarts its interrupted pass with that pass's own seeds (block order and shuffle buffer), draws the
+batches already drawn through the same code path (shape grouping included) and discards them, then
+continues exactly as the uninterrupted run would: with the step's source draw, the noise and the
+restored model, a resumed run reports the uninterrupted run's per-step losses. The price is paid
+once per resume: the skipped rows of the interrupted pass are read and decoded again (Ray Data
+decodes them ahead as usual; at most one pass of each source). A pass leaves nothing behind for the
+next: at its end every partial batch (rows of shapes too rare to fill one) is emitted, fullest
+first, so a pass replayed from its start rebuilds the grouping state exactly.
+
+A checkpoint written by another number of data-parallel ranks (the ranks' shards differ), or
+before exact replay (positions without ``pass_batches``: their ``passes`` counted passes a
+background thread had started, ahead of training), resumes as those did: every source starts a
+new pass whose shuffle seeds are salted by the resume step (``salt``), so the stream continues
+in a fresh order; samples of the interrupted pass may be seen again, in another order.
 """
 
 from __future__ import annotations
@@ -238,19 +255,44 @@ def shape_key(row: dict[str, Any]) -> tuple:
 
 @dataclass
 class DataPosition:
-    """Where the stream is; saved with checkpoints (see the module docstring for resume semantics)."""
+    """Where one data-parallel rank's stream is; saved with checkpoints (see the module docstring
+    for resume semantics). Updated only by the consumer (the training loop), never by the
+    background threads that read ahead, so it describes exactly the batches training has drawn.
+
+    ``step`` is the optimizer step the next batches are drawn for (a step's micro-batches all
+    share it). Per source: ``passes`` started (the current pass is ``passes - 1``), ``batches``
+    drawn over all passes, ``pass_batches`` drawn from the current pass, and the current pass's
+    ``repeats``. ``salt`` is mixed into every shuffle seed: 0, or the step at which the stream last
+    restarted with fresh passes (:meth:`restart_passes`)."""
 
     step: int = 0
     passes: dict[str, int] = field(default_factory=dict)
     batches: dict[str, int] = field(default_factory=dict)
     skipped: int = 0
+    pass_batches: dict[str, int] = field(default_factory=dict)
+    repeats: dict[str, int] = field(default_factory=dict)
+    salt: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> DataPosition:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        legacy = "pass_batches" not in data
+        position = cls(**data)
+        if legacy:
+            # Written before exact replay: nothing says how far into its passes the run was.
+            position.restart_passes(position.step)
+        return position
+
+    def restart_passes(self, step: int) -> None:
+        """Abandon the current passes: every source starts a new one (pass ``passes``), with
+        seeds salted by ``step`` and its repeats learned again (the semantics of positions from
+        before exact replay, and of a resume on another number of data-parallel ranks)."""
+        self.pass_batches = {}
+        self.repeats = {}
+        self.salt = step
 
 
 class SourceStream:
@@ -260,6 +302,10 @@ class SourceStream:
     pipeline starts while the current one is still being trained on. A pass repeats the worker's
     part of the source until it holds at least ``DataConfig.min_rows_per_pass`` rows (learned from
     the first pass), so a small source does not restart its pipeline every few steps.
+
+    Given a position with ``pass_batches`` for this source, the stream restarts that pass with its
+    own seeds and repeats and skips the batches already drawn from it (exact replay; see the
+    module docstring).
     """
 
     def __init__(
@@ -276,10 +322,20 @@ class SourceStream:
         self.rank = rank
         self.world_size = world_size
         self.batch_size = cfg.batch_size(source.media)
-        self.repeats = 1
-        # A resumed run starts from a fresh pass with seeds salted by the resume step.
-        self.salt = position.step
+        name = source.name
+        # The producer's own: it learns repeats a pass ahead of what the position records.
+        self.repeats = position.repeats.get(name, 1)
+        self.salt = position.salt
+        if name in position.pass_batches:  # exact replay of the interrupted pass
+            self.first_pass = max(0, position.passes.get(name, 1) - 1)
+            self.replay = position.pass_batches[name]
+        else:  # a new pass (a fresh stream, or passes restarted)
+            self.first_pass = position.passes.get(name, 0)
+            self.replay = 0
+        self._replaying = False
         self.pending: dict[tuple, list[dict]] = {}
+        # Partial batches emitted at the end of a pass, fullest first.
+        self._ready: list[list[dict]] = []
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_rows))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -302,11 +358,12 @@ class SourceStream:
 
     def _produce(self) -> None:
         name = self.source.name
+        index = self.first_pass
         try:
             while not self._stop.is_set():
-                index = self.position.passes.get(name, 0)
                 pass_rows = self._pass_rows(index)
-                self.position.passes[name] = index + 1
+                if not self._put(("start", (index, self.repeats))):
+                    return
                 seed = _seed(self.cfg.seed, self.rank, name, index, "buffer", self.salt)
                 rows = usable = 0
                 for row in _shuffled(pass_rows, self.cfg.shuffle_buffer, seed):
@@ -326,6 +383,7 @@ class SourceStream:
                     self.repeats = max(1, -(-self.cfg.min_rows_per_pass // per_epoch))
                 if not self._put(("end", index)):
                     return
+                index += 1
         except BaseException as exc:  # handed to the consumer, which raises it in the training loop
             self._put(("error", exc))
 
@@ -349,20 +407,84 @@ class SourceStream:
     def next_batch(self) -> list[dict]:
         if self._thread is None:
             self._start()
+            self._skip_replayed()
+        rows = self._next_rows()
+        name = self.source.name
+        self.position.batches[name] = self.position.batches.get(name, 0) + 1
+        self.position.pass_batches[name] = self.position.pass_batches.get(name, 0) + 1
+        return rows
+
+    def _skip_replayed(self) -> None:
+        """Draw and discard the batches the checkpointed run had drawn from the interrupted pass,
+        through the same code path (so the partial batches held per shape are the same), leaving
+        the position as it was saved. Costs reading and decoding the skipped rows, once."""
+        if not self.replay:
+            return
+        started = time.perf_counter()
+        self._replaying = True
+        skipped = 0
+        try:
+            while skipped < self.replay and self._replaying:
+                rows = self._next_rows()
+                if not self._replaying:  # from the next pass (see _next_rows): not a skipped one
+                    self._ready.insert(0, rows)
+                    break
+                skipped += 1
+        finally:
+            self._replaying = False
+        log.info(
+            "data source %r, worker %d: replayed pass %d up to where the checkpoint was (%d batch(es) "
+            "skipped in %.1f s)",
+            self.source.name,
+            self.rank,
+            self.first_pass,
+            skipped,
+            time.perf_counter() - started,
+        )
+
+    def _next_rows(self) -> list[dict]:
+        """The rows of the next batch (the position's pass and skipped counts follow, except while
+        replaying)."""
+        name = self.source.name
         while True:
+            if self._ready:
+                return self._ready.pop(0)
             kind, item = self._queue.get()
             if kind == "error":
                 raise item
+            if kind == "start":
+                index, repeats = item
+                if self._replaying:
+                    if index == self.first_pass:
+                        continue
+                    # The pass gave fewer batches than the checkpointed run drew from it: its data
+                    # changed. Go on from here, recording the position anew.
+                    log.warning(
+                        "data source %r, worker %d: pass %d ended before the %d batch(es) the "
+                        "checkpoint drew from it (did its shards change?); the stream goes on from "
+                        "pass %d",
+                        name,
+                        self.rank,
+                        self.first_pass,
+                        self.replay,
+                        index,
+                    )
+                    self._replaying = False
+                self.position.passes[name] = index + 1
+                self.position.pass_batches[name] = 0
+                self.position.repeats[name] = repeats
+                continue
             if kind == "end":
-                # Rows of rare shapes are not held across passes: emit the fullest partial batch.
-                if self.pending:
-                    key = max(self.pending, key=lambda k: len(self.pending[k]))
-                    return self._count(self.pending.pop(key))
+                # A pass leaves nothing behind: every partial batch (rows of rare shapes) is emitted
+                # now, fullest first, so the next pass starts from empty groups.
+                self._ready = sorted(self.pending.values(), key=len, reverse=True)
+                self.pending = {}
                 continue
             row = item
             if row["error"]:
-                self.position.skipped += 1
-                log.warning("skipping an undecodable sample: %s", row["error"])
+                if not self._replaying:
+                    self.position.skipped += 1
+                    log.warning("skipping an undecodable sample: %s", row["error"])
                 continue
             if row["media"] != self.source.media:
                 raise ValueError(
@@ -374,11 +496,7 @@ class SourceStream:
             group.append(row)
             if len(group) == self.batch_size:
                 del self.pending[key]
-                return self._count(group)
-
-    def _count(self, rows: list[dict]) -> list[dict]:
-        self.position.batches[self.source.name] = self.position.batches.get(self.source.name, 0) + 1
-        return rows
+                return group
 
 
 class RowStream(SourceStream):
@@ -471,7 +589,8 @@ class MixedBatchIterator:
         self.wait_s = 0.0
 
     def choose(self, step: int) -> int:
-        """The source of ``step``: a function of (seed, step), so a resumed run keeps the mix."""
+        """The source of optimizer step ``step``: a function of (seed, step) only, so every
+        micro-batch of a step, every rank, and a resumed run draw the same source."""
         rng = np.random.default_rng([self.cfg.seed, step])
         return int(rng.choice(len(self.streams), p=self.probs))
 
@@ -479,13 +598,16 @@ class MixedBatchIterator:
         for stream in self.streams:
             stream.close()
 
-    def next(self) -> dict[str, Any]:
-        """The next batch; time spent waiting for data accumulates in ``wait_s``."""
+    def next(self, step: int | None = None) -> dict[str, Any]:
+        """The next batch of optimizer step ``step`` (one call per micro-batch, all from the
+        step's source); None: a step of its own, ``position.step``. Time spent waiting for data
+        accumulates in ``wait_s``."""
         started = time.perf_counter()
-        stream = self.streams[self.choose(self.position.step)]
+        step = self.position.step if step is None else step
+        stream = self.streams[self.choose(step)]
         batch = collate(stream.next_batch())
         batch["source_name"] = stream.source.name
-        self.position.step += 1
+        self.position.step = step + 1
         self.wait_s += time.perf_counter() - started
         return batch
 

@@ -9,6 +9,15 @@ keeps the last ``checkpoint.keep_last``); the EMA export to ``{run.storage_uri}/
 A worker failure restarts the workers from the last checkpoint within the same job (up to
 ``run.max_failures`` times); ``--resume`` continues a stopped run from its last checkpoint, in the
 same MLflow run, with continuous step numbers.
+
+Every rank writes its own shards of a checkpoint (:mod:`sama.train.checkpoint`) and reports its
+own directory; Ray Train merges them into one ``checkpoint_*`` directory and registers it (in
+``checkpoint_manager_snapshot.json``) only once every rank has reported. Before each attempt the
+driver picks the newest registered checkpoint that is committed and complete
+(:func:`usable_checkpoint`: state.json present, every file of its manifest at its size), falling
+back to the previous one with a warning that names what is wrong. A resume compares the
+configuration with the checkpoint's (:func:`config_changes`): a changed model, objective,
+optimizer, data sources or batch sizes stops it unless ``allow_config_change``.
 """
 
 from __future__ import annotations
@@ -55,6 +64,135 @@ def latest_checkpoint(cfg: TrainConfig) -> str | None:
     return storage.join(run_uri(cfg), name) if name else None
 
 
+def registered_checkpoints(cfg: TrainConfig) -> list[str]:
+    """The run's checkpoints that Ray Train registered, newest first (its latest first)."""
+    snapshot = storage.join(run_uri(cfg), SNAPSHOT_FILE)
+    if not storage.exists(snapshot):
+        return []
+    data = json.loads(storage.read_text(snapshot))
+    results = data.get("checkpoint_results") or []
+    indices = data.get("checkpoint_report_indices") or list(range(len(results)))
+    ordered_results = sorted(zip(indices, results, strict=False), key=lambda pair: pair[0])
+    names = [result["checkpoint_dir_name"] for _, result in ordered_results]
+    latest = (data.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    ordered = ([latest] if latest else []) + [n for n in reversed(names) if n != latest]
+    return [storage.join(run_uri(cfg), name) for name in ordered]
+
+
+def checkpoint_problems(uri: str) -> list[str]:
+    """What makes the checkpoint at ``uri`` unusable (empty: it is committed and complete); reads
+    its state.json and the files' sizes only."""
+    from sama.train import checkpoint as ckpt
+
+    state_uri = storage.join(uri, ckpt.STATE_FILE)
+    if not storage.exists(state_uri):
+        return [f"no {ckpt.STATE_FILE} (the commit marker): its save did not finish"]
+    try:
+        state = ckpt.TrainState(**json.loads(storage.read_text(state_uri)))
+    except (ValueError, TypeError) as exc:
+        return [f"{ckpt.STATE_FILE} is unreadable ({exc})"]
+    sizes = {}
+    for name in state.files:
+        file_uri = storage.join(uri, name)
+        sizes[name] = storage.size(file_uri) if storage.exists(file_uri) else None
+    return ckpt.problems(state, sizes)
+
+
+def usable_checkpoint(cfg: TrainConfig) -> str | None:
+    """The newest registered checkpoint that is committed and complete, or None when the run has
+    none registered. A broken one is skipped with a warning naming what is wrong.
+
+    Raises:
+        CheckpointError: checkpoints are registered but none is usable.
+    """
+    from sama.train.checkpoint import CheckpointError
+
+    broken = []
+    for uri in registered_checkpoints(cfg):
+        wrong = checkpoint_problems(uri)
+        if not wrong:
+            return uri
+        where = storage.redact(uri)
+        log.warning(
+            "checkpoint %s is unusable (%s): falling back to the previous checkpoint", where, "; ".join(wrong)
+        )
+        broken.append(f"{storage.basename(where)}: {'; '.join(wrong)}")
+    if broken:
+        raise CheckpointError(f"run {cfg.run.name!r} has no usable checkpoint ({' | '.join(broken)})")
+    return None
+
+
+# What a resume may not change silently: what is trained, on what, and how (``--allow-config-change``
+# lets it). Workers, parallelism, cadences, max_steps, tracking, inference and the run may change.
+LOCKED_CONFIG = (
+    "stage",
+    "seed",
+    "grad_accum",
+    "ema_decay",
+    "model.",
+    "objective.",
+    "optim.",
+    "data.sources",
+    "data.video_batch_size",
+    "data.image_batch_size",
+    "data.seed",
+)
+
+
+def _locked(key: str) -> bool:
+    return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in LOCKED_CONFIG)
+
+
+def config_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """``key: old -> new`` for every locked key that differs (values shown only when they are
+    numbers or booleans, so no URI or credential lands in a message)."""
+    before, after = config_lib.flatten(saved), config_lib.flatten(new)
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        if not _locked(key):
+            continue
+        old, value = before.get(key), after.get(key)
+        if value is None and old is not None and key.startswith("objective."):
+            continue  # unresolved here (the model's parity decides it): not a change
+        if old == value or (isinstance(old, list | tuple) and list(old) == list(value or [])):
+            continue
+        plain = all(isinstance(v, int | float | bool) for v in (old, value))
+        changes.append(f"{key}: {old} -> {value}" if plain else f"{key}: changed")
+    return changes
+
+
+def check_config_change(cfg: TrainConfig, checkpoint: str, allow: bool) -> list[str]:
+    """The locked keys a resume from ``checkpoint`` changes; :class:`ConfigChanged` unless
+    ``allow``. The checkpoint's config.yaml is the resolved configuration that wrote it."""
+    import yaml
+
+    from sama.train import checkpoint as ckpt
+    from sama.train.trainer import resolve_train_config
+
+    saved_uri = storage.join(checkpoint, ckpt.CONFIG_FILE)
+    if not storage.exists(saved_uri):
+        return []
+    saved = config_lib.from_dict(TrainConfig, yaml.safe_load(storage.read_text(saved_uri)))
+    changes = config_changes(saved, resolve_train_config(cfg, strict=False))
+    if changes and not allow:
+        raise ConfigChanged(cfg.run.name, storage.basename(checkpoint), changes)
+    if changes:
+        log.warning("resuming %s with a changed configuration: %s", cfg.run.name, ", ".join(changes))
+    return changes
+
+
+class ConfigChanged(ValueError):
+    """A resume would change what the run trains (model, objective, optimizer, data, batch sizes)."""
+
+    def __init__(self, run_name: str, checkpoint: str, changes: list[str]):
+        self.keys = [c.split(":", 1)[0] for c in changes]
+        super().__init__(
+            f"--resume of run {run_name!r} changes its configuration since {checkpoint}: "
+            f"{', '.join(changes)}. Restore those values, or pass --allow-config-change "
+            "(run_training(..., allow_config_change=True)) to train on with the new ones"
+        )
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
     import ray.train
@@ -70,7 +208,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer.build()
     # With its parity knobs resolved against the model (sama.models.parity): what config.yaml records.
     cfg = trainer.cfg
+    # The checkpoint the driver chose (usable_checkpoint), else Ray Train's latest.
     checkpoint = ray.train.get_checkpoint()
+    if loop_config.get("checkpoint_uri"):
+        fs, path = storage.pyarrow_filesystem(loop_config["checkpoint_uri"])
+        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.restore(directory)
@@ -126,16 +268,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     tracker.log_video(data, f"samples/step_{step:07d}/{key}.mp4")
             if steps_due(step, cfg.checkpoint.every_steps, cfg.max_steps):
                 with tempfile.TemporaryDirectory() as directory:
+                    # Every rank writes its own shards and reports its own directory: Ray Train
+                    # merges them and registers the checkpoint once all ranks have reported.
                     trainer.save_checkpoint(directory)
-                    ckpt = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-                    ray.train.report(reported, checkpoint=ckpt)
+                    ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
         with tempfile.TemporaryDirectory() as export_dir:
             trainer.export(export_dir)
             if rank == 0:
                 _publish(cfg, trainer, tracker, export_dir, loop_config)
         status = "FINISHED"
     finally:
+        end_tracking(tracker, status)
+
+
+def end_tracking(tracker, status: str) -> None:
+    """End the MLflow run from a ``finally``: a failure here is logged, never raised, so the
+    training run's own error (if any) is the one reported."""
+    try:
         tracker.end(status)
+    except Exception:
+        log.exception("ending the tracked run (status %s) failed; the run's own outcome stands", status)
 
 
 def _publish(cfg: TrainConfig, trainer, tracker, export_dir: str, loop_config: dict[str, Any]) -> None:
@@ -272,26 +424,32 @@ def wait_for_workers(cfg: TrainConfig, poll_s: float = 30.0) -> None:
         remove_placement_group(group)
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, *, preflight: bool = True) -> dict[str, Any]:
+def run_training(
+    cfg: TrainConfig, resume: bool = False, *, preflight: bool = True, allow_config_change: bool = False
+) -> dict[str, Any]:
     """Train one stage to completion; returns run_info (export URI, MLflow run, model version).
 
     Runs the preflight checks first (:mod:`sama.train.preflight`; ``PreflightError`` when one
     fails, before any worker is requested), then waits at most ``scaling.resource_timeout_s`` for
     the workers. A lost worker restarts the workers from the last checkpoint, up to
     ``run.max_failures`` times; an error the training function raises fails the run at once
-    (:class:`TrainingError`).
+    (:class:`TrainingError`). A resume that changes the model, objective, optimizer, data sources
+    or batch sizes fails (preflight "run", or :class:`ConfigChanged`) unless
+    ``allow_config_change``: then the new values apply, ``optim.lr`` included.
     """
     from sama import preflight as preflight_lib
     from sama.train.preflight import WHAT, run_preflight
 
     if preflight:
-        results = run_preflight(cfg, resume)
+        results = run_preflight(cfg, resume, allow_config_change=allow_config_change)
         for result in results:
             if result.status == "warn":
                 log.warning("preflight: %s: %s (%s)", result.name, result.found, result.fix)
         preflight_lib.require(WHAT, results)
     else:
         cfg.validate()
+        if resume and (chosen := usable_checkpoint(cfg)):
+            check_config_change(cfg, chosen, allow_config_change)
     tracking_uri, tracking_dir = (
         training_store(cfg.tracking, cfg.run.storage_uri) if cfg.tracking.enabled else (None, None)
     )
@@ -325,13 +483,13 @@ def _train_with_restarts(cfg: TrainConfig, tracking_uri: str | None) -> None:
     while True:
         # Before a restart too: a lost node may have to be replaced first.
         wait_for_workers(cfg)
-        latest = latest_checkpoint(cfg)
+        latest = usable_checkpoint(cfg)
         if latest:
             # Ray Train V2 restores a run from its storage (same name and storage path): the
             # workers' ray.train.get_checkpoint() returns the run's latest checkpoint.
             log.info("%s %s from %s", "restarting" if restarts else "resuming", cfg.run.name, latest)
         try:
-            _fit(cfg, tracking_uri)
+            _fit(cfg, tracking_uri, latest)
             return
         except Exception as exc:
             kind = classify_failure(exc)
@@ -363,7 +521,7 @@ def _train_with_restarts(cfg: TrainConfig, tracking_uri: str | None) -> None:
             )
 
 
-def _fit(cfg: TrainConfig, tracking_uri: str | None) -> None:
+def _fit(cfg: TrainConfig, tracking_uri: str | None, checkpoint_uri: str | None = None) -> None:
     """One Ray Train attempt: restores from the run's storage when it has a checkpoint."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -373,7 +531,11 @@ def _fit(cfg: TrainConfig, tracking_uri: str | None) -> None:
         storage_fs = None
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config_lib.to_dict(cfg), "tracking_uri": tracking_uri},
+        train_loop_config={
+            "config": config_lib.to_dict(cfg),
+            "tracking_uri": tracking_uri,
+            "checkpoint_uri": checkpoint_uri,
+        },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,

@@ -4,6 +4,10 @@
 * ``fsdp2``: every transformer block, then the transformer itself, is sharded with ``fully_shard``
   (bf16 parameters for compute, fp32 gradient reduction when mixed precision is on).
 * activation checkpointing: diffusers' own per-block gradient checkpointing.
+* context parallelism (``context_parallel_size > 1``): Ulysses sequence sharding of the transformer
+  (:mod:`sama.train.context_parallel`) over the ``cp`` dimension of a 2-D ``("dp", "cp")`` device
+  mesh; FSDP2 shards (and averages gradients) over the flattened ``dp x cp`` mesh, DDP over the
+  world, which are the same ranks (see that module for why the average is the right gradient).
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ class ParallelConfig:
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
     # DDP only: needed when some trainable parameter can go unused in a step.
     find_unused_parameters: bool = False
+    # Ulysses context parallelism: the ranks of a group of this many share each micro-batch and
+    # hold 1/cp of its tokens through the blocks (long 81-frame clips). Must divide
+    # scaling.num_workers and the transformer's attention heads; 1 = off.
+    context_parallel_size: int = 1
+
+    def validate(self) -> None:
+        if self.strategy not in ("ddp", "fsdp2"):
+            raise ValueError(f"parallel.strategy must be ddp or fsdp2, got {self.strategy!r}")
+        if int(self.context_parallel_size) < 1:
+            raise ValueError(f"parallel.context_parallel_size must be >= 1, got {self.context_parallel_size}")
 
 
 def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype | None:
@@ -40,12 +54,14 @@ def apply_activation_checkpointing(transformer: nn.Module) -> None:
     transformer.enable_gradient_checkpointing()
 
 
-def apply_fsdp2(transformer: nn.Module, cfg: ParallelConfig, device: torch.device) -> None:
-    """Shard each block, then the root, over the default process group."""
+def apply_fsdp2(transformer: nn.Module, cfg: ParallelConfig, device: torch.device, mesh=None) -> None:
+    """Shard each block, then the root, over ``mesh`` (default: the whole world)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     block_kwargs: dict = {}
     root_kwargs: dict = {}
+    if mesh is not None:
+        block_kwargs["mesh"] = root_kwargs["mesh"] = mesh
     if compute_dtype(cfg, device) is not None:
         # Inputs are cast once, at the root. Casting again at each block would cast inside the
         # activation-checkpointed region, and the recomputation would then see fp32 tensors where
@@ -61,20 +77,36 @@ def apply_fsdp2(transformer: nn.Module, cfg: ParallelConfig, device: torch.devic
     fully_shard(transformer, **root_kwargs)
 
 
-def parallelize(module: nn.Module, cfg: ParallelConfig, device: torch.device, world_size: int) -> nn.Module:
+def parallelize(
+    module: nn.Module, cfg: ParallelConfig, device: torch.device, world_size: int, mesh=None
+) -> nn.Module:
     """Apply checkpointing and the sharding strategy; returns what the training step calls.
 
     ``module`` is the :class:`~sama.models.training.SamaTrainingModule`; its ``transformer`` is the
     only trainable part. DDP is skipped for a single worker; FSDP2 applies whenever a process group
     exists.
+
+    ``mesh``: the 2-D ``("dp", "cp")`` device mesh (:func:`sama.train.context_parallel.build_device_mesh`),
+    needed when ``cfg.context_parallel_size > 1``.
     """
     import torch.distributed as dist
 
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(module.transformer)
+    shard_mesh = None
+    if cfg.context_parallel_size > 1:
+        from sama.train.context_parallel import apply_context_parallel
+
+        if mesh is None:
+            raise ValueError("context parallelism needs the (dp, cp) device mesh")
+        apply_context_parallel(module.transformer, mesh["cp"])
+        # torchtitan's choice: parameters are sharded over (and gradients averaged across) every
+        # rank, dp x cp flattened; a cp group's ranks compute with the same weights, so sharding
+        # over cp too divides parameter and optimizer memory by cp as well.
+        shard_mesh = mesh["dp", "cp"]._flatten("dp_cp")
     if cfg.strategy == "fsdp2" and dist.is_available() and dist.is_initialized():
         # Sharded even on one rank, so the same (DTensor) code path runs at every scale.
-        apply_fsdp2(module.transformer, cfg, device)
+        apply_fsdp2(module.transformer, cfg, device, shard_mesh)
         return module
     if world_size <= 1:
         return module

@@ -5,7 +5,9 @@ them); :func:`sama.train.launch.run_training` raises :class:`sama.preflight.Pref
 failed. The checks:
 
 - ``config``: the resolved configuration is valid (the model preset and its overrides included);
-- ``run``: a run of that name is new, or ``--resume`` names one with a checkpoint;
+- ``run``: a run of that name is new, or ``--resume`` names one with a usable checkpoint (the
+  newest committed, complete one) whose configuration the resume does not change (model,
+  objective, optimizer, data sources, batch sizes) unless ``--allow-config-change``;
 - ``model``: the ``init_from`` export exists, is a SAMA export and is the recipe's preset; or the
   pretrained weights (local directory or hub id) hold each component and the transformer's
   architecture is the preset's;
@@ -13,6 +15,8 @@ failed. The checks:
   sample of the first shard reads, has a schema version this code reads and the declared media;
 - ``run storage``: a probe object can be written and removed under the run's directory;
 - ``tracking``: the MLflow server answers (a warning only: training still runs);
+- ``memory plan`` (GPU runs): the per-GPU memory plan (:mod:`sama.train.plan`) fits
+  ``plan.gpu_memory_gib`` (a warning only with ``plan.enforce=false``, ``sama train --force``);
 - ``cluster``: the cluster (its nodes, or the node types its autoscaler may add) can place every
   worker's CPUs, GPUs, memory and accelerator type.
 """
@@ -43,13 +47,14 @@ def run_preflight(
     *,
     cluster: bool = True,
     timeout_s: float = preflight.DEFAULT_CHECK_TIMEOUT_S,
+    allow_config_change: bool = False,
 ) -> list[CheckResult]:
     """Every check's result; ``cluster=False`` skips the one that connects to Ray."""
     from sama.train.launch import run_uri
 
     checks = [
         Check("config", lambda: check_config(cfg)),
-        Check("run", lambda: check_run(cfg, resume)),
+        Check("run", lambda: check_run(cfg, resume, allow_config_change)),
         Check("model", lambda: check_model(cfg)),
     ]
     for index, source in enumerate(cfg.data.sources):
@@ -64,6 +69,8 @@ def run_preflight(
     checks.append(Check("run storage", lambda: preflight.writable(run_uri(cfg))))
     if cfg.tracking.enabled:
         checks.append(Check("tracking", lambda: check_tracking(cfg)))
+    if cfg.scaling.use_gpu:
+        checks.append(Check("memory plan", lambda: check_memory_plan(cfg)))
     results = preflight.run_checks(checks, timeout_s)
     if cluster:
         # In this thread: ray.init belongs to the driver's main thread.
@@ -88,8 +95,15 @@ def check_config(cfg: TrainConfig) -> str:
     )
 
 
-def check_run(cfg: TrainConfig, resume: bool) -> str:
-    from sama.train.launch import latest_checkpoint, run_uri
+def check_run(cfg: TrainConfig, resume: bool, allow_config_change: bool = False) -> str:
+    from sama.train.checkpoint import CheckpointError
+    from sama.train.launch import (
+        ConfigChanged,
+        check_config_change,
+        latest_checkpoint,
+        run_uri,
+        usable_checkpoint,
+    )
 
     where = storage.redact(run_uri(cfg))
     with storage_access("read the run's directory", run_uri(cfg), "run.storage_uri"):
@@ -105,7 +119,21 @@ def check_run(cfg: TrainConfig, resume: bool) -> str:
             "drop --resume to start it, or set run.name / run.storage_uri to the run to continue",
         )
     if latest:
-        return f"resuming {cfg.run.name!r} from {storage.basename(latest)}"
+        with storage_access("read the run's checkpoints", run_uri(cfg), "run.storage_uri"):
+            try:
+                usable = usable_checkpoint(cfg)
+                changes = check_config_change(cfg, usable, allow_config_change) if usable else []
+            except CheckpointError as exc:
+                fix = "start a new run (set run.name), or restore the run's files"
+                raise CheckFailed(str(exc), fix) from None
+            except ConfigChanged as exc:
+                raise CheckFailed(
+                    str(exc).split(". Restore", 1)[0],
+                    "restore those values, or pass --allow-config-change to train on with the new ones",
+                ) from None
+        fallback = "" if usable == latest else f" (the latest, {storage.basename(latest)}, is unusable)"
+        changed = f", with changed {', '.join(c.split(':', 1)[0] for c in changes)}" if changes else ""
+        return f"resuming {cfg.run.name!r} from {storage.basename(usable)}{fallback}{changed}"
     return f"new run {cfg.run.name!r} in {where}"
 
 
@@ -275,6 +303,35 @@ def check_tracking(cfg: TrainConfig) -> str:
     if status != 200:
         raise CheckWarning(f"the MLflow server at {where} answered HTTP {status} to /health")
     return f"MLflow server {where} answers"
+
+
+def check_memory_plan(cfg: TrainConfig) -> str:
+    """The run's per-GPU memory plan (:mod:`sama.train.plan`) fits ``plan.gpu_memory_gib``; a plan
+    that does not is a failure, or a warning with ``plan.enforce=false`` (``sama train --force``).
+    The message carries the whole plan."""
+    from sama.train.plan import memory_plan
+
+    try:
+        plan = memory_plan(cfg, cfg.run.name)
+    except (ValueError, KeyError) as exc:
+        raise CheckFailed(
+            f"cannot plan the run's memory: {exc}", "fix the recipe (see the config check)"
+        ) from None
+    summary = (
+        f"{plan.total / 2**30:.1f} GiB per GPU of {plan.gpu_memory / 2**30:.0f} GiB "
+        f"({plan.micro_batch} {plan.media} x {plan.tokens_per_sample} tokens, {plan.world_size} worker(s))"
+    )
+    if plan.fits:
+        return summary
+    found = f"the run does not fit: {summary}\n{plan.format()}"
+    fix = (
+        "shard over more workers (scaling.num_workers, parallel.strategy=fsdp2), turn on "
+        "parallel.activation_checkpointing, lower the per-worker batch sizes (raise grad_accum), use "
+        "context parallelism, or set plan.gpu_memory_gib to your GPUs'; --force starts it anyway"
+    )
+    if not cfg.plan.enforce:
+        raise CheckWarning(found, fix)
+    raise CheckFailed(found, fix)
 
 
 # ---------------------------------------------------------------------------------------------

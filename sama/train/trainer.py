@@ -25,11 +25,13 @@ import numpy as np
 import torch
 
 from sama import config as config_lib
+from sama.models.lora import LoraSection
 from sama.models.training import TrainingModuleConfig
 from sama.pipeline_edit import PipelineConfig
 from sama.tracking import TrackingConfig
-from sama.train.data import DataConfig
+from sama.train.data import DataConfig, DataPosition
 from sama.train.parallelize import ParallelConfig
+from sama.train.plan import PlanSection
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,11 @@ class ModelSection:
     # "authors" for a converted official checkpoint). It also decides the unset knobs of the
     # objective and inference sections; resolve_train_config writes the concrete values.
     parity: Literal["sama", "authors"] | None = None
+    # LoRA adapters (rank 0: off, every transformer weight trains); see sama.models.lora.
+    lora: LoraSection = field(default_factory=LoraSection)
+    # A LoRA run's export: "merged" (a full model) or "adapter" (the adapters and SAMA's modules
+    # over the model.init_from export, for `sama edit --lora`).
+    lora_export: Literal["merged", "adapter"] = "merged"
 
 
 @dataclass
@@ -179,6 +186,8 @@ class TrainConfig:
     # `sama edit` resizes and resamples real videos to; the shards do not carry the bucket set, so
     # a recipe over non-480p/16 fps data must say so here (the quickstart's does).
     inference: PipelineConfig = field(default_factory=PipelineConfig)
+    # What `sama plan` and the memory check of `sama train` assume (sama.train.plan).
+    plan: PlanSection = field(default_factory=PlanSection)
 
     def validate(self) -> None:
         if self.stage not in (0, 1):
@@ -194,10 +203,23 @@ class TrainConfig:
         if self.stage == 1 and not self.model.init_from:
             raise ValueError("stage 1 (SFT) starts from a stage-0 export: set model.init_from")
         self.scaling.validate()
+        self.parallel.validate()
+        cp = self.parallel.context_parallel_size
+        if self.scaling.num_workers % cp:
+            raise ValueError(
+                f"scaling.num_workers ({self.scaling.num_workers}) must be a multiple of "
+                f"parallel.context_parallel_size ({cp}): workers form context-parallel groups of {cp}"
+            )
         self.data.validate()
         self.optim.validate()
         self.objective.validate()
         self.inference.validate()
+        self.plan.validate()
+        self.model.lora.validate()
+        if self.model.lora_export not in ("merged", "adapter"):
+            raise ValueError(f"model.lora_export must be merged or adapter, got {self.model.lora_export!r}")
+        if self.model.lora.enabled and self.model.lora_export == "adapter" and not self.model.init_from:
+            raise ValueError("model.lora_export='adapter' needs model.init_from: the export it applies to")
 
 
 def local_export(uri: str) -> str:
@@ -423,6 +445,14 @@ class Trainer:
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
+        # Context parallelism: groups of cp consecutive ranks share each micro-batch, so the data
+        # stream, the noise and the sample counts follow the data-parallel rank and size.
+        self.cp = int(cfg.parallel.context_parallel_size)
+        if world_size % self.cp:
+            raise ValueError(f"{world_size} workers cannot form context-parallel groups of {self.cp}")
+        self.dp_rank = rank // self.cp
+        self.dp_size = world_size // self.cp
+        self.mesh = None
         if cfg.scaling.use_gpu and torch.cuda.is_available():
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
@@ -444,7 +474,7 @@ class Trainer:
         """
         from sama.models.presets import build_model
         from sama.models.training import SamaTrainingModule
-        from sama.train.data import DataPosition, MixedBatchIterator, load_validation
+        from sama.train.data import MixedBatchIterator, load_validation
         from sama.train.ema import EMA
         from sama.train.parallelize import parallelize
 
@@ -463,90 +493,129 @@ class Trainer:
             self.components = components_from_export(cfg.model.init_from, self.model_config)
         else:
             self.components = build_model(self.model_config)
+        if cfg.model.lora.enabled:  # before sharding: only the adapters and SAMA's modules train
+            from sama.models.lora import apply_lora
+
+            apply_lora(self.components.transformer, cfg.model.lora)
         self.components.to(self.device)
         self.module = SamaTrainingModule(self.components, cfg.objective)
         self.module.train()
+        if self.cp > 1:
+            from sama.train.context_parallel import build_device_mesh
+
+            self.mesh = build_device_mesh(self.device.type, self.world_size, self.cp)
+        self.model = parallelize(self.module, cfg.parallel, self.device, self.world_size, self.mesh)
+        # After sharding: under FSDP2 the shadow is a DTensor of each rank's own shards.
         self.ema = EMA(self.module.transformer, cfg.ema_decay)
-        self.model = parallelize(self.module, cfg.parallel, self.device, self.world_size)
         self.params = [p for p in self.module.transformer.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
         self.position = DataPosition()
         self.rows = rows
-        self.batches = MixedBatchIterator(cfg.data, self.position, self.rank, self.world_size, rows)
+        self.batches = MixedBatchIterator(cfg.data, self.position, self.dp_rank, self.dp_size, rows)
         self.val_rows, self.render_rows = load_validation(cfg.data, cfg.validation.render_samples)
         self.peak = peak_flops(self.device)
 
     # ------------------------------------------------------------------------------------------
     # State
 
-    def state_dict(self) -> dict[str, Any]:
-        """Full (unsharded) model, EMA and optimizer states, gathered on every rank."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        transformer = self.module.transformer
-        model = {k: v for k, v in get_model_state_dict(transformer, options=options).items()}
-        optimizer = get_optimizer_state_dict(transformer, self.optimizer, options=options)
-        return {"model": model, "ema": self.ema.state_dict(), "optimizer": optimizer}
-
-    def load_state_dict(self, loaded) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True)
-        transformer = self.module.transformer
-        set_model_state_dict(transformer, loaded.model, options=options)
-        set_optimizer_state_dict(transformer, self.optimizer, loaded.optimizer, options=options)
-        self.ema.load_state_dict(loaded.ema)
-        self.scheduler.load_state_dict(loaded.state.scheduler)
-        self.step = loaded.state.step
-        self.samples_seen = loaded.state.samples_seen
-        self.mlflow_run_id = loaded.state.mlflow_run_id
-        from sama.train.checkpoint import set_rng_state
-        from sama.train.data import DataPosition, MixedBatchIterator
-
-        set_rng_state(loaded.rng)
-        # The stream restarts with fresh passes salted by the resume step (see sama.train.data).
-        self.position = (
-            DataPosition.from_json(loaded.state.data_position)
-            if loaded.state.data_position
-            else DataPosition()
-        )
-        self.position.step = self.step
-        self.batches.close()
-        self.batches = MixedBatchIterator(self.cfg.data, self.position, self.rank, self.world_size, self.rows)
-
     def restore(self, checkpoint_dir: str | None) -> None:
+        """Load a checkpoint written by any number of workers into this rank's shards (a
+        collective: every rank calls it). The optimizer's hyperparameters and the learning-rate
+        schedule are the configuration's (``--allow-config-change`` may have changed them); only
+        the schedule's position comes from the checkpoint."""
         if checkpoint_dir is None:
             return
         from sama.train import checkpoint as ckpt
+        from sama.train.data import MixedBatchIterator
 
-        loaded = ckpt.load(checkpoint_dir)
-        self.load_state_dict(loaded)
-        log.info("rank %d resumed from %s at step %d", self.rank, checkpoint_dir, self.step)
+        loaded = ckpt.load_trainable(checkpoint_dir, self.module.transformer, self.optimizer, self.ema)
+        state = loaded.state
+        self.step = state.step
+        self.samples_seen = state.samples_seen
+        self.mlflow_run_id = state.mlflow_run_id
+        self._set_schedule_position(int(state.scheduler.get("last_epoch", state.step)))
+        self.scheduler._step_count = int(state.scheduler.get("_step_count", self.step + 1))
+        ckpt.set_rng_state(loaded.rng)
+        self.position = self._restored_position(state)
+        self.position.step = self.step
+        self.batches.close()
+        self.batches = MixedBatchIterator(self.cfg.data, self.position, self.dp_rank, self.dp_size, self.rows)
+        log.info(
+            "rank %d resumed from %s at step %d (written by %d worker(s))",
+            self.rank,
+            checkpoint_dir,
+            self.step,
+            state.world_size,
+        )
+
+    def _restored_position(self, state) -> DataPosition:
+        """This rank's data position from a checkpoint: its own, replayed exactly, when the
+        checkpoint has one per data-parallel rank of this run; else rank 0's with fresh passes
+        salted by the resume step (see :mod:`sama.train.data`)."""
+        if len(state.data_positions) == self.dp_size:
+            return DataPosition.from_json(state.data_positions[self.dp_rank])
+        if not state.data_position:
+            position = DataPosition(step=state.step)
+        else:
+            position = DataPosition.from_json(state.data_position)
+        if state.data_positions and self.rank == 0:
+            log.warning(
+                "the checkpoint's data positions are of %d data-parallel rank(s), this run has %d: "
+                "every data source starts a new pass (the interrupted passes are not replayed)",
+                len(state.data_positions),
+                self.dp_size,
+            )
+        position.restart_passes(state.step)
+        return position
+
+    def _data_positions(self) -> list[str]:
+        """Every data-parallel rank's data position, JSON, by rank (a collective under a process
+        group; context-parallel peers share one stream, so one position)."""
+        import torch.distributed as dist
+
+        mine = (self.dp_rank, self.position.to_json())
+        if not (dist.is_available() and dist.is_initialized()):
+            return [mine[1]]
+        everyone: list[tuple[int, str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        by_rank = dict(item for item in everyone if item is not None)
+        return [by_rank[r] for r in range(self.dp_size)]
+
+    def _set_schedule_position(self, last_epoch: int) -> None:
+        """The scheduler at ``last_epoch`` of this configuration's schedule (its base rate is
+        ``optim.lr``, never the checkpoint's)."""
+        scheduler = self.scheduler
+        groups = self.optimizer.param_groups
+        scheduler.base_lrs = [group.setdefault("initial_lr", self.cfg.optim.lr) for group in groups]
+        scheduler.last_epoch = last_epoch
+        for group, base, schedule in zip(
+            self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * schedule(last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def save_checkpoint(self, directory: str) -> None:
-        """Every rank gathers (a collective under FSDP2); rank 0 writes ``directory``."""
+        """Every rank writes its own shards into its local ``directory`` (no gather; a collective
+        under a process group); rank 0 adds state.json, the commit marker, last."""
+        from sama import config as config_lib
         from sama.train import checkpoint as ckpt
 
-        state = self.state_dict()
-        if self.rank != 0:
-            return
         train_state = ckpt.TrainState(
             step=self.step,
             samples_seen=self.samples_seen,
             scheduler=self.scheduler.state_dict(),
             data_position=self.position.to_json(),
+            data_positions=self._data_positions(),
             mlflow_run_id=self.mlflow_run_id,
         )
-        ckpt.save(directory, state["model"], state["ema"], state["optimizer"], train_state)
+        ckpt.save_trainable(
+            directory,
+            self.module.transformer,
+            self.optimizer,
+            self.ema,
+            train_state,
+            config_text=config_lib.dumps(self.cfg),
+        )
 
     # ------------------------------------------------------------------------------------------
     # Steps
@@ -575,7 +644,8 @@ class Trainer:
         """One micro-batch: encode with the frozen encoders, loss through the (wrapped) model, backward."""
         from sama.train.parallelize import compute_dtype
 
-        generator = self._generator(self.rank, self.step, micro)
+        # The data-parallel rank: a context-parallel group draws the same noise and timesteps.
+        generator = self._generator(self.dp_rank, self.step, micro)
         with torch.no_grad():
             encoded = self.module.encode_batch(self._sama_batch(batch), generator)
         dtype = compute_dtype(self.cfg.parallel, self.device)
@@ -591,7 +661,8 @@ class Trainer:
         parts["samples"] = samples
         parts["tokens"] = tokens
         if self.peak:
-            parts["flops"] = training_flops(self.module.transformer, samples, tokens // samples)
+            # A context-parallel rank does 1/cp of its group's work.
+            parts["flops"] = training_flops(self.module.transformer, samples, tokens // samples) / self.cp
         return parts
 
     def train_step(self) -> dict[str, float]:
@@ -600,7 +671,7 @@ class Trainer:
         wait_before = self.batches.wait_s
         totals: dict[str, float] = {}
         for micro in range(self.cfg.grad_accum):
-            batch = self.batches.next()
+            batch = self.batches.next(self.step)  # every micro-batch from the step's source
             parts = self.forward_backward_step(batch, micro)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -613,13 +684,13 @@ class Trainer:
         self.scheduler.step()
         self.ema.update(self.module.transformer)
         self.step += 1
-        samples = totals.pop("samples") * self.world_size
+        samples = totals.pop("samples") * self.dp_size
         self.samples_seen += int(samples)
         metrics = {f"train/{k}": v / self.cfg.grad_accum for k, v in totals.items() if k.startswith("loss")}
         metrics["train/lr"] = lr
         metrics["train/grad_norm"] = grad_norm
         elapsed = time.perf_counter() - started
-        tokens = totals["tokens"] * self.world_size
+        tokens = totals["tokens"] * self.dp_size
         metrics["perf/step_s"] = elapsed
         metrics["perf/samples_per_s"] = samples / elapsed
         metrics["perf/tokens_per_s"] = tokens / elapsed
@@ -704,22 +775,41 @@ class Trainer:
     def averaged_pipeline(self, device: torch.device | str = "cpu"):
         """An edit pipeline over a copy of the EMA weights, on ``device`` (rank 0; None elsewhere).
 
-        The weights are gathered on every rank (a collective under FSDP2: every rank calls this);
-        the pipeline shares the run's frozen autoencoder and text encoder and uses the run's
-        inference settings. It is what :meth:`export` writes, and what evaluation edits with.
+        The weights are gathered one tensor at a time onto rank 0 (under FSDP2 each gather is a
+        collective that every rank calls, in the same order): no rank ever holds more than the
+        export's model and one gathered tensor. The pipeline shares the run's frozen autoencoder
+        and text encoder and uses the run's inference settings. It is what :meth:`export` writes,
+        and what evaluation edits with.
         """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from accelerate import init_empty_weights
+        from accelerate.utils import set_module_tensor_to_device
 
         from sama.models.presets import build_transformer
         from sama.pipeline_edit import SamaEditPipeline
+        from sama.train.ema import full_tensor
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = dict(get_model_state_dict(self.module.transformer, options=options))
-        weights.update(self.ema.state_dict())
-        if self.rank != 0:
+        transformer = None
+        if self.rank == 0:
+            # Parameters on the meta device (buffers real), each filled by its gathered tensor.
+            with init_empty_weights():
+                transformer = build_transformer(self.model_config, load_weights=False)
+                if self.cfg.model.lora.enabled:  # the run's own layout, merged once filled
+                    from sama.models.lora import apply_lora
+
+                    apply_lora(transformer, self.cfg.model.lora)
+        for name, value in self.module.transformer.state_dict().items():
+            source = self.ema.shadow.get(name, value)
+            tensor = full_tensor(source.detach())
+            if transformer is not None:
+                dtype = value.dtype
+                set_module_tensor_to_device(transformer, name, "cpu", value=tensor.to("cpu", dtype))
+            del tensor
+        if transformer is None:
             return None
-        transformer = build_transformer(self.model_config, load_weights=False)
-        transformer.load_state_dict(weights)
+        if self.cfg.model.lora.enabled:
+            from sama.models.lora import merge_lora_modules
+
+            transformer = merge_lora_modules(transformer)
         transformer.to(device).eval()
         return SamaEditPipeline(
             transformer,
@@ -731,6 +821,10 @@ class Trainer:
 
     def export(self, directory: str) -> None:
         """The EMA weights as a ``save_pretrained`` pipeline that ``sama edit`` loads (rank 0 writes)."""
+        if self.cfg.model.lora.enabled and self.cfg.model.lora_export == "adapter":
+            from sama.train.lora import export_adapter
+
+            return export_adapter(self, directory)
         pipeline = self.averaged_pipeline("cpu")
         if pipeline is None:
             return

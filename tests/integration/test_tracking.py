@@ -10,7 +10,7 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 
 from sama import config as config_lib  # noqa: E402
-from sama import synthetic, video  # noqa: E402
+from sama import quickstart, synthetic, video  # noqa: E402
 from sama.tracking import (  # noqa: E402
     LocalTrackingServer,
     Tracker,
@@ -61,7 +61,10 @@ def tiny_export(tmp_path_factory):
 
     torch.manual_seed(0)
     directory = str(tmp_path_factory.mktemp("export"))
-    SamaEditPipeline.from_components(build_model("tiny")).save_pretrained(directory)
+    # Recorded with the quickstart's small buckets: the 480p default would make the pyfunc edit
+    # below run the tiny model on 100k tokens.
+    pipeline = SamaEditPipeline.from_components(build_model("tiny"), quickstart.inference_config())
+    pipeline.save_pretrained(directory)
     return directory
 
 
@@ -96,6 +99,7 @@ def test_log_params_logs_the_flattened_config_and_a_resume_relogs_safely(mlflow_
     tracker = _tracker(mlflow_server)
     run_id = tracker.start("params")
     tracker.log_params(config_lib.to_dict(cfg))
+    assert tracker.flush()  # writes are sent from a background thread
     params = tracker.client.get_run(run_id).data.params
     assert params == {key: str(value) for key, value in flat.items()}
     assert params["optim.lr"] == "0.002" and params["scaling.num_workers"] == "2"
@@ -112,6 +116,7 @@ def test_log_params_logs_the_flattened_config_and_a_resume_relogs_safely(mlflow_
     changed["max_steps"] = cfg.max_steps * 2
     changed["extra_key"] = "x" * 7000
     resumed.log_params(changed)
+    assert resumed.flush()
     params = resumed.client.get_run(run_id).data.params
     assert params["max_steps"] == str(cfg.max_steps)
     assert params["extra_key"] == "x" * 6000  # MLflow's cap on a param value
@@ -124,6 +129,7 @@ def test_log_params_in_batches_of_one_hundred(mlflow_server):
     run_id = tracker.start("many")
     many = {"section": {f"key{i:03d}": i for i in range(250)}}
     tracker.log_params(many)
+    assert tracker.flush()
     params = tracker.client.get_run(run_id).data.params
     assert params == {f"section.key{i:03d}": str(i) for i in range(250)}
     tracker.end()
@@ -135,6 +141,7 @@ def test_log_metrics_with_steps(mlflow_server):
     for step, loss in [(10, 1.5), (20, 1.25), (30, 1.0)]:
         tracker.log_metrics({"train/loss": loss, "perf/samples_per_s": step * 2}, step)
     tracker.log_metrics({}, 40)  # nothing to log: no call
+    assert tracker.flush()
     history = tracker.client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(10, 1.5), (20, 1.25), (30, 1.0)]
     assert tracker.client.get_run(run_id).data.metrics["perf/samples_per_s"] == 60.0
@@ -148,6 +155,7 @@ def test_log_video_stores_an_mp4_artifact(mlflow_server, tmp_path):
     run_id = tracker.start("video")
     tracker.log_video(data, "samples/step_0000050/abc123.mp4")
     tracker.log_video(data, "top.mp4")
+    assert tracker.flush()
     listed = [a.path for a in tracker.client.list_artifacts(run_id, "samples/step_0000050")]
     assert listed == ["samples/step_0000050/abc123.mp4"]
     assert "top.mp4" in [a.path for a in tracker.client.list_artifacts(run_id)]
@@ -230,6 +238,7 @@ def test_the_aws_secret_never_reaches_the_run(mlflow_server, monkeypatch):
     run_id = tracker.start(cfg.run.name, tags={"stage": "0"})
     tracker.log_params(config_lib.to_dict(cfg))
     tracker.log_text(config_lib.dumps(cfg), "config.yaml")
+    assert tracker.flush()
     run = tracker.client.get_run(run_id)
     assert run.data.params
     for key, value in [*run.data.params.items(), *run.data.tags.items()]:
@@ -415,3 +424,74 @@ def test_resuming_a_run_the_store_does_not_have_starts_a_linked_run(tmp_path):
         assert tags["stage"] == "0"
         tracker.log_metrics({"train/loss": 0.1}, 11)
         tracker.end()
+
+
+# ----------------------------------------------------------------------------------------------
+# A tracking outage never stops training
+
+
+def _wait_for(condition, timeout_s: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_an_outage_holds_the_writes_and_sends_them_when_the_server_is_back(tmp_path, caplog):
+    """The server stops mid-run: every call still returns at once, the loop goes on, one warning
+    marks the outage; restarted on the same port and store, the held writes arrive, each once.
+    Its own server (not the session's), so stopping it disturbs no other test."""
+    import logging
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="sama.tracking")
+    server = LocalTrackingServer(str(tmp_path / "store"))
+    server.__enter__()
+    try:
+        tracker = _tracker(server.uri)
+        run_id = tracker.start("outage")
+        for step in range(1, 4):
+            tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        assert tracker.flush(30)
+
+        server.__exit__(None, None, None)  # the store goes away mid-run
+        slowest = 0.0
+        for step in range(4, 14):  # training goes on
+            began = time.monotonic()
+            tracker.log_metrics({"train/loss": 1.0 / step, "perf/step_s": 0.2}, step)
+            if step == 8:
+                tracker.log_video(b"mp4 bytes", f"samples/step_{step:07d}/clip.mp4")
+            slowest = max(slowest, time.monotonic() - began)
+            time.sleep(0.2)
+        assert slowest < 1.0, slowest
+        assert _wait_for(lambda: "is unreachable" in caplog.text, 60)
+        assert not tracker.flush(1.0)  # held, not lost
+
+        server.__enter__()  # back, on the same port over the same store
+        assert tracker.flush(120)
+        client = MlflowClient(server.uri)
+        history = client.get_metric_history(run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, 14))  # every step, once
+        assert {m.step: m.value for m in history}[10] == pytest.approx(0.1)
+        assert [a.path for a in client.list_artifacts(run_id, "samples/step_0000008")] == [
+            "samples/step_0000008/clip.mp4"
+        ]
+        messages = [r.getMessage() for r in caplog.records if r.name == "sama.tracking"]
+        assert sum("is unreachable" in m for m in messages) == 1, messages
+        assert sum("is reachable again" in m for m in messages) == 1, messages
+
+        # A run that ends while the store is down ends within the bounded wait, never raising.
+        server.__exit__(None, None, None)
+        tracker.log_metrics({"train/loss": 0.0}, 14)
+        began = time.monotonic()
+        tracker.end("FINISHED", timeout_s=2)
+        assert time.monotonic() - began < 15
+        assert "never sent" in caplog.text
+    finally:
+        server.__exit__(None, None, None)

@@ -559,3 +559,103 @@ def test_the_same_seed_trains_the_same_run(store, mlflow_server, tmp_path):
         losses.append([m.value for m in history])
     assert len(losses[0]) == 10
     assert losses[0] == losses[1]
+
+
+def _export_weights(info: dict) -> dict:
+    from safetensors.torch import load_file
+
+    directory = os.path.join(storage.local_path(info["export_uri"]), "transformer")
+    weights = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            weights.update({k: v.clone() for k, v in load_file(os.path.join(directory, name)).items()})
+    return weights
+
+
+def test_sharded_checkpoints_reshard_fall_back_and_check_the_config(store, mlflow_server, tmp_path, caplog):
+    """2 FSDP2 workers checkpoint their shards; the run resumes on 1 and on 2 workers with the
+    same EMA (its export is bit-identical); a truncated latest checkpoint falls back to the
+    previous one with a warning, and the run resumed there replays the data stream exactly (its
+    per-step losses are the uninterrupted run's); a changed optim.lr stops the resume unless
+    allowed, then applies."""
+    import logging
+
+    import torch
+
+    from sama.preflight import PreflightError
+    from sama.train.checkpoint import TENSORS_DIR
+    from sama.train.trainer import lr_lambda
+
+    runs = str(tmp_path / "runs")
+    common = [
+        "parallel.strategy=fsdp2",
+        "checkpoint.every_steps=2",
+        "validation.every_steps=1000",
+        "validation.render_samples=0",
+        "log_every=1",
+    ]
+
+    def cfg(workers: int, *extra: str) -> TrainConfig:
+        return stage0_config(
+            store, runs, mlflow_server, "t-sharded", f"scaling.num_workers={workers}", *common, *extra
+        )
+
+    started = time.monotonic()
+    first = run_training(cfg(2, "max_steps=4"))
+    assert first["steps"] == 4
+    exported = _export_weights(first)
+    latest = latest_checkpoint(cfg(2, "max_steps=4"))
+    shards = sorted(os.listdir(os.path.join(latest, TENSORS_DIR)))
+    assert len(shards) == 2  # one file per rank, merged by Ray Train into one checkpoint
+    # Resharding: the step-4 checkpoint on 1 worker, then on 2; nothing left to train, so the
+    # export is the restored EMA, which must be the first run's exactly.
+    for workers in (1, 2):
+        again = run_training(cfg(workers, "max_steps=4"), resume=True)
+        assert again["steps"] == 4 and again["mlflow_run_id"] == first["mlflow_run_id"]
+        weights = _export_weights(again)
+        assert sorted(weights) == sorted(exported)
+        assert all(torch.equal(weights[k], exported[k]) for k in exported), workers
+    timings = {"train + 2 resumes": time.monotonic() - started}
+
+    # A truncated shard in the latest checkpoint: the previous one (step 2) is used, with a warning,
+    # and the run resumed there replays every rank's data stream from where it was: steps 3 and 4
+    # report the uninterrupted run's losses (the same batches, noise and restored state).
+    latest = latest_checkpoint(cfg(2, "max_steps=4"))
+    shard = os.path.join(latest, TENSORS_DIR, sorted(os.listdir(os.path.join(latest, TENSORS_DIR)))[-1])
+    with open(shard, "r+b") as handle:
+        handle.truncate(os.path.getsize(shard) // 2)
+    with caplog.at_level(logging.WARNING, logger="sama.train.launch"):
+        replayed = run_training(cfg(2, "max_steps=4"), resume=True)
+    assert any(
+        storage.basename(latest) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records
+    )
+    assert replayed["steps"] == 4 and replayed["mlflow_run_id"] == first["mlflow_run_id"]
+    client, _ = runs_named(mlflow_server, "t-sharded")
+    losses: dict[int, list[float]] = {}
+    history = client.get_metric_history(first["mlflow_run_id"], "train/loss")
+    for metric in sorted(history, key=lambda m: (m.step, m.timestamp)):
+        losses.setdefault(metric.step, []).append(metric.value)
+    assert sorted(losses) == [1, 2, 3, 4] and [len(losses[s]) for s in (1, 2, 3, 4)] == [1, 1, 2, 2], losses
+    for step in (3, 4):
+        uninterrupted, resumed_loss = losses[step]
+        assert resumed_loss == pytest.approx(uninterrupted, rel=1e-6, abs=0), (step, losses)
+    timings["fallback + exact replay"] = time.monotonic() - started - timings["train + 2 resumes"]
+
+    # A changed learning rate stops the resume before any worker starts, naming the key.
+    changed = cfg(2, "max_steps=6", "optim.lr=0.004")
+    with pytest.raises(PreflightError) as caught:
+        run_training(changed, resume=True)
+    failed = {r.name: r for r in caught.value.results if r.status == "fail"}
+    assert list(failed) == ["run"] and "optim.lr: 0.002 -> 0.004" in failed["run"].found
+    resumed = run_training(changed, resume=True, allow_config_change=True)
+    assert resumed["steps"] == 6
+    lr: dict[int, list[float]] = {}
+    for metric in client.get_metric_history(resumed["mlflow_run_id"], "train/lr"):
+        lr.setdefault(metric.step, []).append(metric.value)
+    # Step 5 is the first after the replayed run's step-4 checkpoint: the new rate on the new schedule.
+    warmup = int(changed.optim.warmup_frac * changed.max_steps)
+    schedule = lr_lambda(warmup, changed.max_steps, changed.optim.decay, changed.optim.min_lr_frac)
+    assert lr[5] == [pytest.approx(0.004 * schedule(4))] and lr[6] == [pytest.approx(0.004 * schedule(5))]
+    assert lr[1] == [pytest.approx(0.002)]
+    timings["lr change"] = time.monotonic() - started - sum(timings.values())
+    print(timings)

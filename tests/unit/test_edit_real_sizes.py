@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -13,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from sama import synthetic, video  # noqa: E402
+from sama import quickstart, synthetic, video  # noqa: E402
 from sama.buckets import BucketConfig  # noqa: E402
 from sama.models import build_model  # noqa: E402
 from sama.pipeline_edit import (  # noqa: E402
@@ -28,12 +29,7 @@ NTSC = 30000 / 1001  # 29.97 fps
 
 def tiny_config(**overrides) -> PipelineConfig:
     """What the quickstart's tiny model records: 48x64 buckets (3:4, 4:3), 8 fps, 9-frame clips."""
-    buckets = BucketConfig(
-        preset="paper", base_height=48, base_width=64, multiple=16, aspect_ratios=["3:4", "4:3"]
-    )
-    return PipelineConfig(
-        **{"num_inference_steps": 8, "buckets": buckets, "fps": 8.0, "max_frames": 9, **overrides}
-    )
+    return dataclasses.replace(quickstart.inference_config(), **{"num_inference_steps": 8, **overrides})
 
 
 @pytest.fixture(scope="module")

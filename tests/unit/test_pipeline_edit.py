@@ -13,13 +13,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from sama import synthetic, video  # noqa: E402
-from sama.buckets import BucketConfig  # noqa: E402
+from sama import quickstart, synthetic, video  # noqa: E402
 from sama.models import build_model  # noqa: E402
 from sama.pipeline_edit import (  # noqa: E402
     PIPELINE_FILE,
     ModelDirectoryError,
-    PipelineConfig,
     SamaEditPipeline,
     pad_video,
 )
@@ -27,13 +25,7 @@ from sama.pipeline_edit import (  # noqa: E402
 STEPS = 3
 # The tiny model's training setup (the quickstart's: 48x64 buckets, 8 fps, 9-frame clips), so
 # run_edit works at that size rather than the 480p default.
-TINY = PipelineConfig(
-    buckets=BucketConfig(
-        preset="paper", base_height=48, base_width=64, multiple=16, aspect_ratios=["3:4", "4:3"]
-    ),
-    fps=8.0,
-    max_frames=9,
-)
+TINY = quickstart.inference_config()
 
 
 @pytest.fixture(scope="module")

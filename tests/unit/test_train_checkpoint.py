@@ -1,29 +1,27 @@
-"""Training checkpoints (safetensors + JSON round trips, resumable optimizer) and the EMA."""
+"""Sharded training checkpoints (DCP through the Hugging Face safetensors layout, JSON scalars):
+save on 2 ranks under FSDP2, restore on 1 and 2, no full gather while saving, commit marker and
+manifest checks, the driver's fallback past a broken checkpoint, the resume config check; the EMA."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.distributed.checkpoint.state_dict import (  # noqa: E402
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from sama.train import checkpoint as ckpt  # noqa: E402
 from sama.train.data import DataPosition  # noqa: E402
 from sama.train.ema import EMA  # noqa: E402
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class Net(nn.Module):
@@ -64,167 +62,308 @@ def _trained(steps: int = 3) -> tuple[Net, torch.optim.AdamW]:
     return model, optimizer
 
 
-def _save(directory, model, optimizer, ema: EMA, state: ckpt.TrainState | None = None) -> None:
-    ckpt.save(
-        str(directory),
-        dict(get_model_state_dict(model, options=FULL)),
-        ema.state_dict(),
-        get_optimizer_state_dict(model, optimizer, options=FULL),
-        state or ckpt.TrainState(step=3),
-    )
-
-
 # ----------------------------------------------------------------------------------------------
-# Checkpoint files
+# Sharded save and load on the tiny transformer (FSDP2, gloo, spawned ranks)
 
 
-def test_round_trip_of_model_ema_optimizer_and_state(tmp_path):
-    model, optimizer = _trained()
+def _tiny_sharded():
+    """The tiny transformer sharded like the trainer does (FSDP2 per block, then the root), one
+    frozen parameter (as under LoRA), its EMA (after sharding: DTensors) and AdamW."""
+    from sama.models.presets import build_transformer, get_preset
+    from sama.train.parallelize import ParallelConfig, apply_fsdp2
+
+    torch.manual_seed(0)
+    transformer = build_transformer(get_preset("tiny"), load_weights=False)
+    frozen = next(name for name, _ in transformer.named_parameters() if "norm" in name or "bias" in name)
+    transformer.get_parameter(frozen).requires_grad_(False)
+    apply_fsdp2(transformer, ParallelConfig(strategy="fsdp2", mixed_precision="fp32"), torch.device("cpu"))
+    ema = EMA(transformer, 0.5)
+    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
+    return transformer, ema, optimizer, frozen
+
+
+def _fake_steps(transformer, optimizer, ema, steps: int) -> None:
+    for step in range(steps):
+        for index, param in enumerate(p for p in transformer.parameters() if p.requires_grad):
+            param.grad = torch.full_like(param, 0.01 * (step + 1) + 0.001 * index)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(transformer)
+
+
+def _full_state(transformer, optimizer, ema) -> dict[str, torch.Tensor]:
+    """Every trainable tensor gathered (a collective), for comparisons only."""
+    from sama.train.ema import full_tensor
+
+    model, ema_state, optim = ckpt.trainable_state(transformer, optimizer, ema)
+    flat, _ = ckpt.flat_tensors(model, ema_state, optim)
+    return {k: full_tensor(v).detach().clone().contiguous() for k, v in sorted(flat.items())}
+
+
+def _no_gather():
+    """Make every DTensor gather raise (what a full state dict or the old EMA.state_dict use)."""
+    from torch.distributed.tensor import DTensor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a full gather during save")
+
+    DTensor.full_tensor = refuse
+    DTensor.redistribute = refuse
+
+
+def _worker(rank: int, world: int, store: str, directory: str, mode: str) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    try:
+        from torch.distributed.tensor import DTensor
+
+        transformer, ema, optimizer, frozen = _tiny_sharded()
+        if mode == "save":
+            _fake_steps(transformer, optimizer, ema, 2)
+            expected = _full_state(transformer, optimizer, ema)
+            if rank == 0:
+                save_file(expected, os.path.join(directory, "..", "expected.safetensors"))
+            gather, redistribute = DTensor.full_tensor, DTensor.redistribute
+            _no_gather()
+            try:
+                # What the old code did (a full state dict) fails under the patch...
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                with pytest.raises(AssertionError, match="full gather"):
+                    get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True))
+                # ... while the sharded save needs none.
+                state = ckpt.TrainState(step=2, samples_seen=8, mlflow_run_id="run-1")
+                ckpt.save_trainable(directory, transformer, optimizer, ema, state, config_text="seed: 0\n")
+            finally:
+                DTensor.full_tensor, DTensor.redistribute = gather, redistribute
+            dist.barrier()
+        # Load into a fresh model, optimizer and EMA of this world size, then compare.
+        fresh, fresh_ema, fresh_optimizer, _ = _tiny_sharded()
+        loaded = ckpt.load_trainable(directory, fresh, fresh_optimizer, fresh_ema)
+        assert loaded.state.step == 2 and loaded.state.mlflow_run_id == "run-1"
+        assert loaded.state.world_size == 2 and loaded.rng
+        got = _full_state(fresh, fresh_optimizer, fresh_ema)
+        expected = load_file(os.path.join(directory, "..", "expected.safetensors"))
+        assert sorted(got) == sorted(expected)
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), key
+        # Only what trains is saved: the frozen parameter is in neither the model nor the EMA.
+        assert f"model/{frozen}" not in got and f"ema/{frozen}" not in got
+        # The next update continues identically (moments and step counters restored).
+        _fake_steps(fresh, fresh_optimizer, fresh_ema, 1)
+        step = [s["step"] for s in fresh_optimizer.state_dict()["state"].values()]
+        assert all(float(s) == 3.0 for s in step)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, directory: str, mode: str) -> None:
+    store = tempfile.mktemp(prefix="sama-store-")
+    mp.spawn(_worker, args=(world, store, directory, mode), nprocs=world, join=True)
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tmp_path_factory):
+    """Written by 2 ranks (each its own shards, no gather), read back by the same 2."""
+    directory = str(tmp_path_factory.mktemp("sharded") / "checkpoint")
+    os.makedirs(directory)
+    _spawn(2, directory, "save")
+    return directory
+
+
+def test_two_ranks_save_their_shards_without_a_gather_and_restore_on_two(sharded_checkpoint):
+    names = sorted(
+        os.path.relpath(os.path.join(root, n), sharded_checkpoint)
+        for root, _, files in os.walk(sharded_checkpoint)
+        for n in files
+    )
+    assert names == [
+        ckpt.CONFIG_FILE,
+        "rng-00000.safetensors",
+        "rng-00001.safetensors",
+        ckpt.STATE_FILE,
+        "tensors/shard-00001-model-00001-of-00001.safetensors",
+        "tensors/shard-00002-model-00001-of-00001.safetensors",
+    ]
+    for name in names:
+        head = open(os.path.join(sharded_checkpoint, name), "rb").read(2)
+        assert head[:1] != b"\x80", f"{name} looks like a pickle"
+    state = ckpt.verify(sharded_checkpoint)
+    assert set(state.files) == set(names) - {ckpt.STATE_FILE}
+    assert state.config_digest == ckpt.config_digest("seed: 0\n")
+    # Each rank wrote only its shards: the two files together hold each tensor once.
+    shard = load_file(os.path.join(sharded_checkpoint, names[-1]))
+    expected = load_file(os.path.join(sharded_checkpoint, "..", "expected.safetensors"))
+    key = next(k for k in expected if k.startswith("model/") and expected[k].dim() == 2)
+    assert 0 < shard[key].numel() < expected[key].numel()
+
+
+def test_a_checkpoint_of_two_ranks_restores_on_one(sharded_checkpoint):
+    _spawn(1, sharded_checkpoint, "load")
+
+
+def test_a_truncated_shard_or_a_missing_marker_is_detected(sharded_checkpoint, tmp_path):
+    import shutil
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(sharded_checkpoint, broken)
+    shard = os.path.join(broken, "tensors", "shard-00002-model-00001-of-00001.safetensors")
+    with open(shard, "r+b") as handle:
+        handle.truncate(os.path.getsize(shard) // 2)
+    with pytest.raises(ckpt.CheckpointError, match="shard-00002.*truncated"):
+        ckpt.verify(broken)
+    os.remove(shard)
+    with pytest.raises(ckpt.CheckpointError, match="shard-00002.* is missing"):
+        ckpt.verify(broken)
+    os.remove(os.path.join(broken, ckpt.STATE_FILE))
+    with pytest.raises(ckpt.CheckpointError, match="not committed"):
+        ckpt.verify(broken)
+    # load refuses before reading a tensor.
+    model, optimizer = _trained(steps=1)
+    with pytest.raises(ckpt.CheckpointError, match="not committed"):
+        ckpt.load_trainable(broken, model, optimizer, EMA(model))
+
+
+def test_each_data_parallel_rank_resumes_its_own_data_position(caplog):
+    """state.json holds every data-parallel rank's position: each rank replays its own; on another
+    number of data-parallel ranks (or from a checkpoint with rank 0's alone) every source starts a
+    new pass salted by the step."""
+    from types import SimpleNamespace
+
+    from sama.train.trainer import Trainer
+
+    positions = [
+        DataPosition(step=6, passes={"v": 2}, batches={"v": 5}, pass_batches={"v": 1}, repeats={"v": 3}),
+        DataPosition(step=6, passes={"v": 1}, batches={"v": 5}, pass_batches={"v": 5}, repeats={"v": 1}),
+    ]
+    state = ckpt.TrainState(
+        step=6, data_position=positions[0].to_json(), data_positions=[p.to_json() for p in positions]
+    )
+    for dp_rank in (0, 1):
+        trainer = SimpleNamespace(dp_rank=dp_rank, dp_size=2, rank=dp_rank)
+        assert Trainer._restored_position(trainer, state) == positions[dp_rank]
+    salted = DataPosition(step=6, passes={"v": 2}, batches={"v": 5}, salt=6)
+    with caplog.at_level(logging.WARNING, logger="sama.train.trainer"):
+        assert Trainer._restored_position(SimpleNamespace(dp_rank=0, dp_size=1, rank=0), state) == salted
+    assert "2 data-parallel rank(s), this run has 1" in caplog.text
+    old = ckpt.TrainState(
+        step=6, data_position=json.dumps({"step": 6, "passes": {"v": 2}, "batches": {"v": 5}})
+    )
+    assert Trainer._restored_position(SimpleNamespace(dp_rank=1, dp_size=2, rank=1), old) == salted
+    assert Trainer._restored_position(
+        SimpleNamespace(dp_rank=0, dp_size=2, rank=0), ckpt.TrainState(step=6)
+    ) == (DataPosition(step=6, salt=6))
+
+
+def test_without_a_process_group_one_process_saves_and_loads(tmp_path):
+    model, optimizer = _trained(steps=3)
     ema = EMA(model, decay=0.9)
     ema.update(model)
-    position = DataPosition(step=3, passes={"video": 2, "image": 1}, batches={"video": 2}, skipped=1)
-    state = ckpt.TrainState(
-        step=3,
-        samples_seen=24,
-        scheduler={"last_epoch": 3, "_last_lr": [0.01], "base_lrs": [0.01], "lr_lambdas": [None]},
-        data_position=position.to_json(),
-        mlflow_run_id="abc123",
-        extra={"note": "x"},
-    )
-    _save(tmp_path, model, optimizer, ema, state)
-    loaded = ckpt.load(str(tmp_path))
-
-    expected_model = get_model_state_dict(model, options=FULL)
-    assert set(loaded.model) == set(expected_model)
-    for name, value in expected_model.items():
-        assert torch.equal(loaded.model[name], value), name
-    # The frozen parameter and the buffer are part of the model state, but not of the EMA.
-    assert "frozen" in loaded.model and "scale" in loaded.model
-    assert set(loaded.ema) == {n for n, p in model.named_parameters() if p.requires_grad}
-    for name, value in ema.shadow.items():
-        assert loaded.ema[name].dtype == torch.float32
-        assert torch.equal(loaded.ema[name], value), name
-
-    original = get_optimizer_state_dict(model, optimizer, options=FULL)
-    assert set(loaded.optimizer["state"]) == set(original["state"]) == set(ema.names)
-    for name, per_param in original["state"].items():
-        assert set(loaded.optimizer["state"][name]) == {"step", "exp_avg", "exp_avg_sq"}
-        for key, value in per_param.items():
-            assert torch.equal(loaded.optimizer["state"][name][key], value), (name, key)
-    group = loaded.optimizer["param_groups"][0]
-    assert group["betas"] == (0.8, 0.99) and isinstance(group["betas"], tuple)
-    assert group["lr"] == 1e-2 and group["eps"] == 1e-6 and group["weight_decay"] == 0.01
-    assert group["params"] == original["param_groups"][0]["params"]
-
-    assert loaded.state.step == 3 and loaded.state.samples_seen == 24
-    assert loaded.state.scheduler == state.scheduler
-    assert loaded.state.mlflow_run_id == "abc123" and loaded.state.extra == {"note": "x"}
-    assert DataPosition.from_json(loaded.state.data_position) == position
+    position = DataPosition(step=3, passes={"video": 2}, batches={"video": 2}, skipped=1)
+    state = ckpt.TrainState(step=3, samples_seen=24, data_position=position.to_json(), extra={"a": 1})
+    ckpt.save_trainable(str(tmp_path), model, optimizer, ema, state)
     with open(tmp_path / ckpt.STATE_FILE) as handle:
         on_disk = json.load(handle)
     assert on_disk["step"] == 3 and on_disk["param_groups"][0]["betas"] == [0.8, 0.99]
 
-
-def test_only_safetensors_and_json_are_written(tmp_path):
-    model, optimizer = _trained()
-    _save(tmp_path, model, optimizer, EMA(model))
-    names = sorted(os.listdir(tmp_path))
-    assert names == sorted(
-        [ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIMIZER_FILE, ckpt.RNG_FILE, ckpt.STATE_FILE]
-    )
-    assert all(n.endswith((".safetensors", ".json")) for n in names)
-    for name in names:
-        head = (tmp_path / name).read_bytes()[:2]
-        assert head != b"\x80\x04" and head[:1] != b"\x80", f"{name} looks like a pickle"
-
-
-def test_loaded_optimizer_gives_identical_next_updates(tmp_path):
-    model, optimizer = _trained(steps=3)
-    ema = EMA(model)
-    _save(tmp_path, model, optimizer, ema)
-    loaded = ckpt.load(str(tmp_path))
-
-    fresh = Net(seed=7)  # other initial weights, no optimizer state
+    fresh = Net(seed=7)
     fresh_optimizer = _optimizer(fresh)
-    assert not torch.equal(fresh.head.weight, model.head.weight)
-    set_model_state_dict(fresh, loaded.model, options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(
-        fresh, fresh_optimizer, loaded.optimizer, options=StateDictOptions(full_state_dict=True)
-    )
+    fresh_ema = EMA(fresh, decay=0.9)
+    loaded = ckpt.load_trainable(str(tmp_path), fresh, fresh_optimizer, fresh_ema)
+    assert loaded.state.extra == {"a": 1}
+    assert DataPosition.from_json(loaded.state.data_position) == position
+    assert torch.equal(fresh.frozen, Net(seed=7).frozen)  # frozen: not in the checkpoint
+    with torch.no_grad():  # frozen weights come from the model's own source
+        fresh.frozen.copy_(model.frozen)
+    for name in ema.names:
+        assert torch.equal(fresh_ema.shadow[name], ema.shadow[name]), name
     for seed in (200, 201):
         _step(model, optimizer, seed)
         _step(fresh, fresh_optimizer, seed)
-    for (name, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
-        assert torch.equal(a, b), name
-    steps = [float(s["step"]) for s in fresh_optimizer.state_dict()["state"].values()]
-    assert steps == [5.0] * len(steps)
-
-
-def test_without_the_optimizer_state_the_next_update_differs(tmp_path):
-    # The counter-check: the identical updates above come from the restored moments.
-    model, optimizer = _trained(steps=3)
-    fresh = Net(seed=7)
-    fresh.load_state_dict(model.state_dict())
-    fresh_optimizer = _optimizer(fresh)
-    _step(model, optimizer, 200)
-    _step(fresh, fresh_optimizer, 200)
-    assert not torch.equal(model.head.weight, fresh.head.weight)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, fresh.get_parameter(name)), name
 
 
 def test_rng_state_round_trip(tmp_path):
     model, optimizer = _trained()
     torch.manual_seed(1234)
-    _save(tmp_path, model, optimizer, EMA(model))
+    ckpt.save_trainable(str(tmp_path), model, optimizer, EMA(model), ckpt.TrainState())
     expected = torch.rand(8)
     torch.manual_seed(999)
-    loaded = ckpt.load(str(tmp_path))
+    model, optimizer = _trained()
+    loaded = ckpt.load_trainable(str(tmp_path), model, optimizer, EMA(model))
     assert loaded.rng["torch"].dtype == torch.uint8
     ckpt.set_rng_state(loaded.rng)
     assert torch.equal(torch.rand(8), expected)
 
 
-@pytest.mark.parametrize("missing", [ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE])
-def test_incomplete_checkpoint_names_what_is_missing(tmp_path, missing):
-    model, optimizer = _trained(steps=1)
-    _save(tmp_path, model, optimizer, EMA(model))
-    os.remove(tmp_path / missing)
-    with pytest.raises(FileNotFoundError, match="incomplete") as info:
-        ckpt.load(str(tmp_path))
-    assert missing in str(info.value)
-    others = {ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE} - {missing}
-    assert not any(other in str(info.value) for other in others)
+# ----------------------------------------------------------------------------------------------
+# The driver: fallback past a broken checkpoint, and the resume config check
 
 
-def test_empty_directory_lists_every_required_file(tmp_path):
-    with pytest.raises(FileNotFoundError) as info:
-        ckpt.load(str(tmp_path))
-    for name in (ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE):
-        assert name in str(info.value)
+def _run_with_checkpoints(tmp_path, count: int):
+    from sama.train.launch import SNAPSHOT_FILE, run_uri
+    from sama.train.trainer import TrainConfig
 
-
-def test_missing_rng_file_is_tolerated(tmp_path):
-    model, optimizer = _trained(steps=1)
-    _save(tmp_path, model, optimizer, EMA(model))
-    os.remove(tmp_path / ckpt.RNG_FILE)
-    assert ckpt.load(str(tmp_path)).rng == {}
-
-
-def test_optimizer_flattening_round_trip():
-    state = {
-        "state": {
-            "a.b.weight": {"step": torch.tensor(3.0), "exp_avg": torch.ones(2), "note": 5},
-            "c": {"momentum_buffer": None},
-        },
-        "param_groups": [{"lr": 0.1, "params": ["a.b.weight", "c"]}],
+    cfg = TrainConfig()
+    cfg.run.storage_uri, cfg.run.name = str(tmp_path), "r"
+    names = [f"checkpoint_{i}" for i in range(count)]
+    for step, name in enumerate(names, start=1):
+        model, optimizer = _trained(steps=1)
+        ckpt.save_trainable(
+            os.path.join(run_uri(cfg), name), model, optimizer, EMA(model), ckpt.TrainState(step)
+        )
+    results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    snapshot = {
+        "checkpoint_results": results,
+        "checkpoint_report_indices": list(range(count)),
+        "latest_checkpoint_result": results[-1],
     }
-    tensors, scalars, groups = ckpt.flatten_optimizer_state(state)
-    assert set(tensors) == {"a.b.weight/step", "a.b.weight/exp_avg"}
-    assert scalars == {"a.b.weight/note": 5, "c/momentum_buffer": None}
-    back = ckpt.unflatten_optimizer_state(tensors, scalars, groups)
-    assert back["param_groups"] == state["param_groups"]
-    assert back["state"]["c"] == {"momentum_buffer": None}
-    assert back["state"]["a.b.weight"]["note"] == 5
-    assert torch.equal(back["state"]["a.b.weight"]["exp_avg"], torch.ones(2))
+    with open(os.path.join(run_uri(cfg), SNAPSHOT_FILE), "w") as handle:
+        json.dump(snapshot, handle)
+    return cfg, [os.path.join(run_uri(cfg), n) for n in names]
+
+
+def test_a_broken_latest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, caplog):
+    from sama.train.launch import usable_checkpoint
+
+    cfg, paths = _run_with_checkpoints(tmp_path, 3)
+    assert usable_checkpoint(cfg) == paths[-1]
+    shard = os.path.join(paths[-1], "tensors", "shard-00001-model-00001-of-00001.safetensors")
+    with open(shard, "r+b") as handle:
+        handle.truncate(100)
+    os.remove(os.path.join(paths[-2], ckpt.STATE_FILE))
+    with caplog.at_level(logging.WARNING, logger="sama.train.launch"):
+        assert usable_checkpoint(cfg) == paths[0]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint_2" in w and "truncated" in w for w in warnings), warnings
+    assert any("checkpoint_1" in w and "no state.json" in w for w in warnings), warnings
+    os.remove(os.path.join(paths[0], ckpt.STATE_FILE))
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
+        usable_checkpoint(cfg)
+
+
+def test_a_resume_names_the_locked_keys_it_changes_and_no_secret():
+    import dataclasses
+
+    from sama.train.launch import config_changes
+    from sama.train.trainer import TrainConfig
+
+    old = TrainConfig()
+    old.data.sources = [{"name": "a", "uri": "s3://bucket/a?X-Amz-Credential=SECRET"}]
+    new = dataclasses.replace(old)
+    new.optim = dataclasses.replace(old.optim, lr=old.optim.lr * 2)
+    new.data = dataclasses.replace(old.data, sources=[{"name": "a", "uri": "s3://bucket/b?token=SECRET2"}])
+    # Free to change: workers, parallelism, cadences, max_steps, tracking.
+    new.scaling = dataclasses.replace(old.scaling, num_workers=4)
+    new.checkpoint = dataclasses.replace(old.checkpoint, every_steps=7)
+    new.max_steps = old.max_steps + 10
+    new.tracking = dataclasses.replace(old.tracking, uri="http://user:pw@host")
+    changes = config_changes(old, new)
+    assert [c.split(":")[0] for c in changes] == ["data.sources", "optim.lr"]
+    assert f"{old.optim.lr} -> {old.optim.lr * 2}" in changes[1]
+    assert "SECRET" not in " ".join(changes) and "pw" not in " ".join(changes)
+    assert config_changes(old, dataclasses.replace(old, max_steps=5, log_every=3)) == []
 
 
 # ----------------------------------------------------------------------------------------------

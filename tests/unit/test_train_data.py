@@ -337,7 +337,13 @@ def test_shuffle_buffer_is_local():
 
 def test_data_position_json_round_trip():
     position = DataPosition(
-        step=12, passes={"video": 3, "image": 1}, batches={"video": 9, "image": 3}, skipped=2
+        step=12,
+        passes={"video": 3, "image": 1},
+        batches={"video": 9, "image": 3},
+        skipped=2,
+        pass_batches={"video": 2, "image": 3},
+        repeats={"video": 1, "image": 4},
+        salt=5,
     )
     text = position.to_json()
     assert json.loads(text) == {
@@ -345,9 +351,22 @@ def test_data_position_json_round_trip():
         "passes": {"video": 3, "image": 1},
         "batches": {"video": 9, "image": 3},
         "skipped": 2,
+        "pass_batches": {"video": 2, "image": 3},
+        "repeats": {"video": 1, "image": 4},
+        "salt": 5,
     }
     assert DataPosition.from_json(text) == position
     assert DataPosition.from_json(DataPosition().to_json()) == DataPosition()
+
+
+def test_an_old_data_position_loads_with_fresh_passes_salted_by_its_step():
+    """A position written before exact replay (no pass_batches): its passes counted passes a
+    background thread had started, so every source starts a new pass, salted by the step."""
+    old = json.dumps({"step": 12, "passes": {"video": 3}, "batches": {"video": 9}, "skipped": 2})
+    position = DataPosition.from_json(old)
+    assert position == DataPosition(
+        step=12, passes={"video": 3}, batches={"video": 9}, skipped=2, pass_batches={}, repeats={}, salt=12
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,9 +466,9 @@ def test_stream_batches_rows_of_one_shape(fake_passes):
         assert len(batch) == 2
         assert len({shape_key(r) for r in batch}) == 1
     assert sorted(r["key"] for b in batches for r in b) == sorted(r["key"] for r in rows)
-    # Passes count the passes started; the producer may already run the next one ahead.
-    assert stream.position.passes["src"] in (1, 2)
-    assert stream.position.batches == {"src": 5}
+    # The position follows the batches drawn, not the producer (which may run the next pass ahead).
+    assert stream.position.passes == {"src": 1} and stream.position.pass_batches == {"src": 5}
+    assert stream.position.batches == {"src": 5} and stream.position.repeats == {"src": 1}
 
 
 def test_stream_emits_a_partial_batch_at_the_end_of_a_pass(fake_passes):
@@ -457,10 +476,10 @@ def test_stream_emits_a_partial_batch_at_the_end_of_a_pass(fake_passes):
     stream = _stream(batch=2, buffer=1, min_rows=1)
     sizes = [len(stream.next_batch()) for _ in range(3)]
     assert sizes == [2, 2, 1]
-    assert stream.position.passes["src"] in (1, 2) and stream.position.batches == {"src": 3}
+    assert stream.position.passes == {"src": 1} and stream.position.batches == {"src": 3}
     # The next batch comes from a second pass.
     assert [r["key"] for r in stream.next_batch()] == ["a0", "a1"]
-    assert stream.position.passes["src"] in (2, 3)
+    assert stream.position.passes == {"src": 2} and stream.position.pass_batches == {"src": 1}
     assert [c["pass"] for c in fake.calls][:2] == [0, 1]
     stream.close()
 
@@ -507,23 +526,30 @@ def test_a_source_of_only_undecodable_rows_is_an_error_not_a_hang(fake_passes):
         stream.next_batch()
 
 
-def test_resumed_stream_starts_a_fresh_pass_salted_by_the_step(fake_passes):
+def test_an_old_position_resumes_with_a_fresh_pass_salted_by_the_step(fake_passes):
     fake = fake_passes({"src": [_row(f"a{i}") for i in range(8)]})
-    position = DataPosition(step=7, passes={"src": 3}, batches={"src": 6})
+    old = json.dumps({"step": 7, "passes": {"src": 3}, "batches": {"src": 6}, "skipped": 0})
+    position = DataPosition.from_json(old)
     stream = _stream(position=position, batch=2, buffer=4, rank=1, world=2)
     stream.next_batch()
-    assert fake.calls == [{"source": "src", "pass": 3, "repeats": 1, "salt": 7, "rank": 1}]
+    assert fake.calls[0] == {"source": "src", "pass": 3, "repeats": 1, "salt": 7, "rank": 1}
     assert position.passes == {"src": 4} and position.batches == {"src": 7}
+    # From here on the position is of the new kind: a later resume replays the salted pass.
+    assert position.pass_batches == {"src": 1} and position.salt == 7
+    stream.close()
 
 
-def test_shuffle_order_depends_on_pass_and_resume_step(fake_passes):
+def test_shuffle_order_depends_on_pass_and_restart_step(fake_passes):
     fake_passes({"src": [_row(f"a{i:02d}") for i in range(40)]})
 
-    def first_pass(step: int) -> list[str]:
-        stream = _stream(position=DataPosition(step=step), batch=40, buffer=16)
+    def first_pass(step: int | None) -> list[str]:
+        position = DataPosition(step=step or 0)
+        if step is not None:
+            position.restart_passes(step)
+        stream = _stream(position=position, batch=40, buffer=16)
         return [r["key"] for r in stream.next_batch()]
 
-    assert first_pass(0) == first_pass(0)
+    assert first_pass(None) == first_pass(None) == first_pass(0)
     assert first_pass(0) != first_pass(5)
     assert sorted(first_pass(5)) == sorted(first_pass(0))
 
@@ -563,6 +589,222 @@ def test_mixed_iterator_interleaves_sources_and_tracks_the_position(fake_passes)
     assert mixed.wait_s > 0
     restored = DataPosition.from_json(mixed.position.to_json())
     assert restored == mixed.position
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient accumulation: one source per optimizer step
+
+
+def _mixed_media(seed: int = 3, video_weight: float = 1.0, image_weight: float = 1.0, **kwargs):
+    """A video and an image source over rows in memory (RowStream: no Ray, no fakes)."""
+    cfg = DataConfig(
+        sources=[
+            SourceConfig("videos", "u1", "video", video_weight),
+            SourceConfig("images", "u2", "image", image_weight),
+        ],
+        video_batch_size=2,
+        image_batch_size=4,
+        shuffle_buffer=2,
+        seed=seed,
+    )
+    rows = {
+        "videos": [_row(f"v{i}", value=i) for i in range(6)],
+        "images": [_row(f"i{i}", media="image", value=i) for i in range(8)],
+    }
+    return cfg, MixedBatchIterator(cfg, rows=rows, **kwargs)
+
+
+def _step_sources(mixed: MixedBatchIterator, steps, grad_accum: int) -> list[str]:
+    """Draw ``grad_accum`` micro-batches per step like Trainer.train_step; one name per step,
+    after checking that all the step's micro-batches came from it."""
+    names = []
+    for step in steps:
+        micro = [mixed.next(step) for _ in range(grad_accum)]
+        assert len({b["source_name"] for b in micro}) == 1, (step, [b["source_name"] for b in micro])
+        assert len({b["media"] for b in micro}) == 1
+        assert mixed.position.step == step + 1
+        names.append(micro[0]["source_name"])
+    return names
+
+
+def test_micro_batches_of_a_step_share_one_source():
+    cfg, mixed = _mixed_media()
+    try:
+        names = _step_sources(mixed, range(24), grad_accum=7)
+    finally:
+        mixed.close()
+    assert names == [cfg.sources[mixed.choose(step)].name for step in range(24)]
+    assert set(names) == {"videos", "images"}  # both media, never within one step
+    counts = collections.Counter(names)
+    assert mixed.position.batches == {name: 7 * n for name, n in counts.items()}
+
+
+def test_the_step_draw_survives_a_resume_and_ignores_the_rank():
+    """The source of a step is a function of (seed, step): a run resumed at step 10 (a fresh
+    iterator over the checkpointed position, as Trainer.load_state_dict builds it) draws what the
+    uninterrupted run drew, and so does every other rank."""
+    _, whole = _mixed_media()
+    try:
+        uninterrupted = _step_sources(whole, range(20), grad_accum=3)
+    finally:
+        whole.close()
+    _, first = _mixed_media()
+    try:
+        before = _step_sources(first, range(10), grad_accum=3)
+        saved = first.position.to_json()
+    finally:
+        first.close()
+    position = DataPosition.from_json(saved)
+    assert position.step == 10  # the optimizer step, not the micro-batches drawn
+    _, resumed = _mixed_media(position=position)
+    try:
+        after = _step_sources(resumed, range(10, 20), grad_accum=3)
+    finally:
+        resumed.close()
+    assert before + after == uninterrupted
+    _, other_rank = _mixed_media(rank=1, world_size=2)
+    _, other_seed = _mixed_media(seed=4)
+    try:
+        assert [other_rank.choose(s) for s in range(20)] == [whole.choose(s) for s in range(20)]
+        assert [other_seed.choose(s) for s in range(200)] != [whole.choose(s) for s in range(200)]
+    finally:
+        other_rank.close()
+        other_seed.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact replay on resume
+
+
+def _replay_setup(rank: int = 1, world_size: int = 2, **kwargs):
+    """Two sources of several shapes each (so batches group by shape, leaving partial batches at
+    the ends of passes), an undecodable row, passes of a few batches: cut points fall mid-pass
+    with rows held per shape, and across pass boundaries."""
+    cfg = DataConfig(
+        sources=[
+            SourceConfig("videos", "u1", "video", 2.0),
+            SourceConfig("images", "u2", "image", 1.0),
+        ],
+        video_batch_size=3,
+        image_batch_size=4,
+        shuffle_buffer=3,
+        seed=3,
+    )
+    rows = {
+        "videos": [_row(f"v{i}", value=i) for i in range(7)]
+        + [_row(f"w{i}", shape=(3, 8, 16)) for i in range(4)]
+        + [_row("bad", error="x: boom")],
+        "images": [_row(f"i{i}", media="image") for i in range(9)]
+        + [_row(f"j{i}", media="image", shape=(1, 8, 16)) for i in range(3)],
+    }
+    return MixedBatchIterator(cfg, rank=rank, world_size=world_size, rows=rows, **kwargs)
+
+
+def _draw(mixed: MixedBatchIterator, steps, grad_accum: int) -> list[tuple[str, ...]]:
+    """The keys of every micro-batch of ``steps``, drawn like Trainer.train_step."""
+    return [tuple(mixed.next(step)["keys"]) for step in steps for _ in range(grad_accum)]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_a_resumed_iterator_replays_the_uninterrupted_stream(grad_accum):
+    """Draw N steps, save the position as JSON, build a new iterator from it (as a resumed trainer
+    does) and draw on: the batches are the uninterrupted run's N.., at every cut point (mid-pass
+    with rows held per shape, at and across pass boundaries), and so is the final position."""
+    total = 36 // grad_accum
+    whole = _replay_setup()
+    try:
+        expected = _draw(whole, range(total), grad_accum)
+        final = whole.position.to_json()
+    finally:
+        whole.close()
+    held_rows = later_passes = 0
+    for cut in range(total + 1):
+        first = _replay_setup()
+        try:
+            before = _draw(first, range(cut), grad_accum)
+            saved = first.position.to_json()
+            held_rows += any(stream.pending for stream in first.streams)
+            later_passes += any(n > 1 for n in first.position.passes.values())
+        finally:
+            first.close()
+        resumed = _replay_setup(position=DataPosition.from_json(saved))
+        try:
+            after = _draw(resumed, range(cut, total), grad_accum)
+            assert before + after == expected, cut
+            assert resumed.position.to_json() == final, cut  # skipped rows are not counted twice
+        finally:
+            resumed.close()
+    # The cut points covered the hard cases.
+    assert held_rows >= 3 and later_passes >= 3, (held_rows, later_passes)
+    assert json.loads(final)["skipped"] >= 2 and max(json.loads(final)["passes"].values()) >= 3
+
+
+def test_replay_restores_the_pass_its_repeats_and_seeds(fake_passes):
+    """A small source repeats its shards (learned from pass 0): a stream resumed inside a later
+    pass rebuilds that pass with its index, repeats and seeds (no salt), skips the batches already
+    drawn without returning them, and continues like the uninterrupted stream."""
+    rows = [_row(f"a{i}") for i in range(4)] + [_row(f"b{i}", shape=(5, 8, 16)) for i in range(2)]
+    fake = fake_passes({"src": rows}, max_passes=10_000)
+
+    def stream(position=None):
+        return _stream(batch=3, buffer=3, min_rows=10, position=position, rank=1, world=2)
+
+    whole = stream()
+    expected = [[r["key"] for r in whole.next_batch()] for _ in range(20)]
+    whole.close()
+    resumed_in_later_pass = 0
+    for cut in range(20):
+        first = stream()
+        before = [[r["key"] for r in first.next_batch()] for _ in range(cut)]
+        saved = first.position.to_json()
+        first.close()
+        position = DataPosition.from_json(saved)
+        calls = len(fake.calls)
+        resumed = stream(position)
+        after = [[r["key"] for r in resumed.next_batch()] for _ in range(20 - cut)]
+        resumed.close()
+        assert before + after == expected, cut
+        current = json.loads(saved)["passes"].get("src", 0) - 1
+        if current > 0:
+            resumed_in_later_pass += 1
+            # Pass 0 had 6 rows; later passes list the shards ceil(10 / 6) = 2 times. (The first
+            # stream's producer may still append a call after close: look among the new ones.)
+            assert resumed.first_pass == current
+            assert {
+                "source": "src",
+                "pass": current,
+                "repeats": 2,
+                "salt": 0,
+                "rank": 1,
+            } in fake.calls[calls:]
+            assert json.loads(saved)["repeats"] == {"src": 2}
+    assert resumed_in_later_pass >= 5
+
+
+def test_a_pass_leaves_no_partial_batch_behind(fake_passes):
+    """At the end of a pass every partial batch is emitted, fullest first: the next pass starts
+    from empty groups (which a replay from the pass's start needs)."""
+    rows = [_row("a0"), _row("b0", shape=(5, 8, 16)), _row("a1"), _row("c0", shape=(3, 8, 8))]
+    fake_passes({"src": rows})
+    stream = _stream(batch=4, buffer=1)
+    sizes = [sorted(r["key"] for r in stream.next_batch()) for _ in range(3)]
+    assert sizes == [["a0", "a1"], ["b0"], ["c0"]]
+    assert stream.pending == {} and stream.position.pass_batches == {"src": 3}
+    assert sorted(r["key"] for r in stream.next_batch()) == ["a0", "a1"]  # pass 1 alone
+    assert stream.position.passes == {"src": 2} and stream.position.pass_batches == {"src": 1}
+    stream.close()
+
+
+def test_the_long_run_mix_of_steps_follows_the_weights():
+    _, mixed = _mixed_media(video_weight=1.0, image_weight=3.0)
+    try:
+        names = _step_sources(mixed, range(1200), grad_accum=2)
+    finally:
+        mixed.close()
+    share = collections.Counter(names)["images"] / len(names)
+    assert abs(share - 0.75) < 0.05, share
+    # Micro-batches follow the same mix (each step draws grad_accum of its source).
+    assert mixed.position.batches["images"] == 2 * collections.Counter(names)["images"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+import pytest
 from ray.exceptions import ActorDiedError
 from ray.train import ControllerError, WorkerGroupError
 from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
@@ -59,3 +62,79 @@ def test_training_error_keeps_the_first_failing_ranks_error_and_traceback():
     assert "failed on rank(s) 0, 1 with FileNotFoundError: no shards (*.tar) under s3://b/x" in str(error)
     assert "not retried" in str(error)
     assert "in fail" in error.traceback and error.traceback.endswith("no shards (*.tar) under s3://b/x")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracking cleanup never masks the run's own error
+
+
+class _FailingTracker:
+    """A tracker whose every call works until ``end``, which raises (a broken tracking store)."""
+
+    tracking_uri = "http://tracking.invalid"
+    created_run = False
+    run_id = "run"
+    ended: ClassVar[list[str]] = []
+
+    def __init__(self, cfg, enabled, default_local_dir=None):
+        pass
+
+    def start(self, *args, **kwargs):
+        return self.run_id
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def end(self, status="FINISHED"):
+        _FailingTracker.ended.append(status)
+        raise ConnectionError("tracking store gone")
+
+
+class _FailingTrainer:
+    """A trainer whose first step raises."""
+
+    def __init__(self, cfg, rank=0, world_size=1, local_rank=0):
+        self.cfg = cfg
+        self.step = 0
+        self.mlflow_run_id = None
+
+    def build(self):
+        pass
+
+    def validate(self):
+        return {}
+
+    def train_step(self):
+        raise ValueError("loss is nan at step 0")
+
+
+def test_a_failing_run_reports_its_error_when_tracking_cleanup_fails_too(monkeypatch, caplog):
+    import ray.train
+
+    import sama.tracking
+    import sama.train.trainer
+    from sama import config as config_lib
+    from sama.train import launch
+    from sama.train.recipes import recipe_path
+
+    class _Context:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+        def get_local_rank(self):
+            return 0
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: _Context())
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(sama.tracking, "Tracker", _FailingTracker)
+    monkeypatch.setattr(sama.train.trainer, "Trainer", _FailingTrainer)
+    cfg = config_lib.load(launch.TrainConfig, recipe_path("debug"))
+    _FailingTracker.ended = []
+    with pytest.raises(ValueError, match="loss is nan at step 0"):
+        launch.train_loop({"config": config_lib.to_dict(cfg)})
+    assert _FailingTracker.ended == ["FAILED"]
+    assert "ending the tracked run (status FAILED) failed" in caplog.text
+    assert "tracking store gone" in caplog.text

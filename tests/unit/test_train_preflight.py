@@ -139,7 +139,41 @@ def test_an_existing_run_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(CheckFailed, match="already has checkpoints") as caught:
         preflight.check_run(cfg, resume=False)
     assert caught.value.fix.startswith("pass --resume")
+    # Registered but never committed (no state.json): no usable checkpoint.
+    with pytest.raises(CheckFailed, match="no usable checkpoint.*checkpoint_2026.*no state.json"):
+        preflight.check_run(cfg, resume=True)
+    _write_checkpoint(f"{tmp_path}/r1/checkpoint_2026", cfg)
     assert preflight.check_run(cfg, resume=True) == "resuming 'r1' from checkpoint_2026"
+
+
+def _write_checkpoint(directory: str, cfg: TrainConfig) -> None:
+    import torch
+
+    from sama.train import checkpoint as ckpt
+    from sama.train.ema import EMA
+    from sama.train.trainer import resolve_train_config
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    text = config.dumps(resolve_train_config(cfg))
+    ckpt.save_trainable(directory, model, optimizer, EMA(model), ckpt.TrainState(step=1), config_text=text)
+
+
+def test_a_resume_that_changes_the_optimizer_fails_unless_allowed(tmp_path):
+    cfg = _cfg(f"run.storage_uri={tmp_path}", "run.name=r2")
+    _write_checkpoint(f"{tmp_path}/r2/checkpoint_1", cfg)
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1"}}
+    storage.write_text(f"{tmp_path}/r2/checkpoint_manager_snapshot.json", json.dumps(snapshot))
+    # Workers, cadences and max_steps may change.
+    same = _cfg(f"run.storage_uri={tmp_path}", "run.name=r2", "scaling.num_workers=1", "max_steps=999")
+    assert preflight.check_run(same, resume=True) == "resuming 'r2' from checkpoint_1"
+    changed = _cfg(f"run.storage_uri={tmp_path}", "run.name=r2", "optim.lr=0.5", "data.video_batch_size=7")
+    with pytest.raises(CheckFailed, match="optim.lr: 0.002 -> 0.5") as caught:
+        preflight.check_run(changed, resume=True)
+    assert "data.video_batch_size: 2 -> 7" in caught.value.found
+    assert "--allow-config-change" in caught.value.fix
+    found = preflight.check_run(changed, resume=True, allow_config_change=True)
+    assert found == "resuming 'r2' from checkpoint_1, with changed data.video_batch_size, optim.lr"
 
 
 def test_an_invalid_config_is_a_failed_check():

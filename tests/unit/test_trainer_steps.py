@@ -157,8 +157,8 @@ def _record_lr(trainer: Trainer) -> list[float]:
 def _fixed_batches(trainer: Trainer, batches: list[dict]) -> None:
     it = iter(batches)
 
-    def next_batch():
-        trainer.batches.position.step += 1
+    def next_batch(step=None):
+        trainer.batches.position.step = trainer.batches.position.step + 1 if step is None else step + 1
         return next(it)
 
     trainer.batches.next = next_batch
@@ -239,6 +239,29 @@ def test_train_steps(shards):
     assert not any(p.requires_grad for p in trainer.module.text_encoder.parameters())
 
 
+def test_gradient_accumulation_draws_every_micro_batch_from_the_steps_source(shards):
+    """grad_accum micro-batches of one optimizer step never mix images and videos; the data
+    position counts optimizer steps (what a resume sets it to)."""
+    trainer = _trainer(_config(shards, grad_accum=3))
+    drawn: list[tuple[int, str]] = []
+    original = trainer.batches.next
+
+    def next_batch(step=None):
+        batch = original(step)
+        drawn.append((step, batch["source_name"]))
+        return batch
+
+    trainer.batches.next = next_batch
+    for _ in range(3):
+        trainer.train_step()
+    assert [step for step, _ in drawn] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for step in range(3):
+        names = {name for s, name in drawn if s == step}
+        assert names == {trainer.cfg.data.sources[trainer.batches.choose(step)].name}, (step, drawn)
+    assert trainer.step == 3 and trainer.position.step == 3
+    assert sum(trainer.position.batches.values()) == 9
+
+
 def test_checkpoint_then_restore_in_a_fresh_trainer(shards, tmp_path):
     cfg = _config(shards)
     trainer = _trainer(cfg)
@@ -247,7 +270,7 @@ def test_checkpoint_then_restore_in_a_fresh_trainer(shards, tmp_path):
     trainer.mlflow_run_id = "run-123"
     trainer.save_checkpoint(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIMIZER_FILE, ckpt.RNG_FILE, ckpt.STATE_FILE]
+        [ckpt.TENSORS_DIR, ckpt.rng_file(0), ckpt.CONFIG_FILE, ckpt.STATE_FILE]
     )
 
     fresh = _trainer(cfg)
@@ -270,11 +293,12 @@ def test_checkpoint_then_restore_in_a_fresh_trainer(shards, tmp_path):
     assert fresh.scheduler.state_dict() == trainer.scheduler.state_dict()
     assert fresh.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
     assert fresh.position.step == 2
-    assert fresh.position.batches == trainer.position.batches
-    assert fresh.position.passes == trainer.position.passes
+    # Every field: the passes, the batches drawn from them, their repeats (no salt).
+    assert fresh.position == trainer.position and fresh.position.salt == 0
     assert fresh.batches.position is fresh.position
-    # The resumed stream starts fresh passes salted by the resume step.
-    assert all(stream.salt == 2 for stream in fresh.batches.streams)
+    # The resumed stream replays each source's interrupted pass: its next batches are the trainer's.
+    for step in (2, 3, 4):
+        assert fresh.batches.next(step)["keys"] == trainer.batches.next(step)["keys"], step
 
     # From here both take the same step on the same batch, and stay identical.
     rows = local_pass(cfg.data.sources[0], cfg.data, 0, 1, 0, 1, 0).rows[:2]
