@@ -12,7 +12,7 @@ A checkpoint directory (``{run.storage_uri}/{run.name}/checkpoint_*``) holds::
     config.yaml            the resolved configuration that wrote the checkpoint (``--resume``
                            compares the new one with it)
     state.json             step, samples seen, scheduler, optimizer scalars and param groups, the
-                           data position of every data-parallel rank, MLflow run id, config
+                           data position of every logical data-parallel rank, MLflow run id, config
                            digest, world size, and the manifest:
                            every file above with its size in bytes. Written last, by rank 0, once
                            every rank has written its files: it is the commit marker.
@@ -69,8 +69,9 @@ class TrainState:
     optimizer_scalars: dict[str, Any] = field(default_factory=dict)
     param_groups: list[dict[str, Any]] = field(default_factory=list)
     data_position: str = ""
-    # Every data-parallel rank's data position (JSON, by rank): an exact replay needs each rank's
-    # own. Absent from checkpoints written before exact replay (only ``data_position``, rank 0's).
+    # Every logical data-parallel rank's data position (JSON, by logical rank; their number is the
+    # run's logical ranks, sama.train.data): an exact replay needs each one's own. Absent from
+    # checkpoints written before exact replay (only ``data_position``, rank 0's).
     data_positions: list[str] = field(default_factory=list)
     mlflow_run_id: str | None = None
     config_digest: str = ""

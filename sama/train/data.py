@@ -20,7 +20,17 @@ The source is drawn once per optimizer step, from (seed, step) alone: every micr
 (gradient accumulation) comes from that source, and every rank draws the same one, so a global
 step is all images or all videos, as the recipes' per-step batch sizes assume.
 
-Resume semantics: exact replay. Every checkpoint saves each data-parallel rank's data position: the
+Logical data-parallel ranks. The data partition (``shards[rank::world]``), the data positions
+and the noise keys are defined over ``L`` logical data-parallel ranks, fixed for the life of a
+run: ``L`` is the number of data-parallel ranks the run started on, and a resume reads it from
+the checkpoint. Each of the ``dp_size`` data-parallel ranks (workers / context-parallel size)
+plays ``L / dp_size`` consecutive logical ranks per optimizer step: for each, its micro-batches
+from that logical rank's own :class:`MixedBatchIterator`, with the noise keyed by the logical
+rank, each loss scaled by ``1 / (grad_accum * L / dp_size)``, so the gradient averaged over the
+data-parallel ranks is the mean over every logical rank's micro-batches, on any number of
+workers that divides ``L`` (on others the trainer warns and starts fresh salted passes, below).
+
+Resume semantics: exact replay. Every checkpoint saves each logical rank's data position: the
 optimizer step and, per source, the pass it is reading (``passes``: passes started, the current one
 being ``passes - 1``), the batches already drawn from that pass (``pass_batches``) and how many
 times that pass lists the worker's shards (``repeats``, learned from the first pass: restored with
@@ -28,17 +38,18 @@ the pass, so the replay lists them as often as the interrupted pass did). On res
 restarts its interrupted pass with that pass's own seeds (block order and shuffle buffer), draws the
 batches already drawn through the same code path (shape grouping included) and discards them, then
 continues exactly as the uninterrupted run would: with the step's source draw, the noise and the
-restored model, a resumed run reports the uninterrupted run's per-step losses. The price is paid
-once per resume: the skipped rows of the interrupted pass are read and decoded again (Ray Data
-decodes them ahead as usual; at most one pass of each source). A pass leaves nothing behind for the
-next: at its end every partial batch (rows of shapes too rare to fill one) is emitted, fullest
-first, so a pass replayed from its start rebuilds the grouping state exactly.
+restored model, a resumed run reports the uninterrupted run's per-step losses, whether it resumes
+on as many workers or on fewer (up to the order of the sums). The price is paid once per resume:
+the skipped rows of the interrupted pass are read and decoded again (Ray Data decodes them ahead
+as usual; at most one pass of each source). A pass leaves nothing behind for the next: at its end
+every partial batch (rows of shapes too rare to fill one) is emitted, fullest first, so a pass
+replayed from its start rebuilds the grouping state exactly.
 
-A checkpoint written by another number of data-parallel ranks (the ranks' shards differ), or
-before exact replay (positions without ``pass_batches``: their ``passes`` counted passes a
-background thread had started, ahead of training), resumes as those did: every source starts a
-new pass whose shuffle seeds are salted by the resume step (``salt``), so the stream continues
-in a fresh order; samples of the interrupted pass may be seen again, in another order.
+A checkpoint written before exact replay (positions without ``pass_batches``: their ``passes``
+counted passes a background thread had started, ahead of training; or rank 0's position alone)
+resumes as those did: every source starts a new pass whose shuffle seeds are salted by the resume
+step (``salt``), so the stream continues in a fresh order; samples of the interrupted pass may be
+seen again, in another order.
 """
 
 from __future__ import annotations
@@ -255,7 +266,7 @@ def shape_key(row: dict[str, Any]) -> tuple:
 
 @dataclass
 class DataPosition:
-    """Where one data-parallel rank's stream is; saved with checkpoints (see the module docstring
+    """Where one logical data-parallel rank's stream is; saved with checkpoints (see the module docstring
     for resume semantics). Updated only by the consumer (the training loop), never by the
     background threads that read ahead, so it describes exactly the batches training has drawn.
 
@@ -289,7 +300,7 @@ class DataPosition:
     def restart_passes(self, step: int) -> None:
         """Abandon the current passes: every source starts a new one (pass ``passes``), with
         seeds salted by ``step`` and its repeats learned again (the semantics of positions from
-        before exact replay, and of a resume on another number of data-parallel ranks)."""
+        before exact replay)."""
         self.pass_batches = {}
         self.repeats = {}
         self.salt = step

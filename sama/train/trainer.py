@@ -13,6 +13,7 @@ each made of ``forward_backward_step`` per micro-batch and one optimizer step, w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -29,7 +30,7 @@ from sama.models.lora import LoraSection
 from sama.models.training import TrainingModuleConfig
 from sama.pipeline_edit import PipelineConfig
 from sama.tracking import TrackingConfig
-from sama.train.data import DataConfig, DataPosition
+from sama.train.data import DataConfig, DataPosition, MixedBatchIterator
 from sama.train.parallelize import ParallelConfig
 from sama.train.plan import PlanSection
 
@@ -407,7 +408,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig):
 
 
 def step_generator(seed: int, *parts: int) -> torch.Generator:
-    """The CPU generator of one micro-batch (``rank, step, micro``): its noise, timesteps and
+    """The CPU generator of one micro-batch (``logical rank, step, micro``): its noise, timesteps and
     caption dropout depend on the run's seed and where it is, not on what ran before."""
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0]))
@@ -452,6 +453,12 @@ class Trainer:
             raise ValueError(f"{world_size} workers cannot form context-parallel groups of {self.cp}")
         self.dp_rank = rank // self.cp
         self.dp_size = world_size // self.cp
+        # Logical data-parallel ranks: the data partition, data positions and noise keys are
+        # defined over them, fixed for the life of a run (set_logical_ranks); this rank plays
+        # ``logical`` (one per data-parallel rank unless resumed on fewer).
+        self.logical_ranks = self.dp_size
+        self.logical = [self.dp_rank]
+        self.streams: list[MixedBatchIterator] = []
         self.mesh = None
         if cfg.scaling.use_gpu and torch.cuda.is_available():
             self.device = torch.device("cuda", local_rank)
@@ -474,7 +481,7 @@ class Trainer:
         """
         from sama.models.presets import build_model
         from sama.models.training import SamaTrainingModule
-        from sama.train.data import MixedBatchIterator, load_validation
+        from sama.train.data import load_validation
         from sama.train.ema import EMA
         from sama.train.parallelize import parallelize
 
@@ -509,9 +516,8 @@ class Trainer:
         self.ema = EMA(self.module.transformer, cfg.ema_decay)
         self.params = [p for p in self.module.transformer.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
-        self.position = DataPosition()
         self.rows = rows
-        self.batches = MixedBatchIterator(cfg.data, self.position, self.dp_rank, self.dp_size, rows)
+        self.set_logical_ranks(self.dp_size)
         self.val_rows, self.render_rows = load_validation(cfg.data, cfg.validation.render_samples)
         self.peak = peak_flops(self.device)
 
@@ -526,7 +532,6 @@ class Trainer:
         if checkpoint_dir is None:
             return
         from sama.train import checkpoint as ckpt
-        from sama.train.data import MixedBatchIterator
 
         loaded = ckpt.load_trainable(checkpoint_dir, self.module.transformer, self.optimizer, self.ema)
         state = loaded.state
@@ -536,50 +541,99 @@ class Trainer:
         self._set_schedule_position(int(state.scheduler.get("last_epoch", state.step)))
         self.scheduler._step_count = int(state.scheduler.get("_step_count", self.step + 1))
         ckpt.set_rng_state(loaded.rng)
-        self.position = self._restored_position(state)
-        self.position.step = self.step
-        self.batches.close()
-        self.batches = MixedBatchIterator(self.cfg.data, self.position, self.dp_rank, self.dp_size, self.rows)
+        self.set_logical_ranks(*self._restored_positions(state))
         log.info(
-            "rank %d resumed from %s at step %d (written by %d worker(s))",
+            "rank %d resumed from %s at step %d (written by %d worker(s)), playing logical data-parallel "
+            "rank(s) %s of %d",
             self.rank,
             checkpoint_dir,
             self.step,
             state.world_size,
+            self.logical,
+            self.logical_ranks,
         )
 
-    def _restored_position(self, state) -> DataPosition:
-        """This rank's data position from a checkpoint: its own, replayed exactly, when the
-        checkpoint has one per data-parallel rank of this run; else rank 0's with fresh passes
-        salted by the resume step (see :mod:`sama.train.data`)."""
-        if len(state.data_positions) == self.dp_size:
-            return DataPosition.from_json(state.data_positions[self.dp_rank])
-        if not state.data_position:
-            position = DataPosition(step=state.step)
+    def _restored_positions(self, state) -> tuple[int, list[DataPosition]]:
+        """The run's logical data-parallel ranks and their data positions, from a checkpoint: one
+        per logical rank, each replayed exactly, when this run's data-parallel ranks divide them;
+        otherwise (another split, with a warning, or a checkpoint written before exact replay:
+        rank 0's position alone) one logical rank per data-parallel rank of this run, every source
+        starting a new pass salted by the resume step (see :mod:`sama.train.data`)."""
+        if state.data_positions and len(state.data_positions) % self.dp_size == 0:
+            logical_ranks = len(state.data_positions)
+            positions = [DataPosition.from_json(text) for text in state.data_positions]
         else:
-            position = DataPosition.from_json(state.data_position)
-        if state.data_positions and self.rank == 0:
-            log.warning(
-                "the checkpoint's data positions are of %d data-parallel rank(s), this run has %d: "
-                "every data source starts a new pass (the interrupted passes are not replayed)",
-                len(state.data_positions),
-                self.dp_size,
+            if state.data_positions and self.rank == 0:
+                # The model, optimizer and EMA still restore exactly; only the data order changes.
+                log.warning(
+                    "the run has %d logical data-parallel rank(s), which %d data-parallel rank(s) "
+                    "cannot share evenly: the data streams start fresh passes (salted by step %d) "
+                    "instead of replaying; resume on a number of data-parallel ranks that divides %d "
+                    "to replay them exactly",
+                    len(state.data_positions),
+                    self.dp_size,
+                    state.step,
+                    len(state.data_positions),
+                )
+            logical_ranks = self.dp_size
+            saved = state.data_positions[0] if state.data_positions else state.data_position
+            position = DataPosition.from_json(saved) if saved else DataPosition()
+            position.restart_passes(state.step)
+            positions = [position]
+        for position in positions:
+            position.step = state.step
+        return logical_ranks, positions
+
+    def set_logical_ranks(self, logical_ranks: int, positions: list[DataPosition] | None = None) -> None:
+        """Play ``logical_ranks`` logical data-parallel ranks (fixed for the life of a run): this
+        rank plays ``logical_ranks / dp_size`` consecutive ones, each with its own data stream
+        (its part of every source) and noise, from ``positions`` (one per logical rank, or one
+        shared by all; None: fresh streams). See "Resume semantics" in :mod:`sama.train.data`."""
+        if logical_ranks % self.dp_size:
+            raise ValueError(
+                f"the run has {logical_ranks} logical data-parallel rank(s), which {self.dp_size} "
+                f"data-parallel rank(s) (workers / parallel.context_parallel_size) cannot share "
+                f"evenly: resume on a number of data-parallel ranks that divides {logical_ranks}"
             )
-        position.restart_passes(state.step)
-        return position
+        per_rank = logical_ranks // self.dp_size
+        self.logical_ranks = logical_ranks
+        self.logical = list(range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank))
+        if positions is None:
+            positions = [DataPosition(step=self.step)]
+        for stream in self.streams:
+            stream.close()
+        self.streams = [
+            MixedBatchIterator(
+                self.cfg.data,
+                positions[j] if len(positions) > 1 else copy.deepcopy(positions[0]),
+                j,
+                logical_ranks,
+                self.rows,
+            )
+            for j in self.logical
+        ]
+
+    @property
+    def batches(self):
+        """The stream of this rank's first logical rank (its only one when logical = physical)."""
+        return self.streams[0]
+
+    @property
+    def position(self) -> DataPosition:
+        return self.streams[0].position
 
     def _data_positions(self) -> list[str]:
-        """Every data-parallel rank's data position, JSON, by rank (a collective under a process
-        group; context-parallel peers share one stream, so one position)."""
+        """Every logical rank's data position, JSON, by logical rank (a collective under a process
+        group; context-parallel peers share their streams, so their positions)."""
         import torch.distributed as dist
 
-        mine = (self.dp_rank, self.position.to_json())
+        mine = [(j, stream.position.to_json()) for j, stream in zip(self.logical, self.streams, strict=True)]
         if not (dist.is_available() and dist.is_initialized()):
-            return [mine[1]]
-        everyone: list[tuple[int, str] | None] = [None] * dist.get_world_size()
+            return [text for _, text in mine]
+        everyone: list[list[tuple[int, str]] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        by_rank = dict(item for item in everyone if item is not None)
-        return [by_rank[r] for r in range(self.dp_size)]
+        by_rank = dict(item for items in everyone if items for item in items)
+        return [by_rank[j] for j in range(self.logical_ranks)]
 
     def _set_schedule_position(self, last_epoch: int) -> None:
         """The scheduler at ``last_epoch`` of this configuration's schedule (its base rate is
@@ -640,21 +694,28 @@ class Trainer:
             total += encoded.semantic_tokens.shape[0] * encoded.semantic_tokens.shape[1]
         return total
 
-    def forward_backward_step(self, batch: dict[str, Any], micro: int) -> dict[str, float]:
-        """One micro-batch: encode with the frozen encoders, loss through the (wrapped) model, backward."""
+    def forward_backward_step(
+        self, batch: dict[str, Any], micro: int, logical_rank: int | None = None
+    ) -> dict[str, float]:
+        """One micro-batch of logical rank ``logical_rank`` (default: this rank's first): encode
+        with the frozen encoders, loss through the (wrapped) model, backward."""
         from sama.train.parallelize import compute_dtype
 
-        # The data-parallel rank: a context-parallel group draws the same noise and timesteps.
-        generator = self._generator(self.dp_rank, self.step, micro)
+        logical_rank = self.logical[0] if logical_rank is None else logical_rank
+        # Keyed by the logical data-parallel rank: a context-parallel group draws the same noise
+        # and timesteps, and so does a run resumed on fewer workers.
+        generator = self._generator(logical_rank, self.step, micro)
         with torch.no_grad():
             encoded = self.module.encode_batch(self._sama_batch(batch), generator)
         dtype = compute_dtype(self.cfg.parallel, self.device)
-        sync = micro == self.cfg.grad_accum - 1
+        # Gradients are synchronized after the rank's last micro-batch of its last logical rank.
+        sync = micro == self.cfg.grad_accum - 1 and logical_rank == self.logical[-1]
         context = self.model.no_sync() if (hasattr(self.model, "no_sync") and not sync) else _null()
         with context:
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 out = self.model(encoded, generator)
-            (out.loss / self.cfg.grad_accum).backward()
+            # The mean over this rank's micro-batches; DDP / FSDP2 average it over the ranks.
+            (out.loss / (self.cfg.grad_accum * len(self.logical))).backward()
         parts = out.to_dict()
         samples = len(batch["instructions"])
         tokens = self._tokens(encoded)
@@ -665,16 +726,33 @@ class Trainer:
             parts["flops"] = training_flops(self.module.transformer, samples, tokens // samples) / self.cp
         return parts
 
+    def _global_sums(self, totals: dict[str, float]) -> dict[str, float]:
+        """``totals`` summed over the data-parallel ranks (a collective under a process group;
+        context-parallel peers hold the same values, counted once)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
+            return totals
+        keys = sorted(totals)
+        values = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return {k: float(v) / self.cp for k, v in zip(keys, values.tolist(), strict=True)}
+
     def train_step(self) -> dict[str, float]:
-        """``grad_accum`` micro-batches, clipping, one optimizer step, one EMA update."""
+        """For each logical rank this rank plays, ``grad_accum`` micro-batches; then clipping, one
+        optimizer step, one EMA update. The logged losses, samples and tokens are the global ones
+        (over every logical rank), whatever the number of workers."""
         started = time.perf_counter()
-        wait_before = self.batches.wait_s
+        wait_before = sum(stream.wait_s for stream in self.streams)
         totals: dict[str, float] = {}
-        for micro in range(self.cfg.grad_accum):
-            batch = self.batches.next(self.step)  # every micro-batch from the step's source
-            parts = self.forward_backward_step(batch, micro)
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value
+        for logical_rank, stream in zip(self.logical, self.streams, strict=True):
+            for micro in range(self.cfg.grad_accum):
+                batch = stream.next(self.step)  # every micro-batch from the step's source
+                parts = self.forward_backward_step(batch, micro, logical_rank)
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        flops = totals.pop("flops", 0.0)
+        totals = self._global_sums(totals)
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -684,19 +762,20 @@ class Trainer:
         self.scheduler.step()
         self.ema.update(self.module.transformer)
         self.step += 1
-        samples = totals.pop("samples") * self.dp_size
-        self.samples_seen += int(samples)
-        metrics = {f"train/{k}": v / self.cfg.grad_accum for k, v in totals.items() if k.startswith("loss")}
+        samples = totals.pop("samples")
+        self.samples_seen += int(round(samples))
+        micro_batches = self.cfg.grad_accum * self.logical_ranks
+        metrics = {f"train/{k}": v / micro_batches for k, v in totals.items() if k.startswith("loss")}
         metrics["train/lr"] = lr
         metrics["train/grad_norm"] = grad_norm
         elapsed = time.perf_counter() - started
-        tokens = totals["tokens"] * self.dp_size
         metrics["perf/step_s"] = elapsed
         metrics["perf/samples_per_s"] = samples / elapsed
-        metrics["perf/tokens_per_s"] = tokens / elapsed
-        metrics["perf/data_wait_frac"] = (self.batches.wait_s - wait_before) / elapsed
+        metrics["perf/tokens_per_s"] = totals["tokens"] / elapsed
+        wait = sum(stream.wait_s for stream in self.streams) - wait_before
+        metrics["perf/data_wait_frac"] = wait / elapsed
         if self.peak:
-            metrics["perf/mfu"] = totals["flops"] / elapsed / self.peak
+            metrics["perf/mfu"] = flops / elapsed / self.peak
         return metrics
 
     # ------------------------------------------------------------------------------------------

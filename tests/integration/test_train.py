@@ -287,7 +287,9 @@ def test_train_check_prints_every_check_and_exits_by_the_verdict(
     out = capsys.readouterr().out
     assert "[FAIL] cluster: the cluster cannot place 2 worker(s) x {CPU 0.5, GPU 1}" in out
     assert "[WARN] tracking: the MLflow server at http://127.0.0.1:9 does not answer" in out
-    assert out.rstrip().endswith("FAILED: 7 ok, 1 warning(s), 1 failure(s)")
+    # A GPU run is planned too: the tiny model fits any GPU.
+    assert "[ok  ] memory plan: " in out
+    assert out.rstrip().endswith("FAILED: 8 ok, 1 warning(s), 1 failure(s)")
 
 
 def test_missing_data_unwritable_storage_and_a_missing_export_fail_before_any_worker(
@@ -575,9 +577,9 @@ def _export_weights(info: dict) -> dict:
 def test_sharded_checkpoints_reshard_fall_back_and_check_the_config(store, mlflow_server, tmp_path, caplog):
     """2 FSDP2 workers checkpoint their shards; the run resumes on 1 and on 2 workers with the
     same EMA (its export is bit-identical); a truncated latest checkpoint falls back to the
-    previous one with a warning, and the run resumed there replays the data stream exactly (its
-    per-step losses are the uninterrupted run's); a changed optim.lr stops the resume unless
-    allowed, then applies."""
+    previous one with a warning, and the run resumed there, on 2 workers or on 1 (playing both
+    logical data-parallel ranks), replays the data stream exactly (its per-step losses are the
+    uninterrupted run's); a changed optim.lr stops the resume unless allowed, then applies."""
     import logging
 
     import torch
@@ -590,6 +592,7 @@ def test_sharded_checkpoints_reshard_fall_back_and_check_the_config(store, mlflo
     common = [
         "parallel.strategy=fsdp2",
         "checkpoint.every_steps=2",
+        "checkpoint.keep_last=3",  # the step-2 checkpoint outlives two truncated step-4 ones
         "validation.every_steps=1000",
         "validation.render_samples=0",
         "log_every=1",
@@ -631,15 +634,35 @@ def test_sharded_checkpoints_reshard_fall_back_and_check_the_config(store, mlflo
     )
     assert replayed["steps"] == 4 and replayed["mlflow_run_id"] == first["mlflow_run_id"]
     client, _ = runs_named(mlflow_server, "t-sharded")
-    losses: dict[int, list[float]] = {}
-    history = client.get_metric_history(first["mlflow_run_id"], "train/loss")
-    for metric in sorted(history, key=lambda m: (m.step, m.timestamp)):
-        losses.setdefault(metric.step, []).append(metric.value)
+
+    def step_losses() -> dict[int, list[float]]:
+        losses: dict[int, list[float]] = {}
+        history = client.get_metric_history(first["mlflow_run_id"], "train/loss")
+        for metric in sorted(history, key=lambda m: (m.step, m.timestamp)):
+            losses.setdefault(metric.step, []).append(metric.value)
+        return losses
+
+    losses = step_losses()
     assert sorted(losses) == [1, 2, 3, 4] and [len(losses[s]) for s in (1, 2, 3, 4)] == [1, 1, 2, 2], losses
     for step in (3, 4):
         uninterrupted, resumed_loss = losses[step]
         assert resumed_loss == pytest.approx(uninterrupted, rel=1e-6, abs=0), (step, losses)
     timings["fallback + exact replay"] = time.monotonic() - started - timings["train + 2 resumes"]
+
+    # The step-2 checkpoint again (the replay's step-4 one truncated too), on 1 worker: it plays
+    # both logical data-parallel ranks of the 2-worker run, so steps 3 and 4 log the uninterrupted
+    # run's global mean losses (summed in another order).
+    latest = latest_checkpoint(cfg(2, "max_steps=4"))
+    shard = os.path.join(latest, TENSORS_DIR, sorted(os.listdir(os.path.join(latest, TENSORS_DIR)))[-1])
+    with open(shard, "r+b") as handle:
+        handle.truncate(os.path.getsize(shard) // 2)
+    assert run_training(cfg(1, "max_steps=4"), resume=True)["steps"] == 4
+    losses = step_losses()
+    assert [len(losses[s]) for s in (1, 2, 3, 4)] == [1, 1, 3, 3], losses
+    for step in (3, 4):
+        uninterrupted, _, on_one_worker = losses[step]
+        assert on_one_worker == pytest.approx(uninterrupted, rel=1e-5, abs=0), (step, losses)
+    timings["replay on 1 worker"] = time.monotonic() - started - sum(timings.values())
 
     # A changed learning rate stops the resume before any worker starts, naming the key.
     changed = cfg(2, "max_steps=6", "optim.lr=0.004")

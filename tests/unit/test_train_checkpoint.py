@@ -223,10 +223,10 @@ def test_a_truncated_shard_or_a_missing_marker_is_detected(sharded_checkpoint, t
         ckpt.load_trainable(broken, model, optimizer, EMA(model))
 
 
-def test_each_data_parallel_rank_resumes_its_own_data_position(caplog):
-    """state.json holds every data-parallel rank's position: each rank replays its own; on another
-    number of data-parallel ranks (or from a checkpoint with rank 0's alone) every source starts a
-    new pass salted by the step."""
+def test_each_logical_rank_resumes_its_own_data_position():
+    """state.json holds every logical data-parallel rank's position: the run keeps its logical
+    ranks, each replaying its own, on any number of data-parallel ranks; from a checkpoint with
+    rank 0's alone (before exact replay) every source starts a new pass salted by the step."""
     from types import SimpleNamespace
 
     from sama.train.trainer import Trainer
@@ -238,20 +238,18 @@ def test_each_data_parallel_rank_resumes_its_own_data_position(caplog):
     state = ckpt.TrainState(
         step=6, data_position=positions[0].to_json(), data_positions=[p.to_json() for p in positions]
     )
-    for dp_rank in (0, 1):
-        trainer = SimpleNamespace(dp_rank=dp_rank, dp_size=2, rank=dp_rank)
-        assert Trainer._restored_position(trainer, state) == positions[dp_rank]
+    for dp_size in (1, 2):
+        restored = Trainer._restored_positions(SimpleNamespace(dp_size=dp_size), state)
+        assert restored == (2, positions)
     salted = DataPosition(step=6, passes={"v": 2}, batches={"v": 5}, salt=6)
-    with caplog.at_level(logging.WARNING, logger="sama.train.trainer"):
-        assert Trainer._restored_position(SimpleNamespace(dp_rank=0, dp_size=1, rank=0), state) == salted
-    assert "2 data-parallel rank(s), this run has 1" in caplog.text
     old = ckpt.TrainState(
         step=6, data_position=json.dumps({"step": 6, "passes": {"v": 2}, "batches": {"v": 5}})
     )
-    assert Trainer._restored_position(SimpleNamespace(dp_rank=1, dp_size=2, rank=1), old) == salted
-    assert Trainer._restored_position(
-        SimpleNamespace(dp_rank=0, dp_size=2, rank=0), ckpt.TrainState(step=6)
-    ) == (DataPosition(step=6, salt=6))
+    assert Trainer._restored_positions(SimpleNamespace(dp_size=2), old) == (2, [salted])
+    assert Trainer._restored_positions(SimpleNamespace(dp_size=2), ckpt.TrainState(step=6)) == (
+        2,
+        [DataPosition(step=6, salt=6)],
+    )
 
 
 def test_without_a_process_group_one_process_saves_and_loads(tmp_path):

@@ -21,7 +21,7 @@ from sama.models.training import SamaBatch  # noqa: E402
 from sama.schema import Sample, SampleMeta, ShardConfig, ShardWriter  # noqa: E402
 from sama.train import checkpoint as ckpt  # noqa: E402
 from sama.train import data as data_lib  # noqa: E402
-from sama.train.data import DataConfig, SourceConfig, collate, decode_row  # noqa: E402
+from sama.train.data import DataConfig, DataPosition, SourceConfig, collate, decode_row  # noqa: E402
 from sama.train.trainer import (  # noqa: E402
     ModelSection,
     OptimConfig,
@@ -488,3 +488,70 @@ def test_bench_plain_loop_replays_the_trainer_steps(shards):
         assert torch.equal(plain_weights[name], value), name
     for name, shadow in trainer.ema.shadow.items():
         assert torch.equal(plain.ema.shadow[name], shadow), name
+
+
+def test_logical_ranks_on_one_process_average_the_ranks_they_play(shards, tmp_path):
+    """A process playing 2 logical data-parallel ranks (a 2-worker run resumed on 1) computes the
+    mean loss and gradient of the two, each on its own part of every source with its own noise,
+    which is what 2 workers' gradient averaging gives; its checkpoint keeps both positions."""
+    from sama.train.trainer import step_generator
+
+    cfg = _config(shards, grad_accum=2)
+    cfg.optim.grad_clip = 0.0  # no clipping: the captured gradient is the accumulated one
+    trainer = _trainer(cfg)
+    trainer.set_logical_ranks(2)
+    assert trainer.logical == [0, 1] and trainer.logical_ranks == 2 and len(trainer.streams) == 2
+    module, params = trainer.module, trainer.params
+
+    # Reference: each logical rank alone, as worker j of 2 would compute it.
+    losses, grads, keys, samples = [], [], [], 0
+    for rank in (0, 1):
+        stream = data_lib.MixedBatchIterator(cfg.data, None, rank, 2)
+        for micro in range(cfg.grad_accum):
+            batch = stream.next(0)
+            keys.append(batch["keys"])
+            samples += len(batch["keys"])
+            generator = step_generator(cfg.seed, rank, 0, micro)
+            encoded = module.encode_batch(
+                SamaBatch(prompts=batch["instructions"], target=batch["target"], source=batch["source"]),
+                generator,
+            )
+            out = module.compute_loss(encoded, generator)
+            losses.append(float(out.loss.detach()))
+            grads.append(torch.autograd.grad(out.loss, params))
+        stream.close()
+    first, second = {k for ks in keys[:2] for k in ks}, {k for ks in keys[2:] for k in ks}
+    assert not first & second  # the logical ranks' data are disjoint
+
+    captured = {}
+
+    def capture(optimizer, args, kwargs):
+        captured["grads"] = [p.grad.detach().clone() for p in params]
+
+    trainer.optimizer.register_step_pre_hook(capture)
+    metrics = trainer.train_step()
+    assert metrics["train/loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    for got, *per_micro in zip(captured["grads"], *grads, strict=True):
+        torch.testing.assert_close(got, sum(per_micro) / len(per_micro), rtol=1e-4, atol=1e-7)
+    assert trainer.samples_seen == samples
+    assert [s.position.step for s in trainer.streams] == [1, 1]
+
+    # The checkpoint holds both logical ranks' positions; a restore plays both again, exactly.
+    trainer.save_checkpoint(str(tmp_path))
+    assert len(ckpt.read_state(str(tmp_path)).data_positions) == 2
+    fresh = _trainer(cfg)
+    assert fresh.logical == [0] and fresh.logical_ranks == 1
+    fresh.restore(str(tmp_path))
+    assert fresh.logical == [0, 1] and fresh.step == 1
+    assert [s.position for s in fresh.streams] == [s.position for s in trainer.streams]
+    assert fresh.train_step()["train/loss"] == trainer.train_step()["train/loss"]
+
+    # Logical ranks are shared evenly by the data-parallel ranks, or the resume stops.
+    two = Trainer(cfg, rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"3 logical data-parallel rank\(s\), which 2 data-parallel"):
+        two.set_logical_ranks(3)
+    # A checkpoint whose logical ranks this run cannot share evenly still restores: its model state
+    # exactly, its data from fresh passes salted by the step (one logical rank per worker).
+    uneven = ckpt.TrainState(step=7, data_positions=[DataPosition(step=7).to_json()] * 3)
+    logical, positions = two._restored_positions(uneven)
+    assert logical == 2 and len(positions) == 1 and positions[0].salt == 7
