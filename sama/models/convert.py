@@ -756,9 +756,9 @@ def _convert_original_vae(base: _Base, config: ModelConfig, directory: str) -> N
 
 def _convert_original_text(base: _Base, config: ModelConfig, directory: str) -> None:
     from accelerate import init_empty_weights
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
-    from sama.models.text import TextEncoder, _vocabulary_free_tokenizer
+    from sama.models.text import TextEncoder, _vocabulary_free_tokenizer, umt5_config
 
     text = config.text
     path = os.path.join(base.local, BASE_ORIGINAL_T5)
@@ -774,25 +774,8 @@ def _convert_original_text(base: _Base, config: ModelConfig, directory: str) -> 
         tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
         tokenizer = _vocabulary_free_tokenizer(text)
-    # Wan's umT5: gated tanh-GELU feed-forward, per-layer relative position buckets, eps 1e-6,
-    # T5's pad 0 / eos 1 ids.
-    model_config = UMT5Config(
-        vocab_size=text.vocab_size,
-        d_model=text.d_model,
-        d_kv=text.d_kv,
-        d_ff=text.d_ff,
-        num_layers=text.num_layers,
-        num_heads=text.num_heads,
-        relative_attention_num_buckets=text.relative_attention_num_buckets,
-        relative_attention_max_distance=text.relative_attention_max_distance,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        layer_norm_epsilon=1e-6,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    # Wan's umT5 (eps 1e-6, untied output embedding: an encoder has none).
+    model_config = umt5_config(text, layer_norm_epsilon=1e-6, tie_word_embeddings=False)
     with init_empty_weights():
         model = UMT5EncoderModel(model_config)
     _load_renamed(model, state, diffusers_key_for_umt5, path)

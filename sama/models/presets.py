@@ -53,6 +53,7 @@ __all__ = [
     "build_transformer",
     "get_preset",
     "resolve_model_config",
+    "siglip_vision_config",
     "torch_dtype_of",
     "transformer_mismatch",
 ]
@@ -242,12 +243,28 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple | list) else value
 
 
+def siglip_vision_config(sem: SemanticConfig):
+    """The ``transformers.SiglipVisionConfig`` of ``sem``'s architecture (no pooling head: the
+    patch tokens are pooled by :func:`sama.models.semantic.pool_patch_tokens`)."""
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
+        hidden_size=sem.hidden_size,
+        intermediate_size=sem.intermediate_size,
+        num_hidden_layers=sem.num_hidden_layers,
+        num_attention_heads=sem.num_attention_heads,
+        image_size=sem.image_size,
+        patch_size=sem.patch_size,
+        vision_use_head=False,
+    )
+
+
 def build_semantic_encoder(config: ModelConfig) -> SemanticEncoder | None:
     """The frozen SigLIP semantic encoder, or None when Semantic Anchoring is disabled."""
     sem = config.resolved().semantic
     if not sem.enabled:
         return None
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipVisionModel
 
     dtype = torch_dtype_of(config)
     if sem.pretrained is not None:
@@ -259,16 +276,7 @@ def build_semantic_encoder(config: ModelConfig) -> SemanticEncoder | None:
                 f"{sem.hidden_size}; set semantic.hidden_size to match the checkpoint"
             )
     else:
-        vision_config = SiglipVisionConfig(
-            hidden_size=sem.hidden_size,
-            intermediate_size=sem.intermediate_size,
-            num_hidden_layers=sem.num_hidden_layers,
-            num_attention_heads=sem.num_attention_heads,
-            image_size=sem.image_size,
-            patch_size=sem.patch_size,
-            vision_use_head=False,
-        )
-        vision = SiglipVisionModel(vision_config).to(dtype)
+        vision = SiglipVisionModel(siglip_vision_config(sem)).to(dtype)
     return SemanticEncoder(
         vision,
         grid_size=sem.grid_size,

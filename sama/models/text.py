@@ -286,7 +286,7 @@ def build_text_encoder(
     from the architecture fields, which requires a vocabulary-free tokenizer (``"byte"`` or
     ``"word"``): the real umT5 vocabulary only comes with a checkpoint.
     """
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
     if pretrained is not None:
         kwargs: dict[str, Any] = {"subfolder": config.subfolder} if config.subfolder else {}
@@ -305,8 +305,19 @@ def build_text_encoder(
             "random model"
         )
     tokenizer = _vocabulary_free_tokenizer(config)
-    model_config = UMT5Config(
-        vocab_size=max(config.vocab_size, tokenizer.vocab_size),
+    model_config = umt5_config(config, vocab_size=max(config.vocab_size, tokenizer.vocab_size))
+    model = UMT5EncoderModel(model_config).to(torch_dtype)
+    return TextEncoder(model, tokenizer, config.max_length)
+
+
+def umt5_config(config: TextConfig, vocab_size: int | None = None, **extra: Any):
+    """The ``transformers.UMT5Config`` of ``config``'s architecture (Wan's umT5: gated GELU
+    feed-forward, no dropout, T5's pad 0 / eos 1 ids); ``vocab_size`` overrides the config's and
+    ``extra`` sets further ``UMT5Config`` fields."""
+    from transformers import UMT5Config
+
+    return UMT5Config(
+        vocab_size=config.vocab_size if vocab_size is None else vocab_size,
         d_model=config.d_model,
         d_kv=config.d_kv,
         d_ff=config.d_ff,
@@ -319,9 +330,8 @@ def build_text_encoder(
         pad_token_id=ByteTokenizer.pad_token_id,
         eos_token_id=ByteTokenizer.eos_token_id,
         decoder_start_token_id=ByteTokenizer.pad_token_id,
+        **extra,
     )
-    model = UMT5EncoderModel(model_config).to(torch_dtype)
-    return TextEncoder(model, tokenizer, config.max_length)
 
 
 def _vocabulary_free_tokenizer(config: TextConfig) -> ByteTokenizer | HashWordTokenizer:

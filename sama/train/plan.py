@@ -259,44 +259,27 @@ def _build_meta(modules: dict[str, Any], model_config, lora, dtype) -> None:
             modules["vae"] = AutoencoderKLWan(**model_config.vae.wan_kwargs())
         sem = model_config.semantic
         if sem.enabled:
-            from transformers import SiglipVisionConfig, SiglipVisionModel
+            from transformers import SiglipVisionModel
 
-            modules["semantic_encoder"] = SiglipVisionModel(
-                SiglipVisionConfig(
-                    hidden_size=sem.hidden_size,
-                    intermediate_size=sem.intermediate_size,
-                    num_hidden_layers=sem.num_hidden_layers,
-                    num_attention_heads=sem.num_attention_heads,
-                    image_size=sem.image_size,
-                    patch_size=sem.patch_size,
-                    vision_use_head=False,
-                )
-            )
+            from sama.models.presets import siglip_vision_config
+
+            modules["semantic_encoder"] = SiglipVisionModel(siglip_vision_config(sem))
     for name, module in modules.items():
         if name != "transformer":
             module.to(dtype)
 
 
 def _meta_text_encoder(text):
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
+
+    from sama.models.text import umt5_config
 
     vocab = text.vocab_size
     if text.tokenizer != "auto":
         from sama.models.text import _vocabulary_free_tokenizer
 
         vocab = max(vocab, _vocabulary_free_tokenizer(text).vocab_size)
-    model = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=vocab,
-            d_model=text.d_model,
-            d_kv=text.d_kv,
-            d_ff=text.d_ff,
-            num_layers=text.num_layers,
-            num_heads=text.num_heads,
-            relative_attention_num_buckets=text.relative_attention_num_buckets,
-            relative_attention_max_distance=text.relative_attention_max_distance,
-        )
-    )
+    model = UMT5EncoderModel(umt5_config(text, vocab_size=vocab))
     # The token embedding is shared (tied) as in a loaded model; on the meta device the tie is
     # not made, so make it here for the count.
     model.encoder.embed_tokens = model.shared

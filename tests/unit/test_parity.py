@@ -47,19 +47,7 @@ from sama.pipeline_edit import PIPELINE_FILE, PipelineConfig, SamaEditPipeline  
 from sama.train import recipes  # noqa: E402
 from sama.train.trainer import ModelSection, TrainConfig, resolve_train_config  # noqa: E402
 from sama.train.trainer import resolve_model_config as resolve_section  # noqa: E402
-
-SMALL = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 2,
-    "attention_head_dim": 24,
-    "in_channels": 4,
-    "out_channels": 4,
-    "text_dim": 16,
-    "freq_dim": 16,
-    "ffn_dim": 32,
-    "num_layers": 2,
-}
-SEM_DIM = 12
+from tests.unit.test_models import SEM_DIM, SMALL  # noqa: E402
 
 
 def _authors_tiny(num_layers: int = 1) -> ModelConfig:
