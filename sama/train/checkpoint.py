@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sama.train.parallelize import distributed
+
 FORMAT = "sama-sharded-v1"
 TENSORS_DIR = "tensors"
 STATE_FILE = "state.json"
@@ -112,16 +114,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in state.json")
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
-    if _distributed():
+    if distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -179,10 +175,10 @@ def save(
     flat, scalars = flat_tensors(model, ema, optimizer)
     flat = {k: v.detach() for k, v in flat.items()}
     writer = HuggingFaceStorageWriter(os.path.join(directory, TENSORS_DIR), save_distributed=True)
-    dcp.save(flat, storage_writer=writer, no_dist=not _distributed())
+    dcp.save(flat, storage_writer=writer, no_dist=not distributed())
     save_file(rng_state(), os.path.join(directory, rng_file(rank)))
     files = _local_files(directory)
-    if _distributed():
+    if distributed():
         everyone: list[dict[str, int] | None] = [None] * world
         dist.all_gather_object(everyone, files)
         files = {k: v for part in everyone for k, v in (part or {}).items()}
@@ -274,7 +270,7 @@ def load(
         dcp.load(
             flat,
             storage_reader=HuggingFaceStorageReader(os.path.join(directory, TENSORS_DIR)),
-            no_dist=not _distributed(),
+            no_dist=not distributed(),
         )
     except Exception as exc:  # DCP wraps every rank's failure; a corrupt file lands here
         raise CheckpointError(f"checkpoint {directory} could not be read: {exc}") from exc

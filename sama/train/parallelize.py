@@ -41,6 +41,13 @@ class ParallelConfig:
             raise ValueError(f"parallel.context_parallel_size must be >= 1, got {self.context_parallel_size}")
 
 
+def distributed() -> bool:
+    """Whether a ``torch.distributed`` process group exists (collectives are needed)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if device.type == "cuda" and cfg.mixed_precision == "bf16":
@@ -89,7 +96,6 @@ def parallelize(
     ``mesh``: the 2-D ``("dp", "cp")`` device mesh (:func:`sama.train.context_parallel.build_device_mesh`),
     needed when ``cfg.context_parallel_size > 1``.
     """
-    import torch.distributed as dist
 
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(module.transformer)
@@ -104,7 +110,7 @@ def parallelize(
         # rank, dp x cp flattened; a cp group's ranks compute with the same weights, so sharding
         # over cp too divides parameter and optimizer memory by cp as well.
         shard_mesh = mesh["dp", "cp"]._flatten("dp_cp")
-    if cfg.strategy == "fsdp2" and dist.is_available() and dist.is_initialized():
+    if cfg.strategy == "fsdp2" and distributed():
         # Sharded even on one rank, so the same (DTensor) code path runs at every scale.
         apply_fsdp2(module.transformer, cfg, device, shard_mesh)
         return module

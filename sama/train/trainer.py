@@ -31,7 +31,7 @@ from sama.models.training import TrainingModuleConfig
 from sama.pipeline_edit import PipelineConfig
 from sama.tracking import TrackingConfig
 from sama.train.data import DataConfig, DataPosition, MixedBatchIterator
-from sama.train.parallelize import ParallelConfig
+from sama.train.parallelize import ParallelConfig, distributed
 from sama.train.plan import PlanSection
 
 log = logging.getLogger(__name__)
@@ -275,12 +275,13 @@ def resolve_train_config(cfg: TrainConfig, model_config=None, *, strict: bool = 
     """
     from sama.models.parity import resolve
 
+    overridden = config_lib.flatten(cfg.model.overrides).get("parity")
     if model_config is not None:
         parity = model_config.parity
     elif cfg.model.parity is not None:
         parity = cfg.model.parity
-    elif "parity" in config_lib.flatten(cfg.model.overrides):
-        parity = str(config_lib.flatten(cfg.model.overrides)["parity"])
+    elif overridden is not None:
+        parity = str(overridden)
     elif cfg.model.init_from:
         try:
             parity = _export_parity(cfg.model.init_from)
@@ -628,7 +629,7 @@ class Trainer:
         import torch.distributed as dist
 
         mine = [(j, stream.position.to_json()) for j, stream in zip(self.logical, self.streams, strict=True)]
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed():
             return [text for _, text in mine]
         everyone: list[list[tuple[int, str]] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
@@ -731,7 +732,7 @@ class Trainer:
         context-parallel peers hold the same values, counted once)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
+        if not distributed() or self.world_size == 1:
             return totals
         keys = sorted(totals)
         values = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device)
