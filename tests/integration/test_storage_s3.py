@@ -104,3 +104,21 @@ def test_localize_dir_refuses_names_that_escape_the_target(s3_bucket, s3_server,
 def test_localize_dir_on_an_empty_prefix_says_so(s3_bucket, tmp_path):
     with pytest.raises(storage.StorageError, match="no objects under this prefix"):
         storage.localize_dir(f"{s3_bucket}/nothing", cache_dir=str(tmp_path))
+
+
+def test_localize_dir_that_cannot_read_an_object_publishes_nothing(
+    s3_bucket, s3_server, s3_faults, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the failure is persistent: fewer retries, same end
+    _put(s3_server, s3_bucket, "export/sama_pipeline.json", b"{}")
+    _put(s3_server, s3_bucket, "export/transformer/weights.bin", b"w" * 1024)
+    s3_faults.fail("GET", r"/export/transformer/weights\.bin")
+    cache = tmp_path / "cache"
+    with pytest.raises(storage.StorageUnavailable, match="weights.bin"):
+        storage.localize_dir(f"{s3_bucket}/export", cache_dir=str(cache))
+    # Neither a published copy nor a staging directory is left; the next try downloads it all.
+    assert os.listdir(cache / "models") == []
+    s3_faults.clear()
+    local = storage.localize_dir(f"{s3_bucket}/export", cache_dir=str(cache))
+    with open(os.path.join(local, "transformer", "weights.bin"), "rb") as handle:
+        assert handle.read() == b"w" * 1024
