@@ -54,7 +54,7 @@ from sama.losses import randn, set_scheduler_sigmas
 from sama.models.autoencoders import LatentAutoencoder, build_autoencoder, load_autoencoder
 from sama.models.config import ModelConfig
 from sama.models.parity import profile_value, resolve
-from sama.models.presets import SamaComponents, torch_dtype_of
+from sama.models.presets import SamaComponents, encoder_identity, torch_dtype_of
 from sama.models.text import TextEncoder, build_text_encoder, clean_prompt
 from sama.models.training import EDIT_NEGATIVE_PROMPT, EDIT_PROMPT_PREFIX
 from sama.models.transformer_sama import SamaTransformer3DModel
@@ -293,6 +293,10 @@ class SamaEditPipeline:
         self._offload_device: torch.device | None = None
         # A prompt -> embeddings cache, alive only during edit_video (its windows share one prompt).
         self._text_cache: dict[tuple, torch.Tensor] | None = None
+        # What the frozen encoders are (sama.models.presets.encoder_identity), recorded on save:
+        # an export's own model config no longer names the checkpoints its encoders came from.
+        # None: derived from model_config when saved.
+        self.encoder_identity: dict[str, Any] | None = None
         _check_compatible(transformer, vae, text_encoder, "<pipeline>")
 
     @classmethod
@@ -703,6 +707,7 @@ class SamaEditPipeline:
             "pipeline": asdict(self.config),
             "text_max_length": self.text_encoder.max_length,
             "components": components,
+            "encoders": self.encoder_identity or (encoder_identity(config) if config is not None else None),
         }
         tmp = os.path.join(directory, PIPELINE_FILE + ".tmp")
         with open(tmp, "w") as handle:
@@ -811,6 +816,7 @@ class SamaEditPipeline:
         )
         _check_compatible(transformer, vae, text_encoder, path)
         pipeline = cls(transformer, vae, text_encoder, scheduler, model_config, pipeline_config)
+        pipeline.encoder_identity = manifest.get("encoders") or None
         if device is not None:
             pipeline.to(device)
         return pipeline

@@ -6,7 +6,23 @@ A shard is a plain tar file. A sample is the group of members sharing a key::
     <key>.src.mp4    source video (H.264 mp4)   or  <key>.src.png  source image
     <key>.tgt.mp4    target video (H.264 mp4)   or  <key>.tgt.png  target image
 
-The source is absent for plain text-to-video samples. Keys are deterministic (uuid5 of the input
+The source is absent for plain text-to-video samples, and, by default, for the motion-alignment
+pretext samples: their source is a deterministic function of the target and the parameters in the
+metadata (``pretext``), derived wherever the sample is read (:meth:`Sample.decode_source`).
+
+A *latent* shard (written by ``sama precompute``) holds, per sample, the metadata and one
+safetensors member instead of media::
+
+    <key>.json              metadata (SampleMeta), as above
+    <key>.lat.safetensors   SampleLatents: normalised VAE latents of the target (and source), the
+                            prompt's text embedding up to its last token, the SigLIP tokens of the
+                            target frames anchors may be drawn from, and those frames' indices
+
+and its output root holds ``latents.json`` (:class:`LatentOutputInfo`: which encoders made the
+tensors, their dtype) and ``null_prompts.safetensors`` (the embeddings of the null prompts caption
+dropout substitutes). Safetensors holds tensors only: nothing is unpickled there either.
+
+Keys are deterministic (uuid5 of the input
 and its span) and contain no dots, because WebDataset readers (the ``webdataset`` library and Ray
 Data's ``read_webdataset``) split a member name at its first dot into key and extension.
 
@@ -36,6 +52,7 @@ KEY_NAMESPACE = uuid.UUID("6f1d1c8e-3d55-5b8e-9a51-5a3a7e0c2b10")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 META = "json"
+LATENTS = "lat.safetensors"
 SOURCE_VIDEO = "src.mp4"
 TARGET_VIDEO = "tgt.mp4"
 SOURCE_IMAGE = "src.png"
@@ -43,6 +60,11 @@ TARGET_IMAGE = "tgt.png"
 MEDIA_MEMBERS = {"video": (SOURCE_VIDEO, TARGET_VIDEO), "image": (SOURCE_IMAGE, TARGET_IMAGE)}
 KNOWN_MEMBERS = (META, SOURCE_VIDEO, TARGET_VIDEO, SOURCE_IMAGE, TARGET_IMAGE)
 SHARD_SUFFIX = ".tar"
+# At the root of a latent output (beside its shards/ folder).
+LATENT_INFO_FILE = "latents.json"
+NULL_PROMPTS_FILE = "null_prompts.safetensors"
+LATENT_FORMAT = "sama-latents"
+LATENT_FORMAT_VERSION = 1
 
 # Tasks: the plain text-to-video sample, the three motion-alignment pretext tasks, and edits.
 TASKS = ("t2v", "cube_inpaint", "speed", "tube_shuffle", "video_edit", "image_edit")
@@ -216,6 +238,204 @@ class Sample:
         if self.source is None:
             return None
         return _decode_media(self.source, self.meta.media, f"{self.key}.{self.source_member}")
+
+
+@dataclass
+class SampleLatents:
+    """A sample's precomputed encoder outputs (the ``lat.safetensors`` member).
+
+    Attributes:
+        target: ``(C, T', H', W')`` normalised VAE latents of the target (the posterior's mode).
+        text: ``(L, D)`` the prompt's embedding up to its last token; the text encoder's output is
+            zero past it, so padding with zeros to the encoder's length restores it exactly.
+        source: ``(C, T_src', H', W')`` latents of the source, or None (no source).
+        semantic: ``(F, tokens_per_anchor, D)`` clean SigLIP tokens of the target frames
+            ``anchor_frames`` (every frame when anchors are drawn at random; the anchors
+            themselves when they are fixed), or None (no semantic branch).
+        anchor_frames: frame indices of ``semantic``'s rows, increasing.
+    """
+
+    target: Any
+    text: Any
+    source: Any = None
+    semantic: Any = None
+    anchor_frames: list[int] | None = None
+
+    _NAMES = ("target", "text", "source", "semantic")
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        tensors = {name: getattr(self, name) for name in self._NAMES if getattr(self, name) is not None}
+        if self.anchor_frames is not None:
+            import torch
+
+            tensors["anchor_frames"] = torch.tensor(self.anchor_frames, dtype=torch.int64)
+        return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "") -> SampleLatents:
+        from safetensors.torch import load
+
+        try:
+            tensors = load(bytes(data))
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            raise SchemaError(f"{where}: {LATENTS} is not a readable safetensors member ({exc})") from None
+        for required in ("target", "text"):
+            if required not in tensors:
+                raise SchemaError(f"{where}: {LATENTS} has no {required!r} tensor")
+        anchors = tensors.get("anchor_frames")
+        latents = cls(
+            target=tensors["target"],
+            text=tensors["text"],
+            source=tensors.get("source"),
+            semantic=tensors.get("semantic"),
+            anchor_frames=None if anchors is None else [int(i) for i in anchors.tolist()],
+        )
+        if (latents.semantic is None) != (latents.anchor_frames is None) or (
+            latents.semantic is not None and latents.semantic.shape[0] != len(latents.anchor_frames)
+        ):
+            raise SchemaError(f"{where}: {LATENTS}: semantic tokens and anchor_frames do not match")
+        if latents.target.ndim != 4 or latents.text.ndim != 2:
+            raise SchemaError(
+                f"{where}: {LATENTS}: target must be (C, T, H, W) and text (L, D), got "
+                f"{tuple(latents.target.shape)} and {tuple(latents.text.shape)}"
+            )
+        return latents
+
+
+@dataclass
+class LatentSample:
+    """One precomputed training example: metadata plus :class:`SampleLatents`."""
+
+    meta: SampleMeta
+    latents: SampleLatents
+
+    @property
+    def key(self) -> str:
+        return self.meta.key
+
+    def members(self) -> dict[str, bytes]:
+        self.meta.validate()
+        return {META: self.meta.to_json(), LATENTS: self.latents.to_bytes()}
+
+    def nbytes(self) -> int:
+        return sum(len(v) for v in self.members().values())
+
+    @classmethod
+    def from_members(cls, members: Mapping[str, Any], where: str = "") -> LatentSample:
+        key = members.get("__key__")
+        where = where or f"{members.get('__url__', '<shard>')}:{key}"
+        if META not in members:
+            raise SchemaError(f"{where}: sample has no {META} member")
+        meta = SampleMeta.from_json(_as_bytes(members[META]), where=where)
+        if key is not None and str(key).split("/")[-1] != meta.key:
+            raise SchemaError(f"{where}: member key {key!r} does not match metadata key {meta.key!r}")
+        if LATENTS not in members or isinstance(members[LATENTS], float):
+            raise SchemaError(f"{where}: sample has no {LATENTS} member")
+        return cls(meta=meta, latents=SampleLatents.from_bytes(_as_bytes(members[LATENTS]), where))
+
+
+def is_latent_members(members: Mapping[str, Any]) -> bool:
+    """Whether a sample's members are a precomputed (latent) sample's."""
+    value = members.get(LATENTS)
+    return value is not None and not isinstance(value, float)
+
+
+def read_sample(members: Mapping[str, Any], where: str = "") -> Sample | LatentSample:
+    """A sample of either kind from its members (media, or precomputed latents)."""
+    if is_latent_members(members):
+        return LatentSample.from_members(members, where)
+    return Sample.from_members(members, where)
+
+
+@dataclass
+class LatentOutputInfo:
+    """``latents.json`` at the root of a latent output: what made its tensors.
+
+    ``encoders`` is :func:`sama.models.presets.encoder_identity` of the model the precompute ran
+    with; ``dtype`` the dtype the tensors are stored in; ``null_prompts`` the prompts whose
+    embeddings ``null_prompts.safetensors`` holds (tensors ``null_0``, ``null_1``... in this order).
+    """
+
+    encoders: dict[str, Any]
+    dtype: str
+    null_prompts: list[str] = field(default_factory=list)
+    model: str = ""
+    format: str = LATENT_FORMAT
+    format_version: int = LATENT_FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "") -> LatentOutputInfo:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"{where}: {LATENT_INFO_FILE} is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict) or raw.get("format") != LATENT_FORMAT:
+            raise SchemaError(f"{where}: not a {LATENT_FORMAT} description")
+        if int(raw.get("format_version", 0)) > LATENT_FORMAT_VERSION:
+            raise SchemaError(
+                f"{where}: latent format version {raw.get('format_version')} is newer than this reader "
+                f"({LATENT_FORMAT_VERSION}); upgrade sama"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except TypeError as exc:
+            raise SchemaError(f"{where}: {LATENT_INFO_FILE} is missing fields ({exc})") from None
+
+
+def output_root(uri: str) -> str:
+    """The root of the job output a shard prefix or shard lies in: the part before its last
+    ``shards`` segment (``.../latents/shards/video`` -> ``.../latents``); ``uri`` itself when it
+    has none."""
+    text = str(uri).rstrip("/")
+    parts = text.split("/")
+    if "shards" not in parts[1:]:
+        return text
+    index = len(parts) - 1 - parts[::-1].index("shards")
+    return "/".join(parts[:index])
+
+
+def write_latent_info(output_uri: str, info: LatentOutputInfo, null_embeddings: list[Any]) -> None:
+    """Write ``null_prompts.safetensors`` then ``latents.json`` at a latent output's root."""
+    from safetensors.torch import save
+
+    if len(null_embeddings) != len(info.null_prompts):
+        raise ValueError("one null embedding per null prompt is needed")
+    tensors = {f"null_{i}": t.detach().contiguous().cpu() for i, t in enumerate(null_embeddings)}
+    storage.write_bytes(storage.join(output_uri, NULL_PROMPTS_FILE), save(tensors))
+    storage.write_text(storage.join(output_uri, LATENT_INFO_FILE), info.to_json())
+
+
+def read_latent_info(uri: str) -> LatentOutputInfo | None:
+    """The description of the latent output ``uri`` (a shard prefix or the root) belongs to, or
+    None when it holds media shards (no ``latents.json`` at its root)."""
+    where = storage.join(output_root(uri), LATENT_INFO_FILE)
+    if not storage.exists(where):
+        return None
+    return LatentOutputInfo.from_json(storage.read_text(where), where=storage.redact(where))
+
+
+def read_null_embeddings(uri: str) -> dict[str, Any]:
+    """Null prompt -> its ``(L, D)`` embedding, for the latent output ``uri`` belongs to."""
+    from safetensors.torch import load
+
+    info = read_latent_info(uri)
+    if info is None:
+        raise SchemaError(f"{storage.redact(uri)}: not a latent output (no {LATENT_INFO_FILE})")
+    where = storage.join(output_root(uri), NULL_PROMPTS_FILE)
+    try:
+        tensors = load(storage.read_bytes(where))
+    except Exception as exc:
+        raise SchemaError(f"{storage.redact(where)}: unreadable null-prompt embeddings ({exc})") from None
+    missing = [p for i, p in enumerate(info.null_prompts) if f"null_{i}" not in tensors]
+    if missing:
+        raise SchemaError(f"{storage.redact(where)}: no embedding for null prompt(s) {missing}")
+    return {p: tensors[f"null_{i}"] for i, p in enumerate(info.null_prompts)}
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -396,11 +616,12 @@ def iter_members(shard_uri: str) -> Iterator[dict[str, Any]]:
         yield current
 
 
-def iter_samples(shards: str | Iterable[str]) -> Iterator[Sample]:
-    """Every sample of the given shards (a prefix or a list of shard URIs), in order, streaming."""
+def iter_samples(shards: str | Iterable[str]) -> Iterator[Sample | LatentSample]:
+    """Every sample of the given shards (a prefix or a list of shard URIs), in order, streaming;
+    media samples as :class:`Sample`, precomputed ones as :class:`LatentSample`."""
     for uri in _resolve_shards(shards):
         for members in iter_members(uri):
-            yield Sample.from_members(members)
+            yield read_sample(members)
 
 
 def _s3_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):

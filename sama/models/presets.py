@@ -22,8 +22,12 @@ The Wan presets use SigLIP so400m-patch14-384 (1152-d) for Semantic Anchoring; i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import hashlib
+import json
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +55,8 @@ __all__ = [
     "build_model",
     "build_semantic_encoder",
     "build_transformer",
+    "encoder_identity",
+    "encoder_mismatch",
     "get_preset",
     "resolve_model_config",
     "siglip_vision_config",
@@ -276,7 +282,8 @@ def build_semantic_encoder(config: ModelConfig) -> SemanticEncoder | None:
                 f"{sem.hidden_size}; set semantic.hidden_size to match the checkpoint"
             )
     else:
-        vision = SiglipVisionModel(siglip_vision_config(sem)).to(dtype)
+        with frozen_init("semantic_encoder"):
+            vision = SiglipVisionModel(siglip_vision_config(sem)).to(dtype)
     return SemanticEncoder(
         vision,
         grid_size=sem.grid_size,
@@ -284,6 +291,91 @@ def build_semantic_encoder(config: ModelConfig) -> SemanticEncoder | None:
         anchor_sampling=sem.anchor_sampling,
         normalize=sem.normalize,
     )
+
+
+FROZEN_ENCODERS = ("vae", "text_encoder", "semantic_encoder")
+
+
+@contextlib.contextmanager
+def frozen_init(component: str):
+    """Random initialisation of a frozen encoder as a function of its configuration alone.
+
+    A randomly initialised frozen encoder (tests, the tiny preset) is drawn from a generator seeded
+    by the component's name, whatever was built before it and whatever the run's seed: `sama
+    precompute` (which builds no transformer), a training run and its export then hold the same
+    encoder, so latents precomputed once fit every run of the preset. The global generator is left
+    as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"sama-frozen-{component}".encode()))
+        yield
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encoder_identity(config: ModelConfig) -> dict[str, dict[str, Any]]:
+    """What the frozen encoders of ``config`` are: per encoder, a digest of its architecture (and of
+    the settings its outputs depend on), where its weights come from (``"random-init"``: the
+    seeded initialisation of :func:`frozen_init`) and its dtype.
+
+    Latent shards record the identity of the encoders that made them (``sama precompute``);
+    training compares it with its own model's (:func:`encoder_mismatch`). An export records the
+    identity of the encoders it was trained with, since an export's own configuration no longer
+    names their original checkpoint.
+    """
+    config = config.resolved()
+    dtype = config.torch_dtype
+
+    def entry(architecture: Any, weights: str | None, subfolder: str | None = None) -> dict[str, Any]:
+        from sama import storage
+
+        source = "random-init" if weights is None else storage.redact(weights)
+        if weights is not None and subfolder:
+            source = f"{source}#{subfolder}"
+        return {"architecture": _digest(architecture), "weights": source, "dtype": dtype}
+
+    vae = dataclasses.asdict(config.vae)
+    vae.pop("pretrained", None)
+    vae.pop("subfolder", None)
+    text = dataclasses.asdict(config.text)
+    text.pop("pretrained", None)
+    identity = {
+        "vae": entry(vae, config.component_source("vae"), config.vae.subfolder),
+        "text_encoder": entry(text, config.component_source("text")),
+    }
+    sem = config.semantic
+    if sem.enabled:
+        architecture = {
+            k: v for k, v in dataclasses.asdict(sem).items() if k not in ("pretrained", "subfolder")
+        }
+        # Only what the frozen encoder's tokens depend on (not the trainable projector's knobs).
+        for trainable in ("projector_hidden_dim", "rope", "layernorm_eps", "head_init"):
+            architecture.pop(trainable, None)
+        identity["semantic_encoder"] = entry(architecture, sem.pretrained, sem.subfolder)
+    return identity
+
+
+def encoder_mismatch(made_by: Mapping[str, Any], model: Mapping[str, Any], needed: tuple[str, ...]) -> str:
+    """Why tensors made by encoders ``made_by`` cannot stand in for the model's encoders ``model``
+    (both :func:`encoder_identity` dicts), over the encoders in ``needed``; empty when they can."""
+    problems = []
+    for name in needed:
+        ours, theirs = model.get(name), made_by.get(name)
+        if theirs is None:
+            problems.append(f"{name}: not precomputed")
+            continue
+        if ours is None:
+            continue
+        differing = [
+            f"{field} {theirs.get(field)!r} (model: {ours.get(field)!r})"
+            for field in ("weights", "architecture", "dtype")
+            if theirs.get(field) != ours.get(field)
+        ]
+        if differing:
+            problems.append(f"{name}: " + ", ".join(differing))
+    return "; ".join(problems)
 
 
 @dataclass
@@ -333,10 +425,13 @@ def build_model(
     config = resolve_model_config(preset_or_config, pretrained)
     dtype = torch_dtype_of(config)
     transformer = build_transformer(config)
-    vae = build_autoencoder(config.vae, config.component_source("vae"), dtype) if with_vae else None
-    text = (
-        build_text_encoder(config.text, config.component_source("text"), dtype) if with_text_encoder else None
-    )
+    vae = text = None
+    if with_vae:
+        with frozen_init("vae"):
+            vae = build_autoencoder(config.vae, config.component_source("vae"), dtype)
+    if with_text_encoder:
+        with frozen_init("text_encoder"):
+            text = build_text_encoder(config.text, config.component_source("text"), dtype)
     semantic = build_semantic_encoder(config) if with_semantic_encoder else None
     if text is not None and text.hidden_size != config.transformer.text_dim:
         raise ValueError(

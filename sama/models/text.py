@@ -208,8 +208,10 @@ class TextEncoder(nn.Module):
         allow_empty: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
-        """Embeddings ``(B, max_length, hidden_size)``, zero past each prompt's tokens.
+        return_lengths: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
+        """Embeddings ``(B, max_length, hidden_size)``, zero past each prompt's tokens; with
+        ``return_lengths`` also each prompt's token count (its embedding's rows before the zeros).
 
         Raises:
             ValueError: a prompt is empty or only whitespace (unless ``allow_empty``).
@@ -237,7 +239,10 @@ class TextEncoder(nn.Module):
         mask = tokens["attention_mask"].to(param.device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-        return hidden.to(device=device or param.device, dtype=dtype or hidden.dtype)
+        hidden = hidden.to(device=device or param.device, dtype=dtype or hidden.dtype)
+        if return_lengths:
+            return hidden, [int(n) for n in mask.sum(dim=1).tolist()]
+        return hidden
 
     def save_pretrained(
         self, directory: str, subfolder: str = "text_encoder", tokenizer_subfolder: str = "tokenizer"

@@ -319,6 +319,30 @@ def _override_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def frozen_encoder_identity(section: ModelSection, model_config) -> dict[str, Any]:
+    """What the frozen encoders of a model built from ``section`` are
+    (:func:`sama.models.presets.encoder_identity`): with ``init_from``, the autoencoder and text
+    encoder are the export's, so their identity is the one the export records (an export written
+    before exports recorded it is named by its location); otherwise, and for SigLIP, the model
+    config's. ``sama precompute`` records it in its output and training compares the two."""
+    import json
+
+    from sama import storage
+    from sama.models.presets import encoder_identity
+    from sama.pipeline_edit import PIPELINE_FILE
+
+    identity = encoder_identity(model_config)
+    if section.init_from:
+        manifest = json.loads(storage.read_text(storage.join(section.init_from, PIPELINE_FILE)))
+        recorded = manifest.get("encoders") or {}
+        for name in ("vae", "text_encoder"):
+            identity[name] = recorded.get(name) or {
+                **identity[name],
+                "weights": f"export:{storage.redact(section.init_from)}",
+            }
+    return identity
+
+
 def without_weight_sources(model_config):
     """The config with the transformer/VAE/text weight sources removed (SigLIP's kept)."""
     return dataclasses.replace(
