@@ -140,14 +140,15 @@ def train_config(args: argparse.Namespace, shards: str, max_steps: int):
     return config_lib.load(TrainConfig, recipe_path("debug"), overrides)
 
 
-def load_rows(shards: str) -> list[dict]:
-    """Every sample of the shards, decoded in this process (no Ray), as the trainer's rows."""
-    from sama.train.data import decode_row
+def load_rows(shards: str) -> list:
+    """Every sample of the shards, decoded in this process (no Ray), as the trainer's rows
+    (:class:`sama.train.data.TrainingRow`)."""
+    from sama.train.data import TrainingRow, decode_row
 
     rows = []
     for sample in schema.iter_samples(shards):
-        row = decode_row({"__key__": sample.key, **sample.members()})
-        if not row["error"]:
+        row = TrainingRow.from_ray(decode_row({"__key__": sample.key, **sample.members()}))
+        if not row.error:
             rows.append(row)
     return rows
 
@@ -298,7 +299,7 @@ def _recording_loop(records_path: str, fifo_dir: str | None = None):
 
         def next_batch(self, *args, **kwargs):
             batch = original_next(self, *args, **kwargs)
-            micro_keys.append(list(batch["keys"]))
+            micro_keys.append(list(batch.keys))
             return batch
 
         def log_metrics(self, metrics, step):
@@ -384,11 +385,12 @@ class PlainLoop:
     samples the Ray Train worker trained on (looked up by key among rows decoded beforehand) and
     with the trainer's per-step random generators, so step i of both arms does the same work."""
 
-    def __init__(self, args: argparse.Namespace, cfg, rows: list[dict]):
+    def __init__(self, args: argparse.Namespace, cfg, rows: list):
         import torch
 
         from sama.models.presets import build_model
         from sama.models.training import SamaTrainingModule
+        from sama.train.data import TrainingRow
         from sama.train.ema import EMA
         from sama.train.trainer import build_optimizer, resolve_model_config
 
@@ -400,7 +402,8 @@ class PlainLoop:
         self.params = [p for p in self.module.transformer.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
         self.ema = EMA(self.module.transformer, cfg.ema_decay)
-        self.rows = {row["key"]: row for row in rows}
+        records = [TrainingRow.from_ray(row) if isinstance(row, dict) else row for row in rows]
+        self.rows = {row.key: row for row in records}
 
     def check(self, steps_keys: list[list[list[str]]]) -> None:
         missing = sorted({k for micro in steps_keys for keys in micro for k in keys} - set(self.rows))
@@ -412,16 +415,12 @@ class PlainLoop:
     def _step(self, micro_keys: list[list[str]], step: int) -> None:
         import torch
 
-        from sama.models.training import SamaBatch
         from sama.train.data import collate
         from sama.train.trainer import step_generator
 
         for micro, keys in enumerate(micro_keys):
             batch = collate([self.rows[k] for k in keys])
-            sama_batch = SamaBatch(
-                prompts=batch["instructions"], target=batch["target"], source=batch["source"]
-            )
-            out = self.module(sama_batch, step_generator(self.cfg.seed, 0, step, micro))  # as on rank 0
+            out = self.module(batch, step_generator(self.cfg.seed, 0, step, micro))  # as on rank 0
             (out.loss / len(micro_keys)).backward()
         clip = self.cfg.optim.grad_clip
         float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf")))
@@ -471,7 +470,7 @@ def _plain_result(loop: PlainLoop, steps: list[dict], window: tuple[float, float
     }
 
 
-def plain_arm(args: argparse.Namespace, cfg, rows: list[dict], records: list[dict], nice: int) -> dict:
+def plain_arm(args: argparse.Namespace, cfg, rows: list, records: list[dict], nice: int) -> dict:
     """The plain loop on its own, replaying the trained steps ``records`` (after a Ray Train run)."""
     loop = PlainLoop(args, cfg, rows)
     loop.check([r["keys"] for r in records])
@@ -680,13 +679,13 @@ def report_paired(paired: list[dict]) -> None:
     )
 
 
-def shapes(rows: list[dict]) -> dict[str, int]:
+def shapes(rows: list) -> dict[str, int]:
     """How many samples have each (target, source) frame shape."""
     from sama.train.data import shape_key
 
     counts: dict[str, int] = {}
     for row in rows:
-        name = str(shape_key(row)[1:])
+        name = str(shape_key(row)[2:])
         counts[name] = counts.get(name, 0) + 1
     return counts
 

@@ -56,6 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete previous output and start over")
     _add_config_args(p)
 
+    p = sub.add_parser(
+        "precompute", help="pixel shards -> latent shards of the frozen encoders' outputs (Ray Data)"
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        help="shard prefix: a prep output, its shards/ or shards/<media> folder (repeatable)",
+    )
+    p.add_argument("--output", required=True, help="URI prefix for latent shards, summary and rejects")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="PRESET_OR_EXPORT",
+        help="a model preset (tiny, wan2.1-1.3b, ...) or a SAMA export whose encoders run",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete previous output (also one made by other encoders) and start over",
+    )
+    _add_config_args(p)
+
     p = sub.add_parser("train", help="stage-0 pre-training or stage-1 SFT on Ray Train")
     p.add_argument("--recipe", default="debug", help="recipe name (debug, pretrain, sft, ...) or file")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
@@ -91,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory of one GPU in GiB (default: the recipe's plan.gpu_memory_gib, 80)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
+    p.add_argument(
+        "--precomputed",
+        action="store_true",
+        help="plan as if every training source were latent shards (sama precompute): no frozen "
+        "encoder on the GPUs (default: whatever the sources' latents.json files say)",
+    )
 
     p = sub.add_parser("edit", help="edit a video with a trained model")
     p.add_argument("--video", required=True)
@@ -240,6 +269,25 @@ def _cmd_prep_pairs(args: argparse.Namespace) -> int:
     return _failed_units_status(summary)
 
 
+def _cmd_precompute(args: argparse.Namespace) -> int:
+    from sama.models.presets import PRESETS
+    from sama.prep.precompute_job import PrecomputeConfig
+
+    model = f"model.preset={args.model}" if args.model in PRESETS else f"model.init_from={args.model}"
+    flags = [f"inputs={json.dumps(args.input)}", f"output.uri={args.output}", model]
+    cfg = _resolve(PrecomputeConfig, args, flags)
+    if args.print_config:
+        return 0
+    from pipelines import precompute
+
+    summary = precompute.run(cfg, overwrite=args.overwrite)
+    print(
+        f"{summary.samples} clips encoded in {summary.shards} shards from {summary.accepted}/"
+        f"{summary.inputs_seen} samples ({summary.rejected} rejected) -> {cfg.output.uri}"
+    )
+    return _failed_units_status(summary)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sama import config
     from sama.train.recipes import recipe_path
@@ -287,7 +335,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = config.load(TrainConfig, recipe_path(args.recipe), args.overrides)
     try:
-        plan = memory_plan(cfg, args.recipe, args.gpu_memory)
+        plan = memory_plan(cfg, args.recipe, args.gpu_memory, precomputed=True if args.precomputed else None)
     except (ValueError, KeyError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
@@ -349,6 +397,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prep-pretext": _cmd_prep_pretext,
     "prep-pairs": _cmd_prep_pairs,
+    "precompute": _cmd_precompute,
     "train": _cmd_train,
     "plan": _cmd_plan,
     "edit": _cmd_edit,

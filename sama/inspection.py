@@ -96,17 +96,18 @@ def inspect_shards(
 
     ``sample`` picks the example to show: a key, or a position in reading order (0 = first); None
     shows none. With ``export_dir``, that sample's source and target media are written there as
-    ``<key>.source.mp4`` / ``<key>.target.mp4`` (``.png`` for images), playable as they are.
+    ``<key>.source.mp4`` / ``<key>.target.mp4`` (``.png`` for images), playable as they are; a
+    source the shards do not store (a store-once pretext sample) is rebuilt and encoded for it.
     """
     shards = [prefix] if prefix.endswith(schema.SHARD_SUFFIX) else schema.list_shards(prefix)
     if not shards:
         raise FileNotFoundError(f"no shards (*.tar) under {prefix}")
     report = ShardReport(prefix=prefix, shards=shards)
-    chosen: schema.Sample | None = None
+    chosen: schema.Sample | schema.LatentSample | None = None
     for position, item in enumerate(schema.iter_samples(shards)):
         meta = item.meta
         report.samples += 1
-        report.bytes += len(item.target) + len(item.source or b"") + len(meta.to_json())
+        report.bytes += item.nbytes()
         report.per_task[meta.task] += 1
         report.per_bucket[meta.bucket] += 1
         report.per_media[meta.media] += 1
@@ -123,6 +124,11 @@ def inspect_shards(
     if chosen is not None:
         report.example = chosen.meta
         if export_dir:
+            if isinstance(chosen, schema.LatentSample):
+                raise ValueError(
+                    f"{prefix} holds latent shards (sama precompute): its samples are tensors, not media; "
+                    "export from the pixel shards they were made from"
+                )
             report.exported = export_media(chosen, export_dir)
     return report
 
@@ -144,13 +150,32 @@ def _job_summary(prefix: str) -> dict | None:
 
 
 def export_media(sample: schema.Sample, export_dir: str) -> list[str]:
-    """Write a sample's encoded source/target as files a person can open; returns their URIs."""
+    """Write a sample's encoded source/target as files a person can open; returns their URIs.
+
+    Stored members are written as they are. A pretext sample stored without its source gets the
+    source rebuilt from the target (:meth:`schema.Sample.decode_source`), encoded as H.264 (or PNG
+    for an image) at the sample's frame rate; a sample without source (t2v) gets the target only.
+    """
     suffix = ".mp4" if sample.meta.media == "video" else ".png"
+    source = sample.source
+    if source is None:
+        frames = sample.decode_source()
+        if frames is not None:
+            source = _encode_preview(frames, sample.meta)
     written = []
-    for role, data in (("source", sample.source), ("target", sample.target)):
+    for role, data in (("source", source), ("target", sample.target)):
         if data is None:
             continue
         uri = storage.join(export_dir, f"{sample.key}.{role}{suffix}")
         storage.write_bytes(uri, data)
         written.append(uri)
     return written
+
+
+def _encode_preview(frames, meta: schema.SampleMeta) -> bytes:
+    """Frames rebuilt at read time -> a file to watch (near-lossless, so the seams stay visible)."""
+    from sama import video
+
+    if meta.media == "image":
+        return video.encode_image(frames[0])
+    return video.encode_mp4(frames, meta.fps, crf=12)

@@ -1,12 +1,13 @@
 """``sama quickstart``: the whole path on the embedded default, on synthetic data.
 
-synthesise raw videos and edit pairs -> ``prep-pretext`` -> ``prep-pairs`` -> stage 0 -> stage 1 ->
-edit a held-out video, all under one work directory::
+synthesise raw videos and edit pairs -> ``prep-pretext`` -> ``prep-pairs`` -> ``precompute`` ->
+stage 0 -> stage 1 -> edit a held-out video, all under one work directory::
 
     <workdir>/store/raw, raw-val            synthetic raw videos (+ a few broken files)
     <workdir>/store/edits, edits-val        synthetic edit pairs and their manifests
     <workdir>/store/pretext, pretext-val    prep-pretext output (shards, summary, rejects)
     <workdir>/store/pairs, pairs-val        prep-pairs output
+    <workdir>/store/latents/<name>          precompute output of each of the four (latent shards)
     <workdir>/runs/debug-stage0, -stage1    checkpoints, export, run_info.json
     <workdir>/runs/mlruns                   the local MLflow store
     <workdir>/edits/<kind>.mp4              every held-out pair edited by `sama edit`
@@ -20,6 +21,7 @@ starts over.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import io
 import json
@@ -161,6 +163,27 @@ def _prep_pairs(manifest: str, output_uri: str) -> dict:
     return prep_pairs.run(cfg).__dict__
 
 
+# The shard sets the quickstart precomputes (each its own latent output, so training can weigh them).
+LATENT_SETS = ("pretext", "pretext-val", "pairs", "pairs-val")
+
+
+def _precompute(input_uri: str, output_uri: str) -> dict:
+    from pipelines import precompute
+    from sama.prep.precompute_job import PrecomputeConfig
+
+    cfg = config.load(
+        PrecomputeConfig,
+        None,
+        [
+            f"inputs={json.dumps([input_uri])}",
+            f"output.uri={output_uri}",
+            "model.preset=tiny",
+            "ray.actors=1",
+        ],
+    )
+    return precompute.run(cfg).__dict__
+
+
 def _train(recipe: str, workdir: str, extra: list[str]) -> dict:
     from sama.train.launch import RUN_INFO_FILE, run_training, run_uri
     from sama.train.recipes import recipe_path
@@ -178,14 +201,23 @@ def _train(recipe: str, workdir: str, extra: list[str]) -> dict:
     return run_training(cfg, resume=latest_checkpoint(cfg) is not None)
 
 
+def _encoders_line(info: dict) -> str:
+    """What the frozen encoders did in a training stage, from its run_info.json."""
+    loaded = info.get("frozen_encoders_loaded") or {}
+    if not info.get("precomputed"):
+        return f"      frozen encoders built for training: {', '.join(loaded) or 'none'}"
+    others = ", ".join(f"{name} ({purpose})" for name, purpose in sorted(loaded.items())) or "none"
+    return f"      trained from latent shards: no frozen encoder built; loaded on rank 0 only for {others}"
+
+
 def _sources(*sources: tuple[str, str, str, float]) -> str:
     """A ``data.sources=[...]`` override for the given (name, uri, media, weight) streams."""
     items = [{"name": n, "uri": u, "media": m, "weight": w} for n, u, m, w in sources]
     return f"data.sources={json.dumps(items)}"
 
 
-def _image_edits(store: str) -> tuple[str, str, str, float]:
-    return ("image_edits", f"{store}/pairs/shards/image", "image", 1.0)
+def _image_edits(latents: str) -> tuple[str, str, str, float]:
+    return ("image_edits", f"{latents}/pairs/shards/image", "image", 1.0)
 
 
 def edit_held_out(store: str, model_uri: str, workdir: str) -> list[dict]:
@@ -237,7 +269,7 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
         shutil.rmtree(workdir)
     store = os.path.join(workdir, "store")
     os.makedirs(store, exist_ok=True)
-    steps = _Steps(7)
+    steps = _Steps(8)
     cluster.connect()
     from pipelines import common
 
@@ -260,25 +292,42 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
     rejected = pairs["rejected_per_reason"]
     print(f"      {pairs['samples']} pairs from {pairs['inputs_seen']} rows, rejected {rejected}")
 
+    steps.start("precompute: shards -> latent shards (VAE latents, text embeddings, SigLIP tokens)")
+    latents = os.path.join(store, "latents")
+    # Two jobs at a time on the 2 CPUs: each job's fixed cost (its actor starting and loading the
+    # encoders) overlaps the other's work.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            name: pool.submit(_precompute, os.path.join(store, name), os.path.join(latents, name))
+            for name in LATENT_SETS
+        }
+        counts = {name: future.result() for name, future in futures.items()}
+    print(
+        f"      {sum(c['samples'] for c in counts.values())} samples encoded once into {latents}/"
+        f"{{{','.join(LATENT_SETS)}}}; training reads these, not the media"
+    )
+
     steps.start("stage 0: factorized pre-training (image edits + pretext clips), tiny model, 2 workers")
     stage0 = _train(
         "debug",
         workdir,
         [
-            _sources(("pretext", f"{store}/pretext/shards/video", "video", 3.0), _image_edits(store)),
-            f"data.val_uri={store}/pretext-val/shards/video",
+            _sources(("pretext", f"{latents}/pretext/shards/video", "video", 3.0), _image_edits(latents)),
+            f"data.val_uri={latents}/pretext-val/shards/video",
         ],
     )
+    print(_encoders_line(stage0))
     steps.start("stage 1: SFT on paired video edits (+ image edits) from the stage-0 export")
     stage1 = _train(
         "debug_sft",
         workdir,
         [
             f"model.init_from={stage0['export_uri']}",
-            _sources(("video_edits", f"{store}/pairs/shards/video", "video", 3.0), _image_edits(store)),
-            f"data.val_uri={store}/pairs-val/shards/video",
+            _sources(("video_edits", f"{latents}/pairs/shards/video", "video", 3.0), _image_edits(latents)),
+            f"data.val_uri={latents}/pairs-val/shards/video",
         ],
     )
+    print(_encoders_line(stage1))
 
     steps.start("edit the held-out videos with the stage-1 model (sama edit), against copying the source")
     edits = edit_held_out(store, stage1["export_uri"], workdir)
@@ -298,6 +347,7 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
     print()
     print("Outputs")
     print(f"  shards:          {store}/pretext/shards, {store}/pairs/shards  (sama inspect <dir>)")
+    print(f"  latent shards:   {latents}/<set>/shards, what training read  (sama inspect <dir>)")
     print(f"  stage-0 model:   {stage0['export_uri']}  (MLflow run {stage0.get('mlflow_run_id')})")
     print(f"  stage-1 model:   {stage1['export_uri']}  (MLflow run {stage1.get('mlflow_run_id')})")
     print(

@@ -234,10 +234,37 @@ class Sample:
         return _decode_media(self.target, self.meta.media, f"{self.key}.{self.target_member}")
 
     def decode_source(self):
-        """The source as THWC uint8 frames, or None for a sample without source."""
-        if self.source is None:
+        """The source as THWC uint8 frames, or None for a sample without source (t2v).
+
+        A stored source member is decoded. A pretext sample written without one (cube_inpaint,
+        speed, tube_shuffle) has its source rebuilt from the decoded target and ``meta.pretext``
+        (:func:`sama.pretext.derive_source`); use :meth:`decode_pair` to get both with one decode.
+        """
+        if self.source is not None:
+            return _decode_media(self.source, self.meta.media, f"{self.key}.{self.source_member}")
+        from sama import pretext  # lazily: schema, imported everywhere, loads no task code
+
+        if self.meta.task not in pretext.DERIVED_SOURCE_TASKS:
             return None
-        return _decode_media(self.source, self.meta.media, f"{self.key}.{self.source_member}")
+        return self.decode_pair()[1]
+
+    def decode_pair(self):
+        """``(target, source)`` as THWC uint8 frames, decoding the target once; the source is None
+        for a sample without source and is rebuilt from the target when derived (see
+        :meth:`decode_source`). Raises SchemaError naming the sample when the metadata's pretext
+        parameters cannot rebuild it."""
+        target = self.decode_target()
+        if self.source is not None:
+            return target, _decode_media(self.source, self.meta.media, f"{self.key}.{self.source_member}")
+        from sama import pretext  # lazily: schema, imported everywhere, loads no task code
+
+        if self.meta.task not in pretext.DERIVED_SOURCE_TASKS:
+            return target, None
+        try:
+            source = pretext.derive_source(self.meta.task, target, self.meta.pretext)
+        except ValueError as exc:
+            raise SchemaError(f"sample {self.key}: {exc}") from None
+        return target, source
 
 
 @dataclass

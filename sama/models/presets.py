@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import threading
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -294,6 +295,7 @@ def build_semantic_encoder(config: ModelConfig) -> SemanticEncoder | None:
 
 
 FROZEN_ENCODERS = ("vae", "text_encoder", "semantic_encoder")
+_FROZEN_INIT_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -304,9 +306,10 @@ def frozen_init(component: str):
     by the component's name, whatever was built before it and whatever the run's seed: `sama
     precompute` (which builds no transformer), a training run and its export then hold the same
     encoder, so latents precomputed once fit every run of the preset. The global generator is left
-    as it was.
+    as it was. Initialisation draws from torch's process-wide generator, so builds in concurrent
+    threads (the quickstart runs two precompute drivers at once) take turns.
     """
-    with torch.random.fork_rng(devices=[]):
+    with _FROZEN_INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(zlib.crc32(f"sama-frozen-{component}".encode()))
         yield
 
@@ -382,12 +385,12 @@ def encoder_mismatch(made_by: Mapping[str, Any], model: Mapping[str, Any], neede
 class SamaComponents:
     """Everything :func:`build_model` makes. Encoders are frozen; only ``transformer`` trains.
 
-    ``vae``, ``text_encoder`` and ``semantic_encoder`` are None when not requested (or, for the
-    semantic encoder, when Semantic Anchoring is disabled).
+    ``transformer``, ``vae``, ``text_encoder`` and ``semantic_encoder`` are None when not requested
+    (or, for the semantic encoder, when Semantic Anchoring is disabled).
     """
 
     config: ModelConfig
-    transformer: SamaTransformer3DModel
+    transformer: SamaTransformer3DModel | None
     vae: LatentAutoencoder | None
     text_encoder: TextEncoder | None
     semantic_encoder: SemanticEncoder | None
@@ -407,6 +410,7 @@ def build_model(
     with_vae: bool = True,
     with_text_encoder: bool = True,
     with_semantic_encoder: bool = True,
+    with_transformer: bool = True,
     device: torch.device | str | None = None,
 ) -> SamaComponents:
     """Build every component of a SAMA model.
@@ -417,6 +421,8 @@ def build_model(
             ``config.pretrained``. None keeps the config's (random init when that is None too).
         with_vae / with_text_encoder / with_semantic_encoder: skip components a caller does not
             need (e.g. a benchmark feeding precomputed latents and text embeddings).
+        with_transformer: False builds the frozen encoders only (``transformer`` is None):
+            ``sama precompute`` never pays for a 14B transformer it does not run.
         device: where to put the modules (default: where they were built, the CPU).
 
     Returns:
@@ -424,7 +430,7 @@ def build_model(
     """
     config = resolve_model_config(preset_or_config, pretrained)
     dtype = torch_dtype_of(config)
-    transformer = build_transformer(config)
+    transformer = build_transformer(config) if with_transformer else None
     vae = text = None
     if with_vae:
         with frozen_init("vae"):

@@ -112,8 +112,14 @@ class SamaBatch:
         target: ``(B, T, H, W, 3)`` uint8 target frames (``T = 1`` for images).
         source: ``(B, T_src, H, W, 3)`` uint8 source frames, or None (text-to-video batch).
         target_latents / source_latents: ``(B, C, T', H', W')`` normalised latents.
-        text_embeds: ``(B, L, text_dim)`` prompt embeddings (already dropped out if wanted).
+        text_embeds: ``(B, L, text_dim)`` prompt embeddings, full length (caption dropout
+            substitutes the null prompts' embeddings in training mode).
         semantic_tokens: ``(B, S, semantic_dim)`` clean anchor tokens.
+        semantic_candidates: ``(B, F, tokens_per_anchor, semantic_dim)`` precomputed clean SigLIP
+            tokens of the target frames ``anchor_frames[b]``, from which :meth:`encode_batch`
+            draws the anchors as it would from the frames (``num_frames[b]``: the target's frame
+            count).
+        keys / tasks / media / source_name: where the samples come from (logs, tests).
         encoded: set by :meth:`SamaTrainingModule.encode_batch`; an encoded batch is not encoded
             (nor caption-dropped) a second time when passed to ``forward``.
     """
@@ -125,6 +131,13 @@ class SamaBatch:
     source_latents: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     semantic_tokens: torch.Tensor | None = None
+    semantic_candidates: torch.Tensor | None = None
+    anchor_frames: list[list[int]] | None = None
+    num_frames: list[int] | None = None
+    keys: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    media: str = ""
+    source_name: str = ""
     encoded: bool = False
 
     def __len__(self) -> int:
@@ -192,17 +205,58 @@ class SamaTrainingModule(nn.Module):
     def _null_embedding(self, prompt: str, device: torch.device) -> torch.Tensor:
         if prompt not in self._null_embeds:
             if self.text_encoder is None:
-                raise ValueError("caption dropout on precomputed text embeddings needs a text encoder")
+                raise ValueError(
+                    f"caption dropout on precomputed text embeddings needs a text encoder or the "
+                    f"stored embedding of the null prompt {prompt!r} (set_null_embeddings)"
+                )
             self._null_embeds[prompt] = self.text_encoder.encode([prompt], allow_empty=True)[0].cpu()
         return self._null_embeds[prompt].to(device)
+
+    def set_null_embeddings(self, embeddings: dict[str, torch.Tensor]) -> None:
+        """Use these full-length ``(L, D)`` embeddings of null prompts for caption dropout on
+        precomputed text embeddings (``sama precompute`` stores them), so no text encoder is needed."""
+        for prompt, embedding in embeddings.items():
+            self._null_embeds[prompt] = torch.as_tensor(embedding).detach().float().cpu()
+
+    def _anchor_settings(self) -> tuple[int, str]:
+        if self.semantic_encoder is not None:
+            return self.semantic_encoder.num_anchors, self.semantic_encoder.anchor_sampling
+        semantic = self.model_config.semantic
+        return int(semantic.num_anchors), semantic.anchor_sampling
+
+    def _anchors_from_candidates(self, batch: SamaBatch, generator: torch.Generator | None) -> torch.Tensor:
+        """The anchor tokens drawn from precomputed candidates: the same draw per sample, from the
+        same generator, as :class:`sama.models.semantic.SemanticEncoder` makes from frames."""
+        from sama.models.semantic import sample_anchor_indices
+
+        candidates = batch.semantic_candidates
+        if batch.anchor_frames is None or batch.num_frames is None:
+            raise ValueError("semantic_candidates need anchor_frames and num_frames")
+        num_anchors, mode = self._anchor_settings()
+        picked = []
+        for b in range(candidates.shape[0]):
+            drawn = sample_anchor_indices(int(batch.num_frames[b]), num_anchors, mode, generator)
+            stored = list(batch.anchor_frames[b])
+            missing = [i for i in drawn if i not in stored]
+            if missing:
+                key = batch.keys[b] if b < len(batch.keys) else str(b)
+                raise ValueError(
+                    f"sample {key}: anchor frame(s) {missing} ({mode} anchors) are not among the "
+                    f"precomputed semantic frames {stored}; precompute with this model's semantic settings"
+                )
+            rows = candidates[b, [stored.index(i) for i in drawn]]  # (num_anchors, tokens, D)
+            picked.append(rows.reshape(-1, rows.shape[-1]))
+        return torch.stack(picked).float()
 
     @torch.no_grad()
     def encode_batch(self, batch: SamaBatch, generator: torch.Generator | None = None) -> SamaBatch:
         """Fill in latents, text embeddings and semantic tokens with the frozen encoders.
 
-        Precomputed fields are kept. Caption dropout (training mode only) is applied here, to the
-        prompts before encoding or to precomputed embeddings by substitution. A batch that is
-        already encoded is returned as is.
+        Precomputed fields are kept (cast to float32, the encoders' output dtype). Caption dropout
+        (training mode only) is applied here, to the prompts before encoding or to precomputed
+        embeddings by substituting the null prompts' (stored ones first: :meth:`set_null_embeddings`).
+        Precomputed semantic candidates give the anchor tokens by the same draw as from frames.
+        A batch that is already encoded is returned as is.
         """
         if batch.encoded:
             return batch
@@ -216,12 +270,13 @@ class SamaTrainingModule(nn.Module):
             if frames is not None and frames.shape[0] != size:
                 raise ValueError(f"{name} has {frames.shape[0]} samples but there are {size} prompts")
 
-        target_latents = batch.target_latents
+        # Precomputed tensors may be stored in a narrower dtype: the encoders' output dtype (float32).
+        target_latents = batch.target_latents.float() if batch.target_latents is not None else None
         if target_latents is None:
             if target_frames is None or self.vae is None:
                 raise ValueError("the batch needs target frames and an autoencoder, or target_latents")
             target_latents = self.vae.encode(target_frames, generator)
-        source_latents = batch.source_latents
+        source_latents = batch.source_latents.float() if batch.source_latents is not None else None
         if source_latents is None and source_frames is not None:
             if self.vae is None:
                 raise ValueError("source frames need an autoencoder (or pass source_latents)")
@@ -238,13 +293,16 @@ class SamaTrainingModule(nn.Module):
                     raise ValueError(f"prompt {index} is empty")
             text_embeds = self.text_encoder.encode(prompts, allow_empty=True, device=device)
         elif any(dropped):
-            text_embeds = text_embeds.clone()
+            text_embeds = text_embeds.float().clone()
             for index, drop in enumerate(dropped):
                 if drop:
                     text_embeds[index] = self._null_embedding(prompts[index], text_embeds.device)
 
         semantic_tokens = batch.semantic_tokens
-        if self.uses_semantic and semantic_tokens is None:
+        if self.uses_semantic and semantic_tokens is None and batch.semantic_candidates is not None:
+            # After the caption-dropout draw, as from frames: the generator stream is the same.
+            semantic_tokens = self._anchors_from_candidates(batch, generator)
+        elif self.uses_semantic and semantic_tokens is None:
             if target_frames is None or self.semantic_encoder is None:
                 raise ValueError(
                     "Semantic Anchoring needs target frames and a semantic encoder, or semantic_tokens"
@@ -258,6 +316,10 @@ class SamaTrainingModule(nn.Module):
             source_latents=source_latents.to(device) if source_latents is not None else None,
             text_embeds=text_embeds.to(device),
             semantic_tokens=semantic_tokens.to(device) if semantic_tokens is not None else None,
+            keys=batch.keys,
+            tasks=batch.tasks,
+            media=batch.media,
+            source_name=batch.source_name,
             encoded=True,
         )
 

@@ -4,7 +4,10 @@ Pure functions over one video or one work unit; the Ray Data pipeline
 (``pipelines/prep_pretext.py``) only schedules them. Per video: probe, reject what cannot give a
 clip, plan clips of 4k+1 frames at the target fps, decode each (seeking, resized and cropped to
 the nearest aspect-ratio bucket), draw its pretext task from the 1:2:3:4 mix deterministically
-from the seed and clip id, perturb the source, encode both and build the schema sample.
+from the seed and clip id, perturb the source and build the schema sample. By default only the
+target is encoded: the source is a deterministic function of the target and the task parameters
+recorded in the metadata, rebuilt by readers (``Sample.decode_source``); with
+``pretext.materialize_source`` the source is encoded and stored too.
 """
 
 from __future__ import annotations
@@ -125,7 +128,11 @@ def make_clip_sample(
     bucket: Bucket,
     cfg: PrepPretextConfig,
 ) -> schema.Sample:
-    """Turn one decoded clip (the target) into a pretext sample."""
+    """Turn one decoded clip (the target) into a pretext sample.
+
+    The sample holds the encoded target and the task parameters (``meta.pretext``); its encoded
+    source only with ``pretext.materialize_source``. ``source_num_frames`` is recorded either way.
+    """
     key = schema.sample_key(input_id, clip_index, start_s)
     rng = task_rng(cfg.seed, key)
     task = choose_task(rng, cfg.pretext.weights)
@@ -137,7 +144,7 @@ def make_clip_sample(
     enc = cfg.encode
     target = enc.encode(frames, cfg.clips.fps)
     source = None
-    if result.source is not None:
+    if result.source is not None and cfg.pretext.materialize_source:
         source = enc.encode(result.source, cfg.clips.fps)
     meta = schema.SampleMeta(
         key=key,

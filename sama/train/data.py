@@ -14,6 +14,10 @@ Here each worker owns whole shards (``shards[rank::world]``; with fewer shards t
 worker reads all shards and keeps the samples whose key hashes to its rank), and runs its epochs
 independently, so no rank ever waits for another's data and every rank gets data.
 
+Latent shards (``sama precompute``) have nothing to decode: a worker reads its part of a latent
+source itself, in its stream's background thread (same partition, a seeded shard order, the same
+shuffle buffer), instead of moving megabyte rows through Ray Data's object store.
+
 Inside a worker, :class:`MixedBatchIterator` interleaves the sources by their weights and groups
 rows into batches of one shape with the media's batch size (images and videos batch separately).
 The source is drawn once per optimizer step, from (seed, step) alone: every micro-batch of a step
@@ -62,7 +66,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -133,42 +137,155 @@ class DataConfig:
         return self.image_batch_size if media == "image" else self.video_batch_size
 
 
+# "No source" and "no frames" inside a Ray row (Ray Data cannot carry None columns well). Ray rows
+# exist only between decode_row and the stream: from TrainingRow.from_ray on, "no source" is None.
 _EMPTY = np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 
-def decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A raw shard row (``json``, ``tgt.mp4``...) -> decoded frames and the fields training needs.
+@dataclass
+class TrainingRow:
+    """One decoded sample as training consumes it.
 
-    Runs in Ray Data CPU tasks. A sample that fails to decode is kept as an ``error`` row rather
-    than raised: an exception would drop the whole block, losing good samples with it.
+    A *pixel* row holds frames: ``target`` ``(T, H, W, 3)`` uint8 and ``source`` (None: no source,
+    a text-to-video sample). A *latent* row (from ``sama precompute`` shards) holds ``latents``
+    (:class:`sama.schema.SampleLatents`) instead, and ``target``/``source`` are None.
+    ``num_frames`` is the target's frame count (the frames anchors are drawn from). A sample that
+    could not be decoded has ``error`` set and no tensors.
+    """
+
+    key: str
+    task: str = ""
+    media: str = ""
+    instruction: str = ""
+    bucket: str = ""
+    target: np.ndarray | None = None
+    source: np.ndarray | None = None
+    latents: schema.SampleLatents | None = None
+    num_frames: int = 0
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.num_frames and self.target is not None:
+            self.num_frames = int(self.target.shape[0])
+
+    @property
+    def is_latent(self) -> bool:
+        return self.latents is not None
+
+    @property
+    def has_source(self) -> bool:
+        """Whether the sample has a source (frames or latents)."""
+        if self.latents is not None:
+            return self.latents.source is not None
+        return self.source is not None
+
+    def to_ray(self) -> dict[str, Any]:
+        """The plain dict Ray Data carries: numpy arrays, strings and bytes only (the latents as
+        their safetensors bytes; ``_EMPTY`` for absent frames)."""
+        return {
+            "key": self.key,
+            "task": self.task,
+            "media": self.media,
+            "instruction": self.instruction,
+            "bucket": self.bucket,
+            "num_frames": int(self.num_frames),
+            "target": _EMPTY if self.target is None else self.target,
+            "source": _EMPTY if self.source is None else self.source,
+            "latents": b"" if self.latents is None else self.latents.to_bytes(),
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_ray(cls, row: Mapping[str, Any]) -> TrainingRow:
+        """The record of a Ray row made by :func:`decode_row` (or :meth:`to_ray`)."""
+        error = str(row.get("error") or "")
+        key = str(row["key"])
+        packed = row.get("latents")
+        latents = None
+        if not error and packed is not None and len(packed):
+            latents = schema.SampleLatents.from_bytes(bytes(packed), where=key)
+        target = source = None
+        if not error and latents is None:
+            target = np.asarray(row["target"])
+            source_frames = np.asarray(row["source"])
+            source = source_frames if source_frames.size else None
+        return cls(
+            key=key,
+            task=str(row.get("task") or ""),
+            media=str(row.get("media") or ""),
+            instruction=str(row.get("instruction") or ""),
+            bucket=str(row.get("bucket") or ""),
+            target=target,
+            source=source,
+            latents=latents,
+            num_frames=int(row.get("num_frames") or 0),
+            error=error,
+        )
+
+
+def _as_record(row: TrainingRow | Mapping[str, Any]) -> TrainingRow:
+    return row if isinstance(row, TrainingRow) else TrainingRow.from_ray(row)
+
+
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A raw shard row (``json``, ``tgt.mp4``... or ``json``, ``lat.safetensors``) -> the Ray row
+    of its :class:`TrainingRow` (see :meth:`TrainingRow.to_ray`).
+
+    Runs in Ray Data CPU tasks. Media are decoded to frames; a latent sample's safetensors member
+    is checked and carried as its bytes (nothing is unpickled; the consumer rebuilds the tensors).
+    A sample that fails to decode is kept as an ``error`` row rather than raised: an exception
+    would drop the whole block, losing good samples with it.
     """
     try:
-        sample = schema.Sample.from_members(row)
-        target = sample.decode_target()
-        source = sample.decode_source()
+        sample = schema.read_sample(row)
         meta = sample.meta
-        return {
-            "key": meta.key,
-            "task": meta.task,
-            "media": meta.media,
-            "instruction": meta.instruction,
-            "bucket": meta.bucket,
-            "target": target,
-            "source": _EMPTY if source is None else source,
-            "error": "",
-        }
+        record = TrainingRow(
+            key=meta.key,
+            task=meta.task,
+            media=meta.media,
+            instruction=meta.instruction,
+            bucket=meta.bucket,
+            num_frames=int(meta.num_frames),
+        )
+        out = record.to_ray()
+        if isinstance(sample, schema.LatentSample):
+            # The member's own bytes, already checked by LatentSample.from_members.
+            out["latents"] = bytes(row[schema.LATENTS])
+            return out
+        decode_pair = getattr(sample, "decode_pair", None)
+        if decode_pair is not None:
+            target, source = decode_pair()
+        else:
+            target, source = sample.decode_target(), sample.decode_source()
+        out["target"] = target
+        out["source"] = _EMPTY if source is None else source
+        out["num_frames"] = int(target.shape[0])
+        return out
     except Exception as exc:  # recorded and skipped by the batcher, with the reason in the log
         key = str(row.get("__key__", "?"))
-        return {
-            "key": key,
-            "task": "",
-            "media": "",
-            "instruction": "",
-            "bucket": "",
-            "target": _EMPTY,
-            "source": _EMPTY,
-            "error": f"{row.get('__url__', '?')}:{key}: {type(exc).__name__}: {exc}",
-        }
+        return TrainingRow(
+            key=key, error=f"{row.get('__url__', '?')}:{key}: {type(exc).__name__}: {exc}"
+        ).to_ray()
+
+
+def latent_record(row: Mapping[str, Any]) -> TrainingRow:
+    """A raw latent-shard row (``json``, ``lat.safetensors``) -> its :class:`TrainingRow`; a sample
+    that cannot be read becomes an error row (skipped with its reason), never an exception."""
+    try:
+        sample = schema.LatentSample.from_members(row)
+        meta = sample.meta
+        return TrainingRow(
+            key=meta.key,
+            task=meta.task,
+            media=meta.media,
+            instruction=meta.instruction,
+            bucket=meta.bucket,
+            latents=sample.latents,
+            num_frames=int(meta.num_frames),
+        )
+    except Exception as exc:
+        key = str(row.get("__key__", "?"))
+        return TrainingRow(key=key, error=f"{row.get('__url__', '?')}:{key}: {type(exc).__name__}: {exc}")
 
 
 _niceness_raised = False
@@ -235,7 +352,8 @@ def build_pass(
     """One pass over this worker's part of ``source``: its shards listed ``repeats`` times.
 
     Block order is shuffled over the whole pass, so the repeats interleave; one read over the
-    repeated file list keeps the plan flat however many repeats a small source needs.
+    repeated file list keeps the plan flat however many repeats a small source needs. Media are
+    decoded in Ray Data tasks (latent shards are read without Ray Data: ``SourceStream``).
     """
     shards, filter_by_key = worker_shards(source.uri, rank, world_size)
     ds = read_shard_rows(shards * repeats)
@@ -259,9 +377,24 @@ def _seed(*parts) -> int:
     return int(np.random.SeedSequence([w % (2**63) for w in words]).generate_state(1)[0])
 
 
-def shape_key(row: dict[str, Any]) -> tuple:
-    """Rows batch together only when every tensor has the same shape."""
-    return (row["media"], tuple(np.shape(row["target"])), tuple(np.shape(row["source"])))
+def _shape(value: Any) -> tuple | None:
+    return None if value is None else tuple(value.shape)
+
+
+def shape_key(row: TrainingRow) -> tuple:
+    """Rows batch together only when every tensor has the same shape (frames and latents apart;
+    latent text embeddings are padded to one length by :func:`collate`, so theirs does not count)."""
+    if row.latents is not None:
+        latents = row.latents
+        return (
+            "latents",
+            row.media,
+            row.num_frames,
+            _shape(latents.target),
+            _shape(latents.source),
+            _shape(latents.semantic),
+        )
+    return ("frames", row.media, _shape(row.target), _shape(row.source))
 
 
 @dataclass
@@ -344,9 +477,11 @@ class SourceStream:
             self.first_pass = position.passes.get(name, 0)
             self.replay = 0
         self._replaying = False
-        self.pending: dict[tuple, list[dict]] = {}
+        self.pending: dict[tuple, list[TrainingRow]] = {}
         # Partial batches emitted at the end of a pass, fullest first.
-        self._ready: list[list[dict]] = []
+        self._ready: list[list[TrainingRow]] = []
+        # Whether the source holds latent shards (read from its latents.json on the first pass).
+        self._latent: bool | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_rows))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -362,10 +497,33 @@ class SourceStream:
                 continue
         return False
 
-    def _pass_rows(self, index: int) -> Iterator[dict]:
-        """The decoded rows of pass ``index`` (a Ray Data pipeline over the source's shards)."""
+    def _pass_rows(self, index: int) -> Iterator[TrainingRow]:
+        """The decoded rows of pass ``index`` (a Ray Data pipeline over the source's shards), each
+        turned into its :class:`TrainingRow` as it leaves Ray. Latent shards have nothing to
+        decode: their raw rows leave Ray as read and are parsed here (:func:`latent_record`)."""
+        if self._latent is None:
+            self._latent = schema.read_latent_info(self.source.uri) is not None
+        if self._latent:
+            return self._latent_pass_rows(index)
         ds = build_pass(self.source, self.cfg, self.rank, self.world_size, index, self.repeats, self.salt)
-        return ds.iter_rows()
+        return (TrainingRow.from_ray(row) for row in ds.iter_rows())
+
+    def _latent_pass_rows(self, index: int) -> Iterator[TrainingRow]:
+        """Pass ``index`` over latent shards, read here, in the producer thread: the worker's shards
+        (listed ``repeats`` times) in an order seeded like Ray Data's block order, each sample
+        parsed by :func:`latent_record`. Latent rows need no decoding, and moving megabyte rows
+        through Ray Data's object store cost more than the reading (the quickstart's stages ran
+        20% slower that way)."""
+        shards, filter_by_key = worker_shards(self.source.uri, self.rank, self.world_size)
+        listed = shards * self.repeats
+        rng = np.random.default_rng(
+            _seed(self.cfg.seed, self.rank, self.source.name, index, self.salt, "latent")
+        )
+        keep = _keep_for_rank(self.rank, self.world_size) if filter_by_key else None
+        for position in rng.permutation(len(listed)):
+            for members in schema.iter_members(listed[int(position)]):
+                if keep is None or keep(members):
+                    yield latent_record(members)
 
     def _produce(self) -> None:
         name = self.source.name
@@ -379,7 +537,7 @@ class SourceStream:
                 rows = usable = 0
                 for row in _shuffled(pass_rows, self.cfg.shuffle_buffer, seed):
                     rows += 1
-                    usable += not row["error"]
+                    usable += not row.error
                     if not self._put(("row", row)):
                         return
                 if usable == 0:
@@ -415,7 +573,7 @@ class SourceStream:
 
     # -- consumer -----------------------------------------------------------------------------
 
-    def next_batch(self) -> list[dict]:
+    def next_batch(self) -> list[TrainingRow]:
         if self._thread is None:
             self._start()
             self._skip_replayed()
@@ -453,7 +611,7 @@ class SourceStream:
             time.perf_counter() - started,
         )
 
-    def _next_rows(self) -> list[dict]:
+    def _next_rows(self) -> list[TrainingRow]:
         """The rows of the next batch (the position's pass and skipped counts follow, except while
         replaying)."""
         name = self.source.name
@@ -492,15 +650,15 @@ class SourceStream:
                 self.pending = {}
                 continue
             row = item
-            if row["error"]:
+            if row.error:
                 if not self._replaying:
                     self.position.skipped += 1
-                    log.warning("skipping an undecodable sample: %s", row["error"])
+                    log.warning("skipping an undecodable sample: %s", row.error)
                 continue
-            if row["media"] != self.source.media:
+            if row.media != self.source.media:
                 raise ValueError(
                     f"data source {self.source.name!r} is declared {self.source.media} but "
-                    f"{row['key']} is {row['media']} (point its uri at shards/{self.source.media})"
+                    f"{row.key} is {row.media} (point its uri at shards/{self.source.media})"
                 )
             key = shape_key(row)
             group = self.pending.setdefault(key, [])
@@ -515,13 +673,14 @@ class RowStream(SourceStream):
 
     The same passes, shuffle buffer, shape grouping and data position, without Ray Data: for
     benchmarks and tests that train on synthetic samples made in the process. Each pass yields the
-    rows in a fresh order (seeded by the pass). Rows are dicts like :func:`decode_row` returns.
+    rows in a fresh order (seeded by the pass). Rows are :class:`TrainingRow` records (Ray rows as
+    :func:`decode_row` returns them are converted once, here).
     """
 
     def __init__(
         self,
         source: SourceConfig,
-        rows: list[dict[str, Any]],
+        rows: list[TrainingRow] | list[dict[str, Any]],
         cfg: DataConfig,
         position: DataPosition,
         rank: int = 0,
@@ -530,19 +689,19 @@ class RowStream(SourceStream):
         if not rows:
             raise ValueError(f"data source {source.name!r}: no rows")
         super().__init__(source, cfg, position, rank, world_size)
-        self.rows = rows
+        self.rows = [_as_record(row) for row in rows]
 
-    def _pass_rows(self, index: int) -> Iterator[dict]:
+    def _pass_rows(self, index: int) -> Iterator[TrainingRow]:
         order = np.random.default_rng(_seed(self.cfg.seed, self.rank, self.source.name, index)).permutation(
             len(self.rows)
         )
         return (self.rows[i] for i in order)
 
 
-def _shuffled(rows: Iterator[dict], buffer_size: int, seed: int) -> Iterator[dict]:
+def _shuffled(rows: Iterator[TrainingRow], buffer_size: int, seed: int) -> Iterator[TrainingRow]:
     """A local shuffle buffer over rows (Ray's own shuffles batches, which would mix shapes)."""
     rng = np.random.default_rng(seed)
-    buffer: list[dict] = []
+    buffer: list[TrainingRow] = []
     for row in rows:
         buffer.append(row)
         if len(buffer) >= max(1, buffer_size):
@@ -551,21 +710,70 @@ def _shuffled(rows: Iterator[dict], buffer_size: int, seed: int) -> Iterator[dic
         yield buffer.pop(int(rng.integers(len(buffer))))
 
 
-def collate(rows: list[dict]) -> dict[str, Any]:
-    """Rows of one shape -> a batch: uint8 tensors (B, T, H, W, 3) and lists of strings."""
+def collate(rows: list[TrainingRow], text_length: int | None = None):
+    """Rows of one shape -> the :class:`sama.models.training.SamaBatch` the training module takes.
+
+    Pixel rows give uint8 frames ``(B, T, H, W, 3)`` (``source`` None when the rows have none).
+    Latent rows give ``target_latents``/``source_latents`` ``(B, C, T', H', W')``, the text
+    embeddings zero-padded back to ``text_length`` (the text encoder's ``max_length``: the encoder's
+    output is zero past the last token, so this restores it exactly) and the semantic candidates
+    with their frame indices, from which the module draws the anchors.
+    """
     import torch
 
-    source = None
-    if rows[0]["source"].size:
-        source = torch.from_numpy(np.stack([r["source"] for r in rows]))
-    return {
-        "target": torch.from_numpy(np.stack([r["target"] for r in rows])),
-        "source": source,
-        "instructions": [r["instruction"] for r in rows],
-        "tasks": [r["task"] for r in rows],
-        "keys": [r["key"] for r in rows],
-        "media": rows[0]["media"],
+    from sama.models.training import SamaBatch
+
+    if not rows:
+        raise ValueError("collate needs at least one row")
+    latent = rows[0].is_latent
+    if any(row.is_latent != latent for row in rows):
+        raise ValueError("collate: a batch mixes latent and pixel rows")
+    common = {
+        "prompts": [row.instruction for row in rows],
+        "keys": [row.key for row in rows],
+        "tasks": [row.task for row in rows],
+        "media": rows[0].media,
     }
+    has_source = rows[0].has_source
+    if any(row.has_source != has_source for row in rows):
+        raise ValueError("collate: a batch mixes rows with and without a source")
+    if not latent:
+        return SamaBatch(
+            target=torch.from_numpy(np.stack([row.target for row in rows])),
+            source=torch.from_numpy(np.stack([row.source for row in rows])) if has_source else None,
+            **common,
+        )
+    stored = [row.latents for row in rows]
+    if text_length is None:
+        raise ValueError(
+            "collate: latent rows need text_length (the text encoder's max_length) to pad their text "
+            "embeddings to"
+        )
+    width = stored[0].text.shape[-1]
+    text = torch.zeros((len(rows), text_length, width), dtype=stored[0].text.dtype)
+    for index, (row, latents) in enumerate(zip(rows, stored, strict=True)):
+        length = latents.text.shape[0]
+        if length > text_length or latents.text.shape[-1] != width:
+            raise ValueError(
+                f"{row.key}: stored text embedding {tuple(latents.text.shape)} does not fit "
+                f"({text_length}, {width}) (the text encoder's max_length and width)"
+            )
+        text[index, :length] = latents.text
+    semantic = anchors = None
+    if stored[0].semantic is not None:
+        if any(latents.semantic is None for latents in stored):
+            raise ValueError("collate: a batch mixes rows with and without semantic tokens")
+        semantic = torch.stack([latents.semantic for latents in stored])
+        anchors = [list(latents.anchor_frames) for latents in stored]
+    return SamaBatch(
+        target_latents=torch.stack([latents.target for latents in stored]),
+        source_latents=torch.stack([latents.source for latents in stored]) if has_source else None,
+        text_embeds=text,
+        semantic_candidates=semantic,
+        anchor_frames=anchors,
+        num_frames=[row.num_frames for row in rows],
+        **common,
+    )
 
 
 class MixedBatchIterator:
@@ -573,6 +781,8 @@ class MixedBatchIterator:
 
     Each source streams its shards through Ray Data (:class:`SourceStream`), or, when ``rows``
     maps source names to decoded rows held in memory, from those (:class:`RowStream`).
+    ``text_length`` is the text encoder's ``max_length``, which latent rows' text embeddings are
+    padded to (see :func:`collate`).
     """
 
     def __init__(
@@ -581,10 +791,12 @@ class MixedBatchIterator:
         position: DataPosition | None = None,
         rank: int = 0,
         world_size: int = 1,
-        rows: dict[str, list[dict[str, Any]]] | None = None,
+        rows: dict[str, list[TrainingRow]] | dict[str, list[dict[str, Any]]] | None = None,
+        text_length: int | None = None,
     ):
         cfg.validate()
         self.cfg = cfg
+        self.text_length = text_length
         self.position = position or DataPosition()
         if rows is None:
             self.streams = [SourceStream(s, cfg, self.position, rank, world_size) for s in cfg.sources]
@@ -609,42 +821,42 @@ class MixedBatchIterator:
         for stream in self.streams:
             stream.close()
 
-    def next(self, step: int | None = None) -> dict[str, Any]:
+    def next(self, step: int | None = None):
         """The next batch of optimizer step ``step`` (one call per micro-batch, all from the
         step's source); None: a step of its own, ``position.step``. Time spent waiting for data
         accumulates in ``wait_s``."""
         started = time.perf_counter()
         step = self.position.step if step is None else step
         stream = self.streams[self.choose(step)]
-        batch = collate(stream.next_batch())
-        batch["source_name"] = stream.source.name
+        batch = collate(stream.next_batch(), self.text_length)
+        batch.source_name = stream.source.name
         self.position.step = step + 1
         self.wait_s += time.perf_counter() - started
         return batch
 
 
-def renderable(row: dict[str, Any]) -> bool:
+def renderable(row: TrainingRow) -> bool:
     """Whether a sample can be shown as [source | edit | target]: it needs a source to edit
     (a text-to-video sample has none)."""
-    return bool(row["source"].size)
+    return row.has_source
 
 
-def load_validation(cfg: DataConfig, render_samples: int = 0) -> tuple[list[dict], list[dict]]:
-    """Decoded held-out samples: the first ``val_samples`` for the validation loss, and the first
-    ``render_samples`` renderable ones for sample edits, read on past ``val_samples`` if need be
-    (a small pretext set may open with only text-to-video clips). Broken samples are
-    skipped like in training."""
+def load_validation(cfg: DataConfig, render_samples: int = 0) -> tuple[list[TrainingRow], list[TrainingRow]]:
+    """Decoded held-out samples (pixel or latent shards): the first ``val_samples`` for the
+    validation loss, and the first ``render_samples`` renderable ones for sample edits, read on
+    past ``val_samples`` if need be (a small pretext set may open with only text-to-video clips).
+    Broken samples are skipped like in training."""
     if not cfg.val_uri:
         return [], []
-    rows: list[dict] = []
-    render: list[dict] = []
+    rows: list[TrainingRow] = []
+    render: list[TrainingRow] = []
     for uri in schema.list_shards(cfg.val_uri):
         for members in schema.iter_members(uri):
             if len(rows) >= cfg.val_samples and len(render) >= render_samples:
                 return rows, render
-            row = decode_row(members)
-            if row["error"]:
-                log.warning("skipping an undecodable validation sample: %s", row["error"])
+            row = TrainingRow.from_ray(decode_row(members))
+            if row.error:
+                log.warning("skipping an undecodable validation sample: %s", row.error)
                 continue
             if len(rows) < cfg.val_samples:
                 rows.append(row)

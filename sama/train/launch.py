@@ -306,6 +306,10 @@ def _publish(cfg: TrainConfig, trainer, tracker, export_dir: str, loop_config: d
         "mlflow_experiment": cfg.tracking.experiment,
         "mlflow_run_id": tracker.run_id,
         **{f"mlflow_{k}": v for k, v in model.items()},
+        # Whether every source was latent shards, and which frozen encoders rank 0 loaded for what
+        # ("training" only when some source needed encoding).
+        "precomputed": bool(getattr(trainer, "precomputed", False)),
+        "frozen_encoders_loaded": dict(getattr(trainer, "frozen_loaded", {})),
     }
     storage.write_text(storage.join(run_uri(cfg), RUN_INFO_FILE), json.dumps(info, indent=2) + "\n")
 

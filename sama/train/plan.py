@@ -24,7 +24,8 @@ State (per GPU; FSDP2 shards over ``S = W``, DDP and a single worker hold everyt
   for an fp32 master).
 * ema        = ``4 * N_t / S`` (an fp32 shadow of the trainable weights, sharded like them).
 * encoders   = the frozen umT5 + VAE + SigLIP parameters at their dtype (``torch_dtype``), whole on
-  every GPU (they are not sharded).
+  every GPU (they are not sharded); 0 when every training source is precomputed (``sama
+  precompute``: training builds no frozen encoder), the bytes saved shown as frozen_encoders_bytes.
 * overhead   = ``overhead_gib`` (CUDA context, NCCL buffers, allocator slack; not seen by
   ``torch.cuda.max_memory_allocated``).
 
@@ -132,6 +133,10 @@ class MemoryPlan:
     per_gpu: dict[str, int]
     gpu_memory: int
     notes: list[str] = field(default_factory=list)
+    # Every training source is precomputed (sama precompute): training builds no frozen encoder,
+    # so the encoders' bytes (frozen_encoders_bytes) are not in per_gpu.
+    precomputed: bool = False
+    frozen_encoders_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -160,6 +165,8 @@ class MemoryPlan:
             "tokens_per_gpu": self.tokens_per_gpu,
             "tokens_per_bucket": dict(self.tokens_per_bucket),
             "param_counts": dict(self.param_counts),
+            "precomputed": self.precomputed,
+            "frozen_encoders_bytes": self.frozen_encoders_bytes,
             "notes": list(self.notes),
         }
 
@@ -181,6 +188,16 @@ class MemoryPlan:
                 continue
             lines.append(f"    {key:<12}{self.per_gpu[key] / GIB:10.2f} GiB")
         lines.append(f"    {'total':<12}{self.total / GIB:10.2f} GiB")
+        if self.precomputed:
+            lines.append(
+                f"  every source is precomputed: the frozen encoders ({self.frozen_encoders_bytes / GIB:.2f} "
+                "GiB) are not loaded on the GPUs"
+            )
+        else:
+            lines.append(
+                f"  precomputing every source (sama precompute) would save the frozen encoders' "
+                f"{self.frozen_encoders_bytes / GIB:.2f} GiB per GPU"
+            )
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"  {verdict} in {self.gpu_memory / GIB:.0f} GiB per GPU")
         lines += [f"  note: {note}" for note in self.notes]
@@ -306,9 +323,37 @@ def sample_tokens(model_config, height: int, width: int, frames: int) -> dict[st
     return {"source": grid, "semantic": semantic, "target": grid, "total": 2 * grid + semantic}
 
 
-def memory_plan(cfg: TrainConfig, recipe: str = "recipe", gpu_memory_gib: float | None = None) -> MemoryPlan:
-    """The per-GPU memory plan of ``cfg`` (see the module docstring)."""
+def all_sources_precomputed(cfg: TrainConfig, notes: list[str]) -> bool:
+    """Whether every training source of ``cfg`` is a latent output (``sama precompute``), judged
+    from their ``latents.json``; False (with a note) when a source cannot be read from here."""
+    from sama import schema
+
+    if not cfg.data.sources:
+        return False
+    try:
+        return all(schema.read_latent_info(source.uri) is not None for source in cfg.data.sources)
+    except Exception as exc:  # storage errors: the plan does not need the data to be reachable
+        notes.append(
+            f"could not tell whether the sources are precomputed ({type(exc).__name__}); "
+            "planned with the frozen encoders"
+        )
+        return False
+
+
+def memory_plan(
+    cfg: TrainConfig,
+    recipe: str = "recipe",
+    gpu_memory_gib: float | None = None,
+    precomputed: bool | None = None,
+) -> MemoryPlan:
+    """The per-GPU memory plan of ``cfg`` (see the module docstring).
+
+    ``precomputed``: whether every training source is precomputed (no frozen encoder on the
+    GPUs); None: decided from the sources' ``latents.json`` when they are reachable.
+    """
     notes: list[str] = []
+    if precomputed is None:
+        precomputed = all_sources_precomputed(cfg, notes)
     section: PlanSection = getattr(cfg, "plan", None) or PlanSection()
     act = section.activation
     model_config = _model_config(cfg, notes)
@@ -350,7 +395,7 @@ def memory_plan(cfg: TrainConfig, recipe: str = "recipe", gpu_memory_gib: float 
         "grads": trainable_bytes / shards + grad_extra,
         "optimizer": 2 * trainable_bytes / shards,
         "ema": 4 * trainable_count / shards,
-        "encoders": float(_bytes(encoders)),
+        "encoders": 0.0 if precomputed else float(_bytes(encoders)),
     }
 
     # Activations: the largest micro-batch.
@@ -414,4 +459,6 @@ def memory_plan(cfg: TrainConfig, recipe: str = "recipe", gpu_memory_gib: float 
         per_gpu=per_gpu,
         gpu_memory=int(memory * GIB),
         notes=notes,
+        precomputed=bool(precomputed),
+        frozen_encoders_bytes=int(_bytes(encoders)),
     )

@@ -60,7 +60,12 @@ def run_preflight(
     for index, source in enumerate(cfg.data.sources):
         key = f"data.sources[{index}].uri"
         checks.append(
-            Check(f"data source {source.name!r}", lambda s=source, k=key: check_shards(s.uri, s.media, k))
+            Check(
+                f"data source {source.name!r}",
+                lambda s=source, k=key: (
+                    check_shards(s.uri, s.media, k) + check_precomputed(cfg, s.name, s.uri, k)
+                ),
+            )
         )
     if cfg.data.val_uri:
         checks.append(
@@ -272,6 +277,32 @@ def check_shards(uri: str, media: str | None, key: str) -> str:
             f"set the source's media to {meta.media!r}, or point {key} at its .../shards/{media} prefix",
         )
     return f"{len(shards)} shard(s); first sample {meta.task} ({meta.media}, schema v{meta.schema_version})"
+
+
+def check_precomputed(cfg: TrainConfig, name: str, uri: str, key: str) -> str:
+    """For a source of latent shards (``sama precompute``): its tensors were made by this run's
+    frozen encoders (the check :meth:`sama.train.trainer.Trainer.build` makes). Empty for media."""
+    from sama.train.trainer import (
+        check_latent_encoders,
+        frozen_encoder_identity,
+        frozen_encoders_needed,
+        resolve_model_config,
+    )
+
+    with storage_access("read", uri, key):
+        info = schema.read_latent_info(uri)
+    if info is None:
+        return ""
+    try:
+        model_config = resolve_model_config(cfg.model)
+        identity = frozen_encoder_identity(cfg.model, model_config)
+    except Exception as exc:  # the model check reports why; the encoders cannot be compared here
+        return f"; precomputed ({info.dtype}), encoders not compared: {describe_error(exc)}"
+    try:
+        check_latent_encoders(name, uri, info, identity, frozen_encoders_needed(cfg, model_config))
+    except ValueError as exc:
+        raise CheckFailed(str(exc), f"rerun `sama precompute` with this run's model, or fix {key}") from None
+    return f"; precomputed ({info.dtype}) by this run's encoders"
 
 
 def check_tracking(cfg: TrainConfig) -> str:

@@ -13,6 +13,7 @@ each made of ``forward_backward_step`` per micro-batch and one optimizer step, w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -33,6 +34,8 @@ from sama.tracking import TrackingConfig
 from sama.train.data import DataConfig, DataPosition, MixedBatchIterator
 from sama.train.parallelize import ParallelConfig, distributed
 from sama.train.plan import PlanSection
+
+FROZEN_ENCODERS = ("vae", "text_encoder", "semantic_encoder")
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +357,7 @@ def without_weight_sources(model_config):
     )
 
 
-def components_from_export(export_uri: str, model_config):
+def components_from_export(export_uri: str, model_config, *, with_encoders: bool = True):
     """The model components of a run that starts from the SAMA export at ``export_uri``.
 
     The transformer is built from ``model_config`` (the export's own configuration with the run's
@@ -362,6 +365,8 @@ def components_from_export(export_uri: str, model_config):
     export's tensors (``assign=True``): a 14B start holds one copy of the weights, never a random
     model beside the loaded one. The autoencoder and text encoder are the export's (copied into it
     or referenced by it, whatever the preset's tokenizer); SigLIP comes from ``model_config``.
+    ``with_encoders=False`` keeps none of the frozen encoders (every training source is
+    precomputed): the export's autoencoder and text encoder are dropped once read, SigLIP not built.
 
     Raises:
         ValueError: the export's transformer does not fit ``model_config`` (names the keys).
@@ -393,6 +398,8 @@ def components_from_export(export_uri: str, model_config):
         )
     del pipeline.transformer
     log.info("initialised from %s", export_uri)
+    if not with_encoders:
+        return SamaComponents(model_config, transformer.to(dtype), None, None, None)
     return SamaComponents(
         model_config,
         transformer.to(dtype),
@@ -400,6 +407,35 @@ def components_from_export(export_uri: str, model_config):
         pipeline.text_encoder,
         build_semantic_encoder(model_config),
     )
+
+
+def frozen_encoders_needed(cfg: TrainConfig, model_config) -> tuple[str, ...]:
+    """The frozen encoders whose outputs training consumes: the autoencoder, the text encoder, and
+    SigLIP when the objective runs the semantic branch."""
+    names = ("vae", "text_encoder")
+    if cfg.objective.semantic and model_config.semantic.enabled:
+        names += ("semantic_encoder",)
+    return names
+
+
+def check_latent_encoders(
+    name: str, uri: str, info, identity: dict[str, Any], needed: tuple[str, ...]
+) -> None:
+    """Refuse latents made by other encoders than the run's (``info``: the source's
+    :class:`sama.schema.LatentOutputInfo`; ``identity``: :func:`frozen_encoder_identity`).
+
+    Raises:
+        ValueError: naming the source, its (redacted) URI and the differing fields.
+    """
+    from sama import storage
+    from sama.models.presets import encoder_mismatch
+
+    mismatch = encoder_mismatch(info.encoders or {}, identity, needed)
+    if mismatch:
+        raise ValueError(
+            f"data source {name!r} ({storage.redact(uri)}) holds latents made by other encoders than "
+            f"this run's model: {mismatch}; rerun `sama precompute` with the run's model"
+        )
 
 
 def lr_lambda(warmup_steps: int, max_steps: int = 0, decay: str = "constant", min_lr_frac: float = 0.0):
@@ -494,15 +530,27 @@ class Trainer:
         self.samples_seen = 0
         self.tracker = None
         self.mlflow_run_id: str | None = None
+        # Frozen encoders loaded after build, when first needed (every training source precomputed):
+        # encoder -> what it was loaded for ("validation", "render" or "export").
+        self.frozen_loaded: dict[str, str] = {}
+        self._lazy_frozen: dict[str, torch.nn.Module] = {}
+        self._val_encoded: list | None = None
 
     # ------------------------------------------------------------------------------------------
     # Build
 
-    def build(self, rows: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    def build(self, rows: dict[str, list[Any]] | None = None) -> None:
         """Model (with frozen encoders), optimizer, scheduler, EMA and the data stream.
 
-        ``rows`` (source name -> decoded rows) trains on samples held in memory instead of the
-        sources' shards (benchmarks and tests; see :class:`sama.train.data.RowStream`).
+        ``rows`` (source name -> :class:`sama.train.data.TrainingRow` records) trains on samples
+        held in memory instead of the sources' shards (benchmarks and tests; see
+        :class:`sama.train.data.RowStream`); a source is precomputed when its uri belongs to a latent
+        output all the same (its ``latents.json`` gives the encoders and null prompts).
+
+        A source of latent shards (``sama precompute``) must have been made by this run's frozen
+        encoders (refused otherwise). When every training source is precomputed, no frozen encoder
+        is built: validation, sample renders and the export load the ones they need on rank 0,
+        when first needed (:attr:`frozen_loaded`).
         """
         from sama.models.presets import build_model
         from sama.models.training import SamaTrainingModule
@@ -519,18 +567,41 @@ class Trainer:
         self.model_config = resolve_model_config(cfg.model)
         # The objective and inference knobs follow the model's parity (concrete from here on).
         self.cfg = cfg = resolve_train_config(cfg, self.model_config)
+        self.encoder_identity = frozen_encoder_identity(cfg.model, self.model_config)
+        null_embeddings = self._check_latent_sources(rows)
+        self.precomputed = len(self.latent_sources) == len(cfg.data.sources)
+        with_encoders = not self.precomputed
+        if self.precomputed and self.rank == 0:
+            log.info(
+                "every training source is precomputed: the frozen encoders (%s) are not built; "
+                "validation, renders and the export load what they need on rank 0 when first needed",
+                ", ".join(FROZEN_ENCODERS),
+            )
         if cfg.model.init_from:
             # Every weight but SigLIP's comes from the export: do not read stage 0's sources again.
             self.model_config = without_weight_sources(self.model_config)
-            self.components = components_from_export(cfg.model.init_from, self.model_config)
+            self.components = components_from_export(
+                cfg.model.init_from, self.model_config, with_encoders=with_encoders
+            )
         else:
-            self.components = build_model(self.model_config)
+            self.components = build_model(
+                self.model_config,
+                with_vae=with_encoders,
+                with_text_encoder=with_encoders,
+                with_semantic_encoder=with_encoders,
+            )
         if cfg.model.lora.enabled:  # before sharding: only the adapters and SAMA's modules train
             from sama.models.lora import apply_lora
 
             apply_lora(self.components.transformer, cfg.model.lora)
         self.components.to(self.device)
+        self.frozen_loaded = {
+            name: "training" for name in FROZEN_ENCODERS if getattr(self.components, name) is not None
+        }
+        self._lazy_frozen = {}
         self.module = SamaTrainingModule(self.components, cfg.objective)
+        if null_embeddings:
+            self.module.set_null_embeddings(null_embeddings)
         self.module.train()
         if self.cp > 1:
             from sama.train.context_parallel import build_device_mesh
@@ -544,7 +615,55 @@ class Trainer:
         self.rows = rows
         self.set_logical_ranks(self.dp_size)
         self.val_rows, self.render_rows = load_validation(cfg.data, cfg.validation.render_samples)
+        self._val_encoded = None
         self.peak = peak_flops(self.device)
+
+    def _check_latent_sources(self, rows: dict[str, list[Any]] | None) -> dict[str, torch.Tensor]:
+        """Find the precomputed sources (``latent_sources``: name -> their latents.json), refuse
+        those made by other encoders than the run's, and return the stored null-prompt embeddings
+        (the same for every precomputed source, which is checked)."""
+        from sama import schema, storage
+
+        cfg = self.cfg
+        needed = frozen_encoders_needed(cfg, self.model_config)
+        text_length = int(self.model_config.text.max_length)
+        self.latent_sources: dict[str, Any] = {}
+        null_embeddings: dict[str, torch.Tensor] = {}
+        null_from = ""
+        named = [(s.name, s.uri) for s in cfg.data.sources]
+        if cfg.data.val_uri:
+            named.append(("validation (data.val_uri)", cfg.data.val_uri))
+        for name, uri in named:
+            info = schema.read_latent_info(uri)
+            if rows is not None and name in rows:
+                latent_rows = {data_row_is_latent(row) for row in rows[name]}
+                if latent_rows and latent_rows != {info is not None}:
+                    kind = "latent" if True in latent_rows else "pixel"
+                    output = "a latent output" if info is not None else "no latent output (no latents.json)"
+                    raise ValueError(
+                        f"data source {name!r}: its rows are {kind} samples but its uri "
+                        f"({storage.redact(uri)}) is {output}"
+                    )
+            if info is None:
+                continue
+            check_latent_encoders(name, uri, info, self.encoder_identity, needed)
+            if name in {s.name for s in cfg.data.sources}:
+                self.latent_sources[name] = info
+            stored = schema.read_null_embeddings(uri)
+            for prompt, embedding in stored.items():
+                if embedding.shape[0] != text_length:
+                    raise ValueError(
+                        f"data source {name!r} ({storage.redact(uri)}): its null-prompt embeddings have "
+                        f"{embedding.shape[0]} tokens but the text encoder's max_length is {text_length}"
+                    )
+                if prompt in null_embeddings and not torch.equal(null_embeddings[prompt], embedding):
+                    raise ValueError(
+                        f"data source {name!r} ({storage.redact(uri)}) stores another embedding of the "
+                        f"null prompt {prompt!r} than {null_from}: the precomputed sources disagree"
+                    )
+                null_embeddings.setdefault(prompt, embedding)
+            null_from = null_from or f"data source {name!r}"
+        return null_embeddings
 
     # ------------------------------------------------------------------------------------------
     # State
@@ -634,6 +753,7 @@ class Trainer:
                 j,
                 logical_ranks,
                 self.rows,
+                text_length=int(self.model_config.text.max_length),
             )
             for j in self.logical
         ]
@@ -702,11 +822,6 @@ class Trainer:
     def _generator(self, *parts: int) -> torch.Generator:
         return step_generator(self.cfg.seed, *parts)
 
-    def _sama_batch(self, batch: dict[str, Any]):
-        from sama.models.training import SamaBatch
-
-        return SamaBatch(prompts=batch["instructions"], target=batch["target"], source=batch["source"])
-
     def _tokens(self, encoded) -> int:
         transformer = self.module.transformer
         p_t, p_h, p_w = transformer.config.patch_size
@@ -719,11 +834,10 @@ class Trainer:
             total += encoded.semantic_tokens.shape[0] * encoded.semantic_tokens.shape[1]
         return total
 
-    def forward_backward_step(
-        self, batch: dict[str, Any], micro: int, logical_rank: int | None = None
-    ) -> dict[str, float]:
-        """One micro-batch of logical rank ``logical_rank`` (default: this rank's first): encode
-        with the frozen encoders, loss through the (wrapped) model, backward."""
+    def forward_backward_step(self, batch, micro: int, logical_rank: int | None = None) -> dict[str, float]:
+        """One micro-batch (a :class:`sama.models.training.SamaBatch`) of logical rank
+        ``logical_rank`` (default: this rank's first): encode with the frozen encoders (or take
+        the precomputed tensors), loss through the (wrapped) model, backward."""
         from sama.train.parallelize import compute_dtype
 
         logical_rank = self.logical[0] if logical_rank is None else logical_rank
@@ -731,7 +845,7 @@ class Trainer:
         # and timesteps, and so does a run resumed on fewer workers.
         generator = self._generator(logical_rank, self.step, micro)
         with torch.no_grad():
-            encoded = self.module.encode_batch(self._sama_batch(batch), generator)
+            encoded = self.module.encode_batch(batch, generator)
         dtype = compute_dtype(self.cfg.parallel, self.device)
         # Gradients are synchronized after the rank's last micro-batch of its last logical rank.
         sync = micro == self.cfg.grad_accum - 1 and logical_rank == self.logical[-1]
@@ -742,7 +856,7 @@ class Trainer:
             # The mean over this rank's micro-batches; DDP / FSDP2 average it over the ranks.
             (out.loss / (self.cfg.grad_accum * len(self.logical))).backward()
         parts = out.to_dict()
-        samples = len(batch["instructions"])
+        samples = len(batch)
         tokens = self._tokens(encoded)
         parts["samples"] = samples
         parts["tokens"] = tokens
@@ -806,37 +920,143 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Validation and export
 
+    # ------------------------------------------------------------------------------------------
+    # Frozen encoders loaded when first needed (every training source precomputed)
+
+    def _load_frozen(self, name: str) -> torch.nn.Module:
+        """The frozen encoder ``name`` the run would have built (same source, same seeded
+        initialisation), on the CPU."""
+        from sama.models import presets
+
+        config = self.model_config
+        dtype = presets.torch_dtype_of(config)
+        if name == "semantic_encoder":
+            return presets.build_semantic_encoder(config)
+        if self.cfg.model.init_from:
+            # The export's own autoencoder and text encoder, as components_from_export reads them.
+            from sama.pipeline_edit import SamaEditPipeline
+
+            export = local_export(self.cfg.model.init_from)
+            pipeline = SamaEditPipeline.from_pretrained(export, torch_dtype=dtype)
+            for other in ("vae", "text_encoder"):
+                self._lazy_frozen.setdefault(other, getattr(pipeline, other))
+            return self._lazy_frozen[name]
+        with presets.frozen_init(name):
+            if name == "vae":
+                return presets.build_autoencoder(config.vae, config.component_source("vae"), dtype)
+            return presets.build_text_encoder(config.text, config.component_source("text"), dtype)
+
+    def frozen(self, name: str, purpose: str) -> torch.nn.Module:
+        """The run's frozen encoder ``name``: the one built for training, or else one loaded now on
+        the CPU (recorded in :attr:`frozen_loaded` with ``purpose``) and kept for later uses."""
+        built = getattr(self.components, name)
+        if built is not None:
+            return built
+        if name not in self._lazy_frozen:
+            started = time.perf_counter()
+            self._lazy_frozen[name] = self._load_frozen(name)
+            log.info(
+                "rank %d: loaded the %s for %s in %.1f s (training, on precomputed sources, does not use it)",
+                self.rank,
+                name,
+                purpose,
+                time.perf_counter() - started,
+            )
+        # An export's text encoder comes with its autoencoder: recorded when first used.
+        self.frozen_loaded.setdefault(name, purpose)
+        module = self._lazy_frozen[name]
+        module.requires_grad_(False)
+        return module.eval()
+
+    def _missing_encoders(self, rows) -> list[str]:
+        """The frozen encoders the training module lacks to encode ``rows``."""
+        if not any(not row.is_latent for row in rows):
+            return []
+        names = ["vae", "text_encoder"] + (["semantic_encoder"] if self.module.uses_semantic else [])
+        return [name for name in names if getattr(self.module, name) is None]
+
+    @contextlib.contextmanager
+    def _encoders_lent(self, names: list[str], purpose: str):
+        """The training module with the frozen encoders ``names`` (loaded when first needed) on
+        the run's device for the block, then without them (back on the CPU)."""
+        lent = []
+        try:
+            for name in names:
+                module = self.frozen(name, purpose).to(self.device)
+                setattr(self.module, name, module)
+                lent.append((name, module))
+            yield
+        finally:
+            for name, module in lent:
+                setattr(self.module, name, None)
+                module.to("cpu")
+
+    def _validation_batches(self) -> list:
+        """The held-out samples encoded once (eval mode: no caption dropout; anchors from fixed
+        generators, so every validation sees the same tensors), on the CPU. When the encoders they
+        need were not built (precomputed training, pixel validation shards), rank 0 loads and runs
+        them and hands the encoded samples to the other ranks."""
+        from sama.train.data import collate
+        from sama.train.parallelize import distributed
+
+        if self._val_encoded is not None:
+            return self._val_encoded
+        missing = self._missing_encoders(self.val_rows)
+        encoded = None
+        if not missing or self.rank == 0:
+            text_length = int(self.model_config.text.max_length)
+            with self._encoders_lent(missing, "validation"):
+                encoded = [
+                    _batch_to(
+                        self.module.encode_batch(collate([row], text_length), self._generator(10_000, index)),
+                        "cpu",
+                    )
+                    for index, row in enumerate(self.val_rows)
+                ]
+        if missing and distributed() and self.world_size > 1:
+            import torch.distributed as dist
+
+            box = [encoded]
+            dist.broadcast_object_list(box, src=0)
+            encoded = box[0]
+        self._val_encoded = encoded
+        return encoded
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean loss over the held-out samples with the same timesteps and noise at every call."""
-        from sama.models.training import SamaBatch
-
         if not self.val_rows:
             return {}
         self.module.eval()
         losses, fm, sem = [], [], []
-        for index, row in enumerate(self.val_rows):
-            batch = SamaBatch(
-                prompts=[row["instruction"]],
-                target=torch.from_numpy(row["target"][None]),
-                source=torch.from_numpy(row["source"][None]) if row["source"].size else None,
-            )
-            encoded = self.module.encode_batch(batch, self._generator(10_000, index))
-            for j in range(self.cfg.validation.draws):
-                out = self.module.compute_loss(encoded, self._generator(20_000, index, j))
-                losses.append(float(out.loss))
-                fm.append(float(out.loss_fm))
-                if out.loss_sem is not None:
-                    sem.append(float(out.loss_sem))
-        self.module.train()
+        try:
+            for index, encoded in enumerate(self._validation_batches()):
+                encoded = _batch_to(encoded, self.device)
+                for j in range(self.cfg.validation.draws):
+                    out = self.module.compute_loss(encoded, self._generator(20_000, index, j))
+                    losses.append(float(out.loss))
+                    fm.append(float(out.loss_fm))
+                    if out.loss_sem is not None:
+                        sem.append(float(out.loss_sem))
+        finally:
+            self.module.train()
         metrics = {"val/loss": float(np.mean(losses)), "val/loss_fm": float(np.mean(fm))}
         if sem:
             metrics["val/loss_sem"] = float(np.mean(sem))
         return metrics
 
+    def _renders_on_every_rank(self) -> bool:
+        # Sharded or context-parallel transformers run their forward together on every rank.
+        return self.world_size > 1 and (self.cfg.parallel.strategy == "fsdp2" or self.cp > 1)
+
     @torch.no_grad()
     def render_edits(self) -> list[tuple[str, bytes]]:
-        """Edit held-out sources with the current weights: mp4s of [source | edit | target]."""
+        """Edit held-out sources with the current weights: mp4s of [source | edit | target].
+
+        Without a trained-with autoencoder and text encoder (every training source precomputed),
+        they are loaded on the CPU when first needed, on rank 0 only (every rank when the
+        transformer is sharded), and a precomputed sample's frames are its stored latents decoded.
+        """
         from sama import video
         from sama.pipeline_edit import SamaEditPipeline
 
@@ -844,11 +1064,15 @@ class Trainer:
         rows = self.render_rows
         if not rows:
             return rendered
+        lazy = self.components.vae is None or self.components.text_encoder is None
+        if lazy and self.rank != 0 and not self._renders_on_every_rank():
+            return rendered
+        vae, text_encoder = self.frozen("vae", "render"), self.frozen("text_encoder", "render")
         settings = self.cfg.validation
         pipeline = SamaEditPipeline(
             self.module.transformer,
-            self.components.vae,
-            self.components.text_encoder,
+            vae,
+            text_encoder,
             model_config=self.model_config,
             config=dataclasses.replace(
                 self.cfg.inference,
@@ -860,30 +1084,39 @@ class Trainer:
                 add_prefix=False,
             ),
         )
+        if lazy:
+            # The loaded encoders stay in CPU memory, visiting the device only while they run.
+            pipeline.enable_model_cpu_offload(self.device)
         self.module.eval()
-        for row in rows:
-            source, target = row["source"], row["target"]
-            # A sample is edited to its target's length (restoring a sped-up clip lengthens it);
-            # a shorter source is shown stretched over the same span.
-            edited = pipeline(source, row["instruction"], seed=0, num_frames=target.shape[0]).frames
-            if target.shape[0] != source.shape[0]:
-                source = video.stretch_frames(source, target.shape[0])
-            strip = np.concatenate([source, edited, target], axis=2)
-            fps = 8.0
-            if strip.shape[1] % 2 or strip.shape[2] % 2:
-                strip = strip[:, : strip.shape[1] // 2 * 2, : strip.shape[2] // 2 * 2]
-            rendered.append((row["key"], video.encode_mp4(strip, fps)))
-        self.module.train()
+        try:
+            for row in rows:
+                if row.is_latent:
+                    source, target = _decoded(vae, row.latents.source), _decoded(vae, row.latents.target)
+                else:
+                    source, target = row.source, row.target
+                # A sample is edited to its target's length (restoring a sped-up clip lengthens it);
+                # a shorter source is shown stretched over the same span.
+                edited = pipeline(source, row.instruction, seed=0, num_frames=target.shape[0]).frames
+                if target.shape[0] != source.shape[0]:
+                    source = video.stretch_frames(source, target.shape[0])
+                strip = np.concatenate([source, edited, target], axis=2)
+                fps = 8.0
+                if strip.shape[1] % 2 or strip.shape[2] % 2:
+                    strip = strip[:, : strip.shape[1] // 2 * 2, : strip.shape[2] // 2 * 2]
+                rendered.append((row.key, video.encode_mp4(strip, fps)))
+        finally:
+            self.module.train()
         return rendered
 
-    def averaged_pipeline(self, device: torch.device | str = "cpu"):
+    def averaged_pipeline(self, device: torch.device | str = "cpu", purpose: str = "export"):
         """An edit pipeline over a copy of the EMA weights, on ``device`` (rank 0; None elsewhere).
 
         The weights are gathered one tensor at a time onto rank 0 (under FSDP2 each gather is a
         collective that every rank calls, in the same order): no rank ever holds more than the
         export's model and one gathered tensor. The pipeline shares the run's frozen autoencoder
-        and text encoder and uses the run's inference settings. It is what :meth:`export` writes,
-        and what evaluation edits with.
+        and text encoder (loaded on the CPU for ``purpose`` when training did not build them) and
+        uses the run's inference settings; it records their identity (written into the export's
+        manifest). It is what :meth:`export` writes, and what evaluation edits with.
         """
         from accelerate import init_empty_weights
         from accelerate.utils import set_module_tensor_to_device
@@ -915,13 +1148,15 @@ class Trainer:
 
             transformer = merge_lora_modules(transformer)
         transformer.to(device).eval()
-        return SamaEditPipeline(
+        pipeline = SamaEditPipeline(
             transformer,
-            self.components.vae,
-            self.components.text_encoder,
+            self.frozen("vae", purpose),
+            self.frozen("text_encoder", purpose),
             model_config=self.model_config,
             config=self.cfg.inference,
         )
+        pipeline.encoder_identity = self.encoder_identity
+        return pipeline
 
     def export(self, directory: str) -> None:
         """The EMA weights as a ``save_pretrained`` pipeline that ``sama edit`` loads (rank 0 writes)."""
@@ -932,12 +1167,42 @@ class Trainer:
         pipeline = self.averaged_pipeline("cpu")
         if pipeline is None:
             return
-        vae, text = self.components.vae, self.components.text_encoder
-        vae.to("cpu")
-        text.to("cpu")
+        # The training encoders visit the CPU for the write; encoders loaded for it live there.
+        trained = [m for m in (self.components.vae, self.components.text_encoder) if m is not None]
+        for module in trained:
+            module.to("cpu")
         pipeline.save_pretrained(directory)
-        vae.to(self.device)
-        text.to(self.device)
+        for module in trained:
+            module.to(self.device)
+
+
+def data_row_is_latent(row: Any) -> bool:
+    """Whether an in-memory row (a TrainingRow, or a Ray row dict) holds precomputed latents."""
+    if isinstance(row, dict):
+        packed = row.get("latents")
+        return packed is not None and len(packed) > 0
+    return bool(row.is_latent)
+
+
+def _batch_to(batch, device: torch.device | str):
+    """A copy of a SamaBatch with its tensors on ``device``."""
+    moved = {
+        f.name: getattr(batch, f.name).to(device)
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, **moved)
+
+
+@torch.no_grad()
+def _decoded(vae, latents: torch.Tensor) -> np.ndarray:
+    """``(C, T, H, W)`` stored latents -> ``(T', H', W', 3)`` uint8 frames through ``vae``."""
+    # A parameter-free autoencoder (space-to-depth) has no parameter to tell its device: the CPU.
+    param = next(iter(vae.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    frames = vae.decode(latents[None].float().to(device))[0]
+    scaled = ((frames.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return scaled.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
 
 
 class _null:

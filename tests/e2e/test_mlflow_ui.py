@@ -10,6 +10,7 @@ skip when ``chromium`` is not installed; ``.ci/run`` installs it.
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
@@ -71,6 +72,15 @@ def test_quickstart_outputs(quickstart: Quickstart):
         assert shards, f"no shards under {store / prefix}"
     first = next(iter(schema.iter_samples(ledger.shards_uri(str(store / "pairs")))))
     assert first.target
+    # Each shard set was precomputed once, by the tiny preset's encoders, keys unchanged.
+    for prefix in ("pretext", "pretext-val", "pairs", "pairs-val"):
+        latents = store / "latents" / prefix
+        info = schema.read_latent_info(str(latents))
+        assert info is not None and info.model == "tiny", (prefix, info)
+        pixel_keys = {s.key for s in schema.iter_samples(ledger.shards_uri(str(store / prefix)))}
+        latent_samples = list(schema.iter_samples(ledger.shards_uri(str(latents))))
+        assert all(isinstance(s, schema.LatentSample) for s in latent_samples), prefix
+        assert {s.key for s in latent_samples} == pixel_keys, prefix
 
     assert quickstart.tracking_db.is_file(), quickstart.output[-3000:]
     client = MlflowClient(tracking_uri=quickstart.tracking_uri)
@@ -82,6 +92,12 @@ def test_quickstart_outputs(quickstart: Quickstart):
         for key in ("train/loss", "val/loss"):
             assert key in run.data.metrics, (name, sorted(run.data.metrics))
         assert run.data.params.get("run.name") == name
+        # Both stages trained from the latent shards, not from the media, without frozen encoders.
+        sources = ast.literal_eval(run.data.params["data.sources"])  # MLflow holds the list's repr
+        assert all("/store/latents/" in source["uri"] for source in sources), sources
+        info = json.loads((quickstart.workdir / "runs" / name / "run_info.json").read_text())
+        assert info["precomputed"] is True, info
+        assert "training" not in info["frozen_encoders_loaded"].values(), info
         # Artifacts live in the local store beside mlflow.db, where `mlflow ui` finds them.
         assert run.info.artifact_uri.startswith(f"file://{quickstart.artifacts}/"), run.info.artifact_uri
         mp4 = _sample_mp4(client, run.info.run_id)

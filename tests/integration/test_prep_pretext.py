@@ -69,6 +69,9 @@ def check_output(output_uri: str, videos: list[str], bad: dict[str, str]) -> lis
         bucket = Bucket.parse(s.meta.bucket)
         target = s.decode_target()
         assert target.shape == (17, bucket.height, bucket.width, 3)
+        # Store-once (the default): no sample holds a source member; a pretext sample's source is
+        # rebuilt from the target and its recorded parameters.
+        assert s.source is None
         source = s.decode_source()
         if s.meta.task == "t2v":
             assert source is None and s.meta.instruction == s.meta.caption
@@ -76,6 +79,7 @@ def check_output(output_uri: str, videos: list[str], bad: dict[str, str]) -> lis
             expected = 9 if s.meta.task == "speed" else 17
             assert source.shape == (expected, bucket.height, bucket.width, 3)
             assert s.meta.source_num_frames == expected
+            assert (source != target[: len(source)]).any()
         assert s.meta.source_uri in videos
     return samples
 

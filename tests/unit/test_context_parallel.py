@@ -259,7 +259,11 @@ def _trainer_worker(rank: int, world: int, store_path: str, result_path: str) ->
             updated = params[name]
             updated = updated.full_tensor() if hasattr(updated, "full_tensor") else updated
             error = _relative_error(updated.detach(), param.detach())
-            assert error < TOLERANCE, f"{name} after two steps off by {error:.2e}"
+            # 10x looser than the losses: Adam divides each gradient by its own running size, so an
+            # element whose gradient is near zero moves by about lr whatever its sign, and the
+            # summation-order noise of the sharded run can flip it; a zero-initialised bias (the
+            # norms') is all such moves after two steps.
+            assert error < 10 * TOLERANCE, f"{name} after two steps off by {error:.2e}"
         if rank == 0:
             with open(result_path, "w") as handle:
                 handle.write("ok")

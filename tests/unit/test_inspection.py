@@ -4,6 +4,9 @@ rejects when the prefix is a data-job output."""
 from __future__ import annotations
 
 import json
+import os
+
+import numpy as np
 
 from sama import cli, inspection, schema, synthetic, video
 from sama.prep import inputs, ledger
@@ -45,3 +48,52 @@ def test_inspect_counts_samples_and_shows_the_jobs_rejects_and_dropped_clips(tmp
     (loose / "one.tar").write_bytes(open(first, "rb").read())
     alone = inspection.inspect_shards(str(loose), sample=None)
     assert alone.samples >= 1 and alone.rejected_per_reason == {} and alone.dropped_per_reason == {}
+
+
+def test_export_writes_the_derived_source_of_a_store_once_sample(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    clip = video.encode_mp4(synthetic.render(synthetic.random_scene(5), 24, 8.0, 64, 96), 8.0)
+    (root / "clip.mp4").write_bytes(clip)
+    (root / "clip.txt").write_text("a ball")  # a text-to-video sample needs a caption
+    (unit,), _ = inputs.list_units(InputConfig(uri=str(root)))
+    exported = {}
+    for task in ("tube_shuffle", "t2v"):
+        out = str(tmp_path / task)
+        process_unit(unit, small_cfg(out, weights={task: 1.0}))
+        (sample,) = schema.iter_samples(ledger.shards_uri(out))
+        assert sample.source is None  # store-once: the shard holds the target only
+        export = str(tmp_path / f"export-{task}")
+        report = inspection.inspect_shards(ledger.shards_uri(out), sample=0, export_dir=export)
+        exported[task] = sorted(os.path.basename(p) for p in report.exported)
+        if task == "tube_shuffle":
+            written = video.decode_video_bytes(open(f"{export}/{sample.key}.source.mp4", "rb").read())
+            derived = sample.decode_source()
+            assert written.shape == derived.shape == (9, 64, 96, 3)
+            assert float(np.abs(written.astype(np.int16) - derived).mean()) < 3.0
+            assert open(f"{export}/{sample.key}.target.mp4", "rb").read() == sample.target
+        key = sample.key
+        assert exported[task] == (
+            [f"{key}.source.mp4", f"{key}.target.mp4"] if task != "t2v" else [f"{key}.target.mp4"]
+        )
+
+
+def test_inspect_counts_latent_shards_and_refuses_to_export_media_from_them(tmp_path):
+    import pytest
+    import torch
+
+    meta = schema.SampleMeta(
+        key="k0", task="video_edit", media="video", instruction="[Video edit] make it red", fps=8.0,
+        num_frames=9, height=48, width=64, bucket="48x64", source_uri="mem:0",
+    )  # fmt: skip
+    latents = schema.SampleLatents(
+        target=torch.ones(4, 3, 2, 2), text=torch.ones(3, 8), source=torch.zeros(4, 3, 2, 2)
+    )
+    sample = schema.LatentSample(meta=meta, latents=latents)
+    with schema.ShardWriter(str(tmp_path / "shards" / "video"), "u") as writer:
+        writer.write(sample)
+    report = inspection.inspect_shards(str(tmp_path / "shards"), sample="k0")
+    assert (report.samples, report.bytes, report.example.key) == (1, sample.nbytes(), "k0")
+    assert report.per_task == {"video_edit": 1}
+    with pytest.raises(ValueError, match="latent shards .* not media"):
+        inspection.inspect_shards(str(tmp_path / "shards"), sample="k0", export_dir=str(tmp_path / "x"))

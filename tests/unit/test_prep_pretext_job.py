@@ -14,6 +14,7 @@ import pytest
 
 from sama import schema, storage, synthetic, video
 from sama.buckets import Bucket
+from sama.config import apply_override
 from sama.prep import inputs, ledger
 from sama.prep.inputs import InputConfig, VideoInput, WorkUnit
 from sama.prep.pretext_job import (
@@ -25,7 +26,7 @@ from sama.prep.pretext_job import (
     process_unit,
     video_samples,
 )
-from sama.pretext import PREFIXES, choose_task, instruction_for, task_rng, unshuffle_tubes
+from sama.pretext import PREFIXES, apply_task, choose_task, instruction_for, task_rng, unshuffle_tubes
 
 FPS = 8.0
 SECONDS = 3.0  # 24 frames at 8 fps
@@ -245,13 +246,14 @@ def test_video_samples_clips_bucket_keys_and_metadata(one_video):
     assert samples[0].key != samples[1].key
 
 
+@pytest.mark.parametrize("materialize", [False, True])
 @pytest.mark.parametrize(
     ("task", "num_frames", "source_frames"),
     [("t2v", 9, None), ("cube_inpaint", 9, 9), ("speed", 9, 5), ("speed", 17, 9), ("tube_shuffle", 9, 9)],
 )
-def test_video_samples_source_per_task(one_video, task, num_frames, source_frames):
+def test_video_samples_source_per_task(one_video, task, num_frames, source_frames, materialize):
     uri, _ = one_video
-    cfg = small_cfg(num_frames=num_frames, weights={task: 1.0})
+    cfg = small_cfg(num_frames=num_frames, weights={task: 1.0}, materialize_source=materialize)
     (sample,) = video_samples(uri, VideoInput(uri, caption="a caption"), cfg)
     meta = sample.meta
     assert meta.task == task and meta.num_frames == num_frames
@@ -262,16 +264,33 @@ def test_video_samples_source_per_task(one_video, task, num_frames, source_frame
     assert target.shape == (num_frames, 64, 96, 3)
     if task == "t2v":
         assert sample.source is None and source is None and meta.pretext == {}
+        assert sample.decode_pair()[1] is None
         return
+    # Stored only when materialized; otherwise rebuilt from the decoded target and meta.pretext.
+    assert (sample.source is not None) == materialize
+    assert (schema.SOURCE_VIDEO in sample.members()) == materialize
     assert source.shape == (source_frames, 64, 96, 3)
+    pair_target, pair_source = sample.decode_pair()
+    assert np.array_equal(pair_target, target) and np.array_equal(pair_source, source)
+    # The job's own draw, replayed on the decoded target: the same parameters, and without a
+    # stored source, bit-exactly the same source.
+    rng = task_rng(cfg.seed, meta.key)
+    assert choose_task(rng, cfg.pretext.weights) == task
+    replayed = apply_task(task, target, rng, cfg.pretext)
+    assert replayed.params == meta.pretext
+    if not materialize:
+        assert np.array_equal(source, replayed.source)
+    else:
+        assert mean_abs(source, replayed.source) < 6.0  # an encoded source: up to coding noise
     if task == "speed":
         assert meta.pretext == {"speed_factor": 2, "source_frames": source_frames}
         # Every 2nd frame of the target (up to coding noise), not the target's first frames.
-        assert mean_abs(source, target[::2][:source_frames]) < 6.0
-        assert mean_abs(source, target[:source_frames]) > 2 * mean_abs(source, target[::2][:source_frames])
+        every_2nd = mean_abs(source, target[::2][:source_frames])
+        assert every_2nd < 6.0
+        assert mean_abs(source, target[:source_frames]) > 2 * every_2nd + 1
     elif task == "cube_inpaint":
         start, length = meta.pretext["mask_start"], meta.pretext["mask_length"]
-        assert start >= 1 and length == round(0.3 * num_frames)
+        assert start >= 1 and length == round(0.3 * num_frames) and meta.pretext["mask_value"] == 0
         masked = list(range(start, start + length))
         kept = [i for i in range(num_frames) if i not in masked]
         assert source[masked].mean() < 8.0  # whole frames blacked out
@@ -281,7 +300,59 @@ def test_video_samples_source_per_task(one_video, task, num_frames, source_frame
         assert sorted(perm) == list(range(8)) and perm != list(range(8))
         restored = unshuffle_tubes(source, perm, meta.pretext["tube_first_frame"])
         assert mean_abs(restored, target) < 6.0
-        assert mean_abs(source, target) > 2 * mean_abs(restored, target)
+        assert mean_abs(source, target) > 2 * mean_abs(restored, target) + 1
+
+
+@pytest.mark.parametrize("materialize", [False, True])
+def test_shards_hold_a_source_member_only_when_materialized(tmp_path, one_video, materialize):
+    uri, _ = one_video
+    members = {}
+    for task in ("t2v", "cube_inpaint", "speed", "tube_shuffle"):
+        out = str(tmp_path / f"{task}-{materialize}")
+        cfg = apply_override(
+            small_cfg(out, max_clips=2, weights={task: 1.0}),
+            f"pretext.materialize_source={str(materialize).lower()}",
+        )
+        assert cfg.pretext.materialize_source is materialize
+        unit = WorkUnit(unit_id=inputs.unit_id_for([uri]), videos=[VideoInput(uri, caption="c")])
+        result = process_unit(unit, cfg)
+        assert result.samples == 2
+        (shard,) = schema.list_shards(ledger.shards_uri(out))
+        with tarfile.open(shard) as tar:
+            members[task] = sorted(name.split(".", 1)[1] for name in tar.getnames())
+        for sample in read_shards(out):
+            assert sample.meta.source_num_frames == (None if task == "t2v" else {"speed": 5}.get(task, 9))
+            source = sample.decode_source()
+            if task == "t2v":
+                assert source is None
+                continue
+            target = sample.decode_target()
+            rng = task_rng(cfg.seed, sample.key)
+            choose_task(rng, cfg.pretext.weights)
+            expected = apply_task(task, target, rng, cfg.pretext).source
+            if materialize:
+                assert mean_abs(source, expected) < 6.0
+            else:
+                assert np.array_equal(source, expected)
+    stored = ["json", "src.mp4", "tgt.mp4"] if materialize else ["json", "tgt.mp4"]
+    assert members == {
+        "t2v": ["json", "json", "tgt.mp4", "tgt.mp4"],  # a text-to-video sample never has a source
+        **{task: sorted(stored * 2) for task in ("cube_inpaint", "speed", "tube_shuffle")},
+    }
+
+
+def test_store_once_shards_are_smaller_than_materialized_ones(tmp_path, one_video):
+    uri, _ = one_video
+    sizes = {}
+    for materialize in (False, True):
+        out = str(tmp_path / str(materialize))
+        cfg = small_cfg(out, max_clips=2, weights={"tube_shuffle": 1.0}, materialize_source=materialize)
+        unit = WorkUnit(unit_id=inputs.unit_id_for([uri]), videos=[VideoInput(uri, caption="c")])
+        sizes[materialize] = process_unit(unit, cfg).bytes
+        # Identical samples otherwise: same keys, tasks and parameters.
+        sizes[(materialize, "meta")] = [s.meta.to_json() for s in read_shards(out)]
+    assert sizes[(False, "meta")] == sizes[(True, "meta")]
+    assert sizes[False] < 0.75 * sizes[True]
 
 
 def test_video_samples_are_deterministic_and_tasks_follow_the_seed(one_video):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,78 @@ def test_instructions_and_config_validation():
         pretext.apply_task("dance", clip(), np.random.default_rng(0), PretextConfig())
     result = pretext.apply_task("t2v", clip(), np.random.default_rng(0), PretextConfig())
     assert result.source is None and result.params == {}
+
+
+def random_clip(seed: int, t: int = 49, h: int = 32, w: int = 48) -> np.ndarray:
+    return np.random.default_rng(1000 + seed).integers(0, 256, size=(t, h, w, 3), dtype=np.uint8)
+
+
+DERIVE_CASES = [
+    ("cube_inpaint", PretextConfig(), 49),
+    ("cube_inpaint", PretextConfig(mask_spatial_extent=0.4, mask_value=200), 49),
+    ("cube_inpaint", PretextConfig(mask_ratio=0.5, mask_spatial_extent=0.75, mask_value=17), 17),
+    ("speed", PretextConfig(), 49),
+    ("speed", PretextConfig(speed_factor=3), 49),
+    ("speed", PretextConfig(), 45),  # 23 frames trimmed to 21
+    ("tube_shuffle", PretextConfig(), 49),
+    ("tube_shuffle", PretextConfig(tube_keep_first_frame=False), 48),
+]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize(("task", "cfg", "frames"), DERIVE_CASES)
+def test_derive_source_is_bit_exactly_apply_tasks_source(task, cfg, frames, seed):
+    target = random_clip(seed, t=frames)
+    before = target.copy()
+    result = pretext.apply_task(task, target, np.random.default_rng(seed), cfg)
+    # The parameters travel through the sample's JSON metadata.
+    params = json.loads(json.dumps(result.params))
+    derived = pretext.derive_source(task, target, params)
+    assert derived.dtype == np.uint8 and derived.flags.c_contiguous
+    assert derived.shape == result.source.shape
+    assert np.array_equal(derived, result.source)
+    assert np.array_equal(target, before)  # the target is never written to
+    if task == "cube_inpaint":
+        assert params["mask_value"] == cfg.mask_value
+        start, length = params["mask_start"], params["mask_length"]
+        top, left, mh, mw = params["mask_box"]
+        assert np.all(derived[start : start + length, top : top + mh, left : left + mw] == cfg.mask_value)
+        if cfg.mask_spatial_extent < 1:
+            assert (mh, mw) != (target.shape[1], target.shape[2])
+            assert not np.array_equal(derived[start], np.full_like(derived[start], cfg.mask_value))
+
+
+def test_derive_source_of_old_cube_metadata_without_mask_value_masks_with_0():
+    target = random_clip(0)
+    result = pretext.apply_task("cube_inpaint", target, np.random.default_rng(3), PretextConfig())
+    old = {k: v for k, v in result.params.items() if k != "mask_value"}
+    assert np.array_equal(pretext.derive_source("cube_inpaint", target, old), result.source)
+
+
+def test_derive_source_t2v_has_none_and_bad_inputs_are_named():
+    target = random_clip(0)
+    assert pretext.derive_source("t2v", target, {}) is None
+    with pytest.raises(ValueError, match="'dance'"):
+        pretext.derive_source("dance", target, {})
+    with pytest.raises(ValueError, match="video_edit"):
+        pretext.derive_source("video_edit", target, {})
+    with pytest.raises(ValueError, match=r"cube_inpaint.*\['mask_box'\] are missing"):
+        pretext.derive_source("cube_inpaint", target, {"mask_start": 1, "mask_length": 3})
+    with pytest.raises(ValueError, match=r"speed.*\['source_frames'\] are missing"):
+        pretext.derive_source("speed", target, {"speed_factor": 2})
+    with pytest.raises(ValueError, match=r"tube_shuffle.*\['permutation', 'tube_first_frame'\] are missing"):
+        pretext.derive_source("tube_shuffle", target, {})
+    # Parameters drawn for another clip size are refused rather than silently clipped.
+    speed = pretext.apply_task("speed", target, np.random.default_rng(0), PretextConfig())
+    with pytest.raises(ValueError, match="speed: 25 source frames .* got 33"):
+        pretext.derive_source("speed", target[:33], speed.params)
+    cube = pretext.apply_task("cube_inpaint", target, np.random.default_rng(0), PretextConfig())
+    with pytest.raises(ValueError, match="mask_box .* does not fit frames of 16x48"):
+        pretext.derive_source("cube_inpaint", target[:, :16], cube.params)
+    tube = pretext.apply_task("tube_shuffle", target, np.random.default_rng(0), PretextConfig())
+    with pytest.raises(ValueError, match="even"):
+        pretext.derive_source("tube_shuffle", target[:48], tube.params)
+    with pytest.raises(ValueError, match="permutation"):
+        pretext.derive_source("tube_shuffle", target, {**tube.params, "permutation": [0] * 8})
+    with pytest.raises(ValueError, match="mask_value"):
+        PretextConfig(mask_value=256).validate()

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import tarfile
 
+import numpy as np
 import pytest
 
-from sama import schema
+from sama import pretext, schema, video
 from sama.schema import Sample, SampleMeta, SchemaError, ShardConfig, ShardWriter
 
 
@@ -171,3 +173,38 @@ def test_a_missing_member_filled_with_nan_means_no_source():
     sample.meta.task = "t2v"
     members = {"__key__": sample.key, **sample.members(), "src.mp4": float("nan")}
     assert Sample.from_members(members).source is None
+
+
+def test_decode_source_reads_a_stored_source_or_derives_a_pretext_one(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, size=(9, 32, 48, 3), dtype=np.uint8)
+    target = video.encode_mp4(frames, 8.0, preset="ultrafast")
+    decoded = video.decode_video_bytes(target)
+    result = pretext.apply_task("cube_inpaint", decoded, np.random.default_rng(1), pretext.PretextConfig())
+
+    def sample(task: str, params: dict, source: bytes | None = None) -> Sample:
+        meta = dataclasses.replace(
+            make_sample(0, task=task).meta, num_frames=9, height=32, width=48, bucket="32x48", pretext=params
+        )
+        return Sample(meta=meta, target=target, source=source)
+
+    # Store-once: no source member; the source is rebuilt from the decoded target, through the
+    # shard and back.
+    store_once = sample("cube_inpaint", result.params)
+    with ShardWriter(str(tmp_path), "s", ShardConfig()) as writer:
+        writer.write(store_once)
+    (read,) = schema.iter_samples(str(tmp_path))
+    assert read.source is None and "src.mp4" not in read.members()
+    assert np.array_equal(read.decode_source(), result.source)
+    pair = read.decode_pair()
+    assert np.array_equal(pair[0], decoded) and np.array_equal(pair[1], result.source)
+    # A stored source is decoded as it is (here deliberately not the derived one).
+    stored = sample("cube_inpaint", result.params, source=target)
+    assert np.array_equal(stored.decode_source(), decoded)
+    assert np.array_equal(stored.decode_pair()[1], decoded)
+    # t2v and edits without a source have none.
+    assert sample("t2v", {}).decode_source() is None and sample("t2v", {}).decode_pair()[1] is None
+    assert sample("video_edit", {}).decode_source() is None
+    # Metadata that cannot rebuild the source names the sample and the task.
+    broken = sample("speed", {"speed_factor": 2})
+    with pytest.raises(SchemaError, match=rf"sample {broken.key}: .*speed.*source_frames"):
+        broken.decode_source()

@@ -21,6 +21,7 @@ from sama.train.data import (
     MixedBatchIterator,
     SourceConfig,
     SourceStream,
+    TrainingRow,
     collate,
     decode_row,
     load_validation,
@@ -167,8 +168,8 @@ def test_load_validation_reads_decoded_rows_and_skips_broken_ones(tmp_path):
     rows, render = load_validation(
         DataConfig(sources=[SourceConfig("a", "x")], val_uri=str(tmp_path), val_samples=2)
     )
-    assert [r["key"] for r in rows] == [good[0][0].key, good[1][0].key]
-    assert all(r["target"].shape == (5, 32, 32, 3) and r["error"] == "" for r in rows)
+    assert [r.key for r in rows] == [good[0][0].key, good[1][0].key]
+    assert all(r.target.shape == (5, 32, 32, 3) and r.error == "" for r in rows)
     assert render == []
     everything, _ = load_validation(DataConfig(val_uri=str(tmp_path), val_samples=10))
     assert len(everything) == 3
@@ -201,8 +202,8 @@ def test_load_validation_reads_on_for_renderable_samples(tmp_path):
             writer.write(sample)
     cfg = DataConfig(val_uri=str(tmp_path), val_samples=2)
     rows, render = load_validation(cfg, render_samples=2)
-    assert [r["key"] for r in rows] == [samples[0].key, samples[1].key]
-    assert [r["key"] for r in render] == [samples[2].key, samples[3].key]
+    assert [r.key for r in rows] == [samples[0].key, samples[1].key]
+    assert [r.key for r in render] == [samples[2].key, samples[3].key]
     assert all(data_lib.renderable(r) for r in render)
     assert not any(data_lib.renderable(r) for r in rows)
     _, none = load_validation(DataConfig(val_uri=str(tmp_path), val_samples=1), render_samples=0)
@@ -216,36 +217,37 @@ def test_load_validation_reads_on_for_renderable_samples(tmp_path):
 def _row(key: str, media: str = "video", shape=(5, 8, 8), source: bool = True, value: int = 0, error=""):
     frames = 1 if media == "image" else shape[0]
     target = np.full((frames, shape[1], shape[2], 3), value, dtype=np.uint8)
-    return {
-        "key": key,
-        "task": "t2v" if not source else ("image_edit" if media == "image" else "video_edit"),
-        "media": media,
-        "instruction": f"edit {key}",
-        "bucket": f"{shape[1]}x{shape[2]}",
-        "target": target,
-        "source": (255 - target) if source else data_lib._EMPTY,
-        "error": error,
-    }
+    if error:
+        return TrainingRow(key=key, error=error)
+    return TrainingRow(
+        key=key,
+        task="t2v" if not source else ("image_edit" if media == "image" else "video_edit"),
+        media=media,
+        instruction=f"edit {key}",
+        bucket=f"{shape[1]}x{shape[2]}",
+        target=target,
+        source=(255 - target) if source else None,
+    )
 
 
 def test_collate_stacks_rows_of_one_shape():
     rows = [_row("a", value=1), _row("b", value=2), _row("c", value=3)]
     batch = collate(rows)
-    assert tuple(batch["target"].shape) == (3, 5, 8, 8, 3)
-    assert batch["target"].dtype.is_floating_point is False
-    assert [int(batch["target"][i, 0, 0, 0, 0]) for i in range(3)] == [1, 2, 3]
-    assert tuple(batch["source"].shape) == (3, 5, 8, 8, 3)
-    assert int(batch["source"][1, 0, 0, 0, 0]) == 253
-    assert batch["instructions"] == ["edit a", "edit b", "edit c"]
-    assert batch["keys"] == ["a", "b", "c"] and batch["tasks"] == ["video_edit"] * 3
-    assert batch["media"] == "video"
+    assert tuple(batch.target.shape) == (3, 5, 8, 8, 3)
+    assert batch.target.dtype.is_floating_point is False
+    assert [int(batch.target[i, 0, 0, 0, 0]) for i in range(3)] == [1, 2, 3]
+    assert tuple(batch.source.shape) == (3, 5, 8, 8, 3)
+    assert int(batch.source[1, 0, 0, 0, 0]) == 253
+    assert batch.prompts == ["edit a", "edit b", "edit c"]
+    assert batch.keys == ["a", "b", "c"] and batch.tasks == ["video_edit"] * 3
+    assert batch.media == "video"
 
 
 def test_collate_gives_no_source_for_text_to_video_rows():
     batch = collate([_row("a", source=False), _row("b", source=False)])
-    assert batch["source"] is None
-    assert tuple(batch["target"].shape) == (2, 5, 8, 8, 3)
-    assert batch["tasks"] == ["t2v", "t2v"]
+    assert batch.source is None
+    assert tuple(batch.target.shape) == (2, 5, 8, 8, 3)
+    assert batch.tasks == ["t2v", "t2v"]
 
 
 def test_shape_key_separates_media_sizes_and_sources():
@@ -415,7 +417,7 @@ class FakeDataset:
         self.rows = rows
 
     def iter_rows(self):
-        return iter(self.rows)
+        return iter(self.rows)  # Ray rows, as Ray Data yields them
 
 
 class FakePasses:
@@ -432,7 +434,7 @@ class FakePasses:
         )
         if len(self.calls) > self.max_passes:
             raise AssertionError(f"the stream started more than {self.max_passes} passes")
-        return FakeDataset([dict(r) for r in self.rows_by_source[source.name]] * repeats)
+        return FakeDataset([r.to_ray() for r in self.rows_by_source[source.name]] * repeats)
 
 
 @pytest.fixture
@@ -465,7 +467,7 @@ def test_stream_batches_rows_of_one_shape(fake_passes):
     for batch in batches:
         assert len(batch) == 2
         assert len({shape_key(r) for r in batch}) == 1
-    assert sorted(r["key"] for b in batches for r in b) == sorted(r["key"] for r in rows)
+    assert sorted(r.key for b in batches for r in b) == sorted(r.key for r in rows)
     # The position follows the batches drawn, not the producer (which may run the next pass ahead).
     assert stream.position.passes == {"src": 1} and stream.position.pass_batches == {"src": 5}
     assert stream.position.batches == {"src": 5} and stream.position.repeats == {"src": 1}
@@ -478,7 +480,7 @@ def test_stream_emits_a_partial_batch_at_the_end_of_a_pass(fake_passes):
     assert sizes == [2, 2, 1]
     assert stream.position.passes == {"src": 1} and stream.position.batches == {"src": 3}
     # The next batch comes from a second pass.
-    assert [r["key"] for r in stream.next_batch()] == ["a0", "a1"]
+    assert [r.key for r in stream.next_batch()] == ["a0", "a1"]
     assert stream.position.passes == {"src": 2} and stream.position.pass_batches == {"src": 1}
     assert [c["pass"] for c in fake.calls][:2] == [0, 1]
     stream.close()
@@ -500,7 +502,7 @@ def test_undecodable_rows_are_skipped_and_counted(fake_passes):
     fake_passes({"src": rows})
     stream = _stream(batch=3, buffer=1)
     batch = stream.next_batch()
-    assert [r["key"] for r in batch] == ["a0", "a1", "a2"]
+    assert [r.key for r in batch] == ["a0", "a1", "a2"]
     assert stream.position.skipped == 2
 
 
@@ -547,7 +549,7 @@ def test_shuffle_order_depends_on_pass_and_restart_step(fake_passes):
         if step is not None:
             position.restart_passes(step)
         stream = _stream(position=position, batch=40, buffer=16)
-        return [r["key"] for r in stream.next_batch()]
+        return [r.key for r in stream.next_batch()]
 
     assert first_pass(None) == first_pass(None) == first_pass(0)
     assert first_pass(0) != first_pass(5)
@@ -577,11 +579,11 @@ def test_mixed_iterator_interleaves_sources_and_tracks_the_position(fake_passes)
     seen = []
     for step in range(12):
         batch = mixed.next()
-        seen.append(batch["source_name"])
-        if batch["source_name"] == "videos":
-            assert batch["media"] == "video" and tuple(batch["target"].shape) == (2, 5, 8, 8, 3)
+        seen.append(batch.source_name)
+        if batch.source_name == "videos":
+            assert batch.media == "video" and tuple(batch.target.shape) == (2, 5, 8, 8, 3)
         else:
-            assert batch["media"] == "image" and tuple(batch["target"].shape) == (4, 1, 8, 8, 3)
+            assert batch.media == "image" and tuple(batch.target.shape) == (4, 1, 8, 8, 3)
         assert mixed.position.step == step + 1
     assert seen == expected
     assert set(seen) == {"videos", "images"}
@@ -620,10 +622,10 @@ def _step_sources(mixed: MixedBatchIterator, steps, grad_accum: int) -> list[str
     names = []
     for step in steps:
         micro = [mixed.next(step) for _ in range(grad_accum)]
-        assert len({b["source_name"] for b in micro}) == 1, (step, [b["source_name"] for b in micro])
-        assert len({b["media"] for b in micro}) == 1
+        assert len({b.source_name for b in micro}) == 1, (step, [b.source_name for b in micro])
+        assert len({b.media for b in micro}) == 1
         assert mixed.position.step == step + 1
-        names.append(micro[0]["source_name"])
+        names.append(micro[0].source_name)
     return names
 
 
@@ -702,7 +704,7 @@ def _replay_setup(rank: int = 1, world_size: int = 2, **kwargs):
 
 def _draw(mixed: MixedBatchIterator, steps, grad_accum: int) -> list[tuple[str, ...]]:
     """The keys of every micro-batch of ``steps``, drawn like Trainer.train_step."""
-    return [tuple(mixed.next(step)["keys"]) for step in steps for _ in range(grad_accum)]
+    return [tuple(mixed.next(step).keys) for step in steps for _ in range(grad_accum)]
 
 
 @pytest.mark.parametrize("grad_accum", [1, 3])
@@ -750,18 +752,18 @@ def test_replay_restores_the_pass_its_repeats_and_seeds(fake_passes):
         return _stream(batch=3, buffer=3, min_rows=10, position=position, rank=1, world=2)
 
     whole = stream()
-    expected = [[r["key"] for r in whole.next_batch()] for _ in range(20)]
+    expected = [[r.key for r in whole.next_batch()] for _ in range(20)]
     whole.close()
     resumed_in_later_pass = 0
     for cut in range(20):
         first = stream()
-        before = [[r["key"] for r in first.next_batch()] for _ in range(cut)]
+        before = [[r.key for r in first.next_batch()] for _ in range(cut)]
         saved = first.position.to_json()
         first.close()
         position = DataPosition.from_json(saved)
         calls = len(fake.calls)
         resumed = stream(position)
-        after = [[r["key"] for r in resumed.next_batch()] for _ in range(20 - cut)]
+        after = [[r.key for r in resumed.next_batch()] for _ in range(20 - cut)]
         resumed.close()
         assert before + after == expected, cut
         current = json.loads(saved)["passes"].get("src", 0) - 1
@@ -787,10 +789,10 @@ def test_a_pass_leaves_no_partial_batch_behind(fake_passes):
     rows = [_row("a0"), _row("b0", shape=(5, 8, 16)), _row("a1"), _row("c0", shape=(3, 8, 8))]
     fake_passes({"src": rows})
     stream = _stream(batch=4, buffer=1)
-    sizes = [sorted(r["key"] for r in stream.next_batch()) for _ in range(3)]
+    sizes = [sorted(r.key for r in stream.next_batch()) for _ in range(3)]
     assert sizes == [["a0", "a1"], ["b0"], ["c0"]]
     assert stream.pending == {} and stream.position.pass_batches == {"src": 3}
-    assert sorted(r["key"] for r in stream.next_batch()) == ["a0", "a1"]  # pass 1 alone
+    assert sorted(r.key for r in stream.next_batch()) == ["a0", "a1"]  # pass 1 alone
     assert stream.position.passes == {"src": 2} and stream.position.pass_batches == {"src": 1}
     stream.close()
 
@@ -846,17 +848,17 @@ def test_row_stream_batches_rows_held_in_memory_pass_after_pass():
     stream = RowStream(cfg.sources[0], rows, cfg, DataPosition())
     first_pass = [stream.next_batch() for _ in range(5)]
     assert all(len({shape_key(r) for r in batch}) == 1 for batch in first_pass)
-    assert sorted(r["key"] for b in first_pass for r in b) == sorted(r["key"] for r in rows)
+    assert sorted(r.key for b in first_pass for r in b) == sorted(r.key for r in rows)
     second_pass = [stream.next_batch() for _ in range(5)]
-    assert sorted(r["key"] for b in second_pass for r in b) == sorted(r["key"] for r in rows)
-    assert [r["key"] for b in first_pass for r in b] != [r["key"] for b in second_pass for r in b]
+    assert sorted(r.key for b in second_pass for r in b) == sorted(r.key for r in rows)
+    assert [r.key for b in first_pass for r in b] != [r.key for b in second_pass for r in b]
     stream.close()
     again = RowStream(cfg.sources[0], rows, cfg, DataPosition())
-    assert [r["key"] for r in again.next_batch()] == [r["key"] for r in first_pass[0]]
+    assert [r.key for r in again.next_batch()] == [r.key for r in first_pass[0]]
     again.close()
 
     mixed = MixedBatchIterator(cfg, rows={"mem": rows})
-    assert len(mixed.next()["keys"]) == 2 and mixed.next()["source_name"] == "mem"
+    assert len(mixed.next().keys) == 2 and mixed.next().source_name == "mem"
     mixed.close()
     with pytest.raises(ValueError, match="no rows given"):
         MixedBatchIterator(cfg, rows={"other": rows})

@@ -109,3 +109,26 @@ def test_train_refuses_a_plan_that_does_not_fit_unless_forced():
 def test_train_force_flag_sets_plan_enforce(capsys):
     assert main(["train", "--recipe", "debug", "--force", "--print-config"]) == 0
     assert "enforce: false" in capsys.readouterr().out
+
+
+def test_precomputed_sources_take_the_frozen_encoders_off_the_plan(tmp_path, capsys):
+    """Every source precomputed (a latents.json at its output root): the encoders' bytes leave the
+    per-GPU plan, and the plan says how much that is; pixel sources keep them."""
+    from sama import schema
+
+    cfg = _recipe("pretrain")
+    pixel = memory_plan(cfg)
+    assert pixel.precomputed is False and pixel.per_gpu["encoders"] == pixel.frozen_encoders_bytes > 0
+    assert "would save the frozen encoders'" in pixel.format()
+    forced = memory_plan(cfg, precomputed=True)
+    assert forced.per_gpu["encoders"] == 0 and forced.frozen_encoders_bytes == pixel.frozen_encoders_bytes
+    assert forced.total == pixel.total - pixel.frozen_encoders_bytes
+    assert forced.to_dict()["precomputed"] is True and forced.to_dict()["frozen_encoders_bytes"] > 0
+
+    info = schema.LatentOutputInfo(encoders={}, dtype="bfloat16")
+    schema.write_latent_info(str(tmp_path), info, [])
+    for source in cfg.data.sources:
+        source.uri = str(tmp_path / "shards" / source.media)
+    detected = memory_plan(cfg)
+    assert detected.precomputed and detected.total == forced.total
+    assert "are not loaded on the GPUs" in detected.format()

@@ -228,3 +228,26 @@ def test_memory_per_worker_is_placed_per_node():
     with pytest.raises(CheckFailed, match=r"2 worker\(s\) x \{CPU 1, memory 12.0 GiB\}"):
         preflight.cluster_verdict(cfg, [CPU_NODE], None)
     assert "can place them" in preflight.cluster_verdict(cfg, [CPU_NODE, CPU_NODE], None)
+
+
+def test_check_precomputed_compares_the_latents_encoders_with_the_runs(tmp_path):
+    """A latent source made by the run's encoders passes, one made by others fails naming the
+    source and the differing field; media shards are not concerned."""
+    from sama import schema
+    from sama.train.trainer import frozen_encoder_identity, resolve_model_config
+
+    cfg = config.load(TrainConfig, recipe_path("debug"), [])
+    key = "data.sources[0].uri"
+    assert preflight.check_precomputed(cfg, "clips", str(tmp_path / "media" / "shards" / "video"), key) == ""
+    identity = frozen_encoder_identity(cfg.model, resolve_model_config(cfg.model))
+    schema.write_latent_info(
+        str(tmp_path / "good"), schema.LatentOutputInfo(encoders=identity, dtype="bfloat16"), []
+    )
+    found = preflight.check_precomputed(cfg, "clips", str(tmp_path / "good" / "shards" / "video"), key)
+    assert "precomputed (bfloat16) by this run's encoders" in found
+    other = {**identity, "text_encoder": {**identity["text_encoder"], "weights": "someone/else"}}
+    schema.write_latent_info(
+        str(tmp_path / "bad"), schema.LatentOutputInfo(encoders=other, dtype="float32"), []
+    )
+    with pytest.raises(CheckFailed, match=r"'clips'.*text_encoder: weights 'someone/else'"):
+        preflight.check_precomputed(cfg, "clips", str(tmp_path / "bad" / "shards" / "video"), key)

@@ -6,6 +6,7 @@ replaced by an in-process reader that lists the same worker shards, filters and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -21,7 +22,7 @@ from sama.models.training import SamaBatch  # noqa: E402
 from sama.schema import Sample, SampleMeta, ShardConfig, ShardWriter  # noqa: E402
 from sama.train import checkpoint as ckpt  # noqa: E402
 from sama.train import data as data_lib  # noqa: E402
-from sama.train.data import DataConfig, DataPosition, SourceConfig, collate, decode_row  # noqa: E402
+from sama.train.data import DataConfig, DataPosition, SourceConfig, TrainingRow, decode_row  # noqa: E402
 from sama.train.trainer import (  # noqa: E402
     ModelSection,
     OptimConfig,
@@ -154,7 +155,12 @@ def _record_lr(trainer: Trainer) -> list[float]:
     return used
 
 
-def _fixed_batches(trainer: Trainer, batches: list[dict]) -> None:
+def collate(rows, text_length=None):
+    """sama.train.data.collate of Ray rows (what local_pass yields), through the typed records."""
+    return data_lib.collate([TrainingRow.from_ray(row) for row in rows], text_length)
+
+
+def _fixed_batches(trainer: Trainer, batches: list[SamaBatch]) -> None:
     it = iter(batches)
 
     def next_batch(step=None):
@@ -248,7 +254,7 @@ def test_gradient_accumulation_draws_every_micro_batch_from_the_steps_source(sha
 
     def next_batch(step=None):
         batch = original(step)
-        drawn.append((step, batch["source_name"]))
+        drawn.append((step, batch.source_name))
         return batch
 
     trainer.batches.next = next_batch
@@ -298,11 +304,11 @@ def test_checkpoint_then_restore_in_a_fresh_trainer(shards, tmp_path):
     assert fresh.batches.position is fresh.position
     # The resumed stream replays each source's interrupted pass: its next batches are the trainer's.
     for step in (2, 3, 4):
-        assert fresh.batches.next(step)["keys"] == trainer.batches.next(step)["keys"], step
+        assert fresh.batches.next(step).keys == trainer.batches.next(step).keys, step
 
     # From here both take the same step on the same batch, and stay identical.
     rows = local_pass(cfg.data.sources[0], cfg.data, 0, 1, 0, 1, 0).rows[:2]
-    batch = {**collate(rows), "source_name": "videos"}
+    batch = dataclasses.replace(collate(rows), source_name="videos")
     _fixed_batches(trainer, [batch])
     _fixed_batches(fresh, [batch])
     a, b = trainer.train_step(), fresh.train_step()
@@ -391,7 +397,7 @@ def test_render_edits_writes_source_edit_target_strips(shards):
     rendered = trainer.render_edits()
     assert len(rendered) == 1
     key, data = rendered[0]
-    assert key == trainer.render_rows[0]["key"]
+    assert key == trainer.render_rows[0].key
     frames = video.decode_video_bytes(data)
     assert frames.shape == (5, 32, 96, 3)
     assert trainer.module.training
@@ -402,17 +408,17 @@ def test_render_edits_restores_a_speed_sample_to_its_target_length(shards):
     and the strip shows the source stretched over the same span (frame i at source frame
     round(i * (3 - 1) / (5 - 1)))."""
     trainer = _trainer(_config(shards))
-    row = dict(trainer.render_rows[0])
-    row["source"] = row["source"][::2]  # 3 of 5 frames, as the speed task writes
+    row = trainer.render_rows[0]
+    row = dataclasses.replace(row, source=row.source[::2])  # 3 of 5 frames, as the speed task writes
     trainer.render_rows = [row]
     [(_, data)] = trainer.render_edits()
     frames = video.decode_video_bytes(data)
     assert frames.shape == (5, 32, 96, 3)
     shown_source = frames[:, :, :32].astype(int)
-    expected_source = row["source"][[0, 0, 1, 2, 2]].astype(int)  # np.round: 0, 0.5->0, 1, 1.5->2, 2
+    expected_source = row.source[[0, 0, 1, 2, 2]].astype(int)  # np.round: 0, 0.5->0, 1, 1.5->2, 2
     assert np.abs(shown_source - expected_source).mean() < 12
     shown_target = frames[:, :, 64:].astype(int)
-    assert np.abs(shown_target - row["target"].astype(int)).mean() < 12
+    assert np.abs(shown_target - row.target.astype(int)).mean() < 12
 
 
 def test_grad_accum_averages_micro_batches(shards):
@@ -423,16 +429,13 @@ def test_grad_accum_averages_micro_batches(shards):
     params = trainer.params
     video_rows = local_pass(cfg.data.sources[0], cfg.data, 0, 1, 0, 1, 0).rows
     batches = [collate(video_rows[0:2]), collate(video_rows[2:4])]
-    assert batches[0]["keys"] != batches[1]["keys"]
+    assert batches[0].keys != batches[1].keys
 
     # Reference, computed directly on the module: per micro-batch loss and gradient.
     losses, grads = [], []
     for micro, batch in enumerate(batches):
         generator = trainer._generator(0, 0, micro)
-        encoded = module.encode_batch(
-            SamaBatch(prompts=batch["instructions"], target=batch["target"], source=batch["source"]),
-            generator,
-        )
+        encoded = module.encode_batch(batch, generator)
         out = module.compute_loss(encoded, generator)
         losses.append(float(out.loss.detach()))
         grads.append(torch.autograd.grad(out.loss, params))
@@ -509,13 +512,10 @@ def test_logical_ranks_on_one_process_average_the_ranks_they_play(shards, tmp_pa
         stream = data_lib.MixedBatchIterator(cfg.data, None, rank, 2)
         for micro in range(cfg.grad_accum):
             batch = stream.next(0)
-            keys.append(batch["keys"])
-            samples += len(batch["keys"])
+            keys.append(batch.keys)
+            samples += len(batch.keys)
             generator = step_generator(cfg.seed, rank, 0, micro)
-            encoded = module.encode_batch(
-                SamaBatch(prompts=batch["instructions"], target=batch["target"], source=batch["source"]),
-                generator,
-            )
+            encoded = module.encode_batch(batch, generator)
             out = module.compute_loss(encoded, generator)
             losses.append(float(out.loss.detach()))
             grads.append(torch.autograd.grad(out.loss, params))
