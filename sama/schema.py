@@ -209,13 +209,7 @@ class Sample:
         Accepts the dicts produced by the ``webdataset`` library and by Ray Data's
         ``read_webdataset(decoder=None)`` (``__key__``/``__url__`` entries are used for messages).
         """
-        key = members.get("__key__")
-        where = where or f"{members.get('__url__', '<shard>')}:{key}"
-        if META not in members:
-            raise SchemaError(f"{where}: sample has no {META} member")
-        meta = SampleMeta.from_json(_as_bytes(members[META]), where=where)
-        if key is not None and str(key).split("/")[-1] != meta.key:
-            raise SchemaError(f"{where}: member key {key!r} does not match metadata key {meta.key!r}")
+        meta, where = _member_meta(members, where)
         source_name, target_name = MEDIA_MEMBERS.get(meta.media, (None, None))
         if target_name is None or target_name not in members:
             raise SchemaError(f"{where}: sample has no target member {target_name}")
@@ -351,16 +345,23 @@ class LatentSample:
 
     @classmethod
     def from_members(cls, members: Mapping[str, Any], where: str = "") -> LatentSample:
-        key = members.get("__key__")
-        where = where or f"{members.get('__url__', '<shard>')}:{key}"
-        if META not in members:
-            raise SchemaError(f"{where}: sample has no {META} member")
-        meta = SampleMeta.from_json(_as_bytes(members[META]), where=where)
-        if key is not None and str(key).split("/")[-1] != meta.key:
-            raise SchemaError(f"{where}: member key {key!r} does not match metadata key {meta.key!r}")
+        meta, where = _member_meta(members, where)
         if LATENTS not in members or isinstance(members[LATENTS], float):
             raise SchemaError(f"{where}: sample has no {LATENTS} member")
         return cls(meta=meta, latents=SampleLatents.from_bytes(_as_bytes(members[LATENTS]), where))
+
+
+def _member_meta(members: Mapping[str, Any], where: str = "") -> tuple[SampleMeta, str]:
+    """A sample's metadata from its members, checked against the member key; and the sample's
+    name for messages (``shard:key`` unless ``where`` is given)."""
+    key = members.get("__key__")
+    where = where or f"{members.get('__url__', '<shard>')}:{key}"
+    if META not in members:
+        raise SchemaError(f"{where}: sample has no {META} member")
+    meta = SampleMeta.from_json(_as_bytes(members[META]), where=where)
+    if key is not None and str(key).split("/")[-1] != meta.key:
+        raise SchemaError(f"{where}: member key {key!r} does not match metadata key {meta.key!r}")
+    return meta, where
 
 
 def is_latent_members(members: Mapping[str, Any]) -> bool:
