@@ -120,7 +120,12 @@ def cube_inpaint(frames: np.ndarray, rng: np.random.Generator, cfg: PretextConfi
     ``{"mask_start", "mask_length", "mask_box": [top, left, height, width], "mask_value"}``.
     """
     _check_clip(frames)
-    t, h, w, _ = frames.shape
+    params = _cube_params(frames.shape, rng, cfg)
+    return derive_source(TASK_CUBE, frames, params), params
+
+
+def _cube_params(shape: tuple[int, ...], rng: np.random.Generator, cfg: PretextConfig) -> dict:
+    t, h, w = shape[:3]
     length = max(1, int(round(cfg.mask_ratio * t)))
     if t < 2 or length > t - 1:
         raise ValueError(f"cube inpainting needs a clip of at least 2 frames, got {t}")
@@ -129,13 +134,12 @@ def cube_inpaint(frames: np.ndarray, rng: np.random.Generator, cfg: PretextConfi
     mw = max(1, int(round(cfg.mask_spatial_extent * w)))
     top = int(rng.integers(0, h - mh + 1))
     left = int(rng.integers(0, w - mw + 1))
-    params = {
+    return {
         "mask_start": start,
         "mask_length": length,
         "mask_box": [top, left, mh, mw],
         "mask_value": int(cfg.mask_value),
     }
-    return mask_cube(frames, start, length, [top, left, mh, mw], cfg.mask_value), params
 
 
 def mask_cube(
@@ -165,11 +169,15 @@ def mask_cube(
 def speed_up(frames: np.ndarray, cfg: PretextConfig) -> tuple[np.ndarray, dict]:
     """Every ``speed_factor``-th frame, trimmed to 4k+1 frames (:func:`subsample_frames`)."""
     _check_clip(frames)
-    keep = floor_4k_plus_1(len(frames[:: cfg.speed_factor]))
+    params = _speed_params(frames.shape, cfg)
+    return derive_source(TASK_SPEED, frames, params), params
+
+
+def _speed_params(shape: tuple[int, ...], cfg: PretextConfig) -> dict:
+    keep = floor_4k_plus_1(len(range(0, shape[0], cfg.speed_factor)))
     if keep < 1:
         raise ValueError("speed perturbation produced no frames")
-    params = {"speed_factor": cfg.speed_factor, "source_frames": keep}
-    return subsample_frames(frames, cfg.speed_factor, keep), params
+    return {"speed_factor": cfg.speed_factor, "source_frames": keep}
 
 
 def subsample_frames(frames: np.ndarray, speed_factor: int, source_frames: int) -> np.ndarray:
@@ -214,15 +222,18 @@ def tube_shuffle(frames: np.ndarray, rng: np.random.Generator, cfg: PretextConfi
     of the original (:func:`shuffle_tubes`), so ``unshuffle_tubes`` restores the clip exactly.
     """
     _check_clip(frames)
-    t, h, w, _ = frames.shape
+    params = _tube_params(frames.shape, rng, cfg)
+    return derive_source(TASK_TUBE, frames, params), params
+
+
+def _tube_params(shape: tuple[int, ...], rng: np.random.Generator, cfg: PretextConfig) -> dict:
+    t, h, w = shape[:3]
     t0 = 1 if cfg.tube_keep_first_frame else 0
     _check_tube_clip(t, h, w, t0)
     perm = np.arange(8)
     while np.array_equal(perm, np.arange(8)):
         perm = rng.permutation(8)
-    permutation = [int(p) for p in perm]
-    params = {"permutation": permutation, "tube_first_frame": t0, "grid": [2, 2, 2]}
-    return shuffle_tubes(frames, permutation, t0), params
+    return {"permutation": [int(p) for p in perm], "tube_first_frame": t0, "grid": [2, 2, 2]}
 
 
 def _check_permutation(permutation: list[int]) -> None:
@@ -260,6 +271,7 @@ class PretextResult:
     task: str
     source: np.ndarray | None
     params: dict[str, Any]
+    source_frames: int | None = None
 
 
 # The tasks whose source is rebuilt from the target and the recorded parameters.
@@ -273,19 +285,26 @@ _REQUIRED_PARAMS = {
 }
 
 
-def apply_task(task: str, frames: np.ndarray, rng: np.random.Generator, cfg: PretextConfig) -> PretextResult:
-    """Build the source of a ``task`` sample from the target clip ``frames``."""
+def apply_task(
+    task: str, frames: np.ndarray, rng: np.random.Generator, cfg: PretextConfig, with_source: bool = True
+) -> PretextResult:
+    """Draw a ``task`` sample's parameters for the target clip ``frames`` and build its source
+    (:func:`derive_source`); ``with_source=False`` draws the same parameters and builds nothing
+    (store-once shards keep the parameters, not the source). ``source_frames`` is the source's
+    frame count either way (None: no source)."""
     if task == TASK_NONE:
-        return PretextResult(task, None, {})
+        return PretextResult(task, None, {}, None)
+    _check_clip(frames)
     if task == TASK_CUBE:
-        source, params = cube_inpaint(frames, rng, cfg)
+        params = _cube_params(frames.shape, rng, cfg)
     elif task == TASK_SPEED:
-        source, params = speed_up(frames, cfg)
+        params = _speed_params(frames.shape, cfg)
     elif task == TASK_TUBE:
-        source, params = tube_shuffle(frames, rng, cfg)
+        params = _tube_params(frames.shape, rng, cfg)
     else:
         raise ValueError(f"unknown pretext task {task!r}; known: {list(PRETEXT_TASKS)}")
-    return PretextResult(task, source, params)
+    source = derive_source(task, frames, params) if with_source else None
+    return PretextResult(task, source, params, int(params.get("source_frames", len(frames))))
 
 
 def derive_source(task: str, target: np.ndarray, params: dict[str, Any]) -> np.ndarray | None:

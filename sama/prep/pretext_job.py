@@ -140,11 +140,12 @@ def make_clip_sample(
         # (choice) A text-to-video sample trains the text path; without a caption it would teach
         # nothing, so an uncaptioned clip draws one of the restoration tasks instead.
         task = choose_task(rng, {k: v for k, v in cfg.pretext.weights.items() if k != TASK_NONE})
-    result = apply_task(task, frames, rng, cfg.pretext)
+    # Store-once (the default) keeps the parameters only: the source is never built here.
+    result = apply_task(task, frames, rng, cfg.pretext, with_source=cfg.pretext.materialize_source)
     enc = cfg.encode
     target = enc.encode(frames, cfg.clips.fps)
     source = None
-    if result.source is not None and cfg.pretext.materialize_source:
+    if result.source is not None:
         source = enc.encode(result.source, cfg.clips.fps)
     meta = schema.SampleMeta(
         key=key,
@@ -159,7 +160,7 @@ def make_clip_sample(
         bucket=bucket.name,
         source_uri=input_id,
         span=[start_s, round(start_s + cfg.clips.duration_s, 6)],
-        source_num_frames=None if result.source is None else len(result.source),
+        source_num_frames=result.source_frames,
         pretext=result.params,
         dataset=cfg.dataset,
     )

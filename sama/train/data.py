@@ -168,6 +168,19 @@ class TrainingRow:
         if not self.num_frames and self.target is not None:
             self.num_frames = int(self.target.shape[0])
 
+    @classmethod
+    def of(cls, meta: schema.SampleMeta, **tensors: Any) -> TrainingRow:
+        """The record of the sample ``meta`` describes, holding ``tensors`` (frames or latents)."""
+        return cls(
+            key=meta.key,
+            task=meta.task,
+            media=meta.media,
+            instruction=meta.instruction,
+            bucket=meta.bucket,
+            num_frames=int(meta.num_frames),
+            **tensors,
+        )
+
     @property
     def is_latent(self) -> bool:
         return self.latents is not None
@@ -239,15 +252,7 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
     try:
         sample = schema.read_sample(row)
         meta = sample.meta
-        record = TrainingRow(
-            key=meta.key,
-            task=meta.task,
-            media=meta.media,
-            instruction=meta.instruction,
-            bucket=meta.bucket,
-            num_frames=int(meta.num_frames),
-        )
-        out = record.to_ray()
+        out = TrainingRow.of(meta).to_ray()
         if isinstance(sample, schema.LatentSample):
             # The member's own bytes, already checked by LatentSample.from_members.
             out["latents"] = bytes(row[schema.LATENTS])
@@ -273,16 +278,7 @@ def latent_record(row: Mapping[str, Any]) -> TrainingRow:
     that cannot be read becomes an error row (skipped with its reason), never an exception."""
     try:
         sample = schema.LatentSample.from_members(row)
-        meta = sample.meta
-        return TrainingRow(
-            key=meta.key,
-            task=meta.task,
-            media=meta.media,
-            instruction=meta.instruction,
-            bucket=meta.bucket,
-            latents=sample.latents,
-            num_frames=int(meta.num_frames),
-        )
+        return TrainingRow.of(sample.meta, latents=sample.latents)
     except Exception as exc:
         key = str(row.get("__key__", "?"))
         return TrainingRow(key=key, error=f"{row.get('__url__', '?')}:{key}: {type(exc).__name__}: {exc}")
