@@ -776,38 +776,10 @@ class SamaEditPipeline:
             ),
         )
 
-        def load_vae() -> LatentAutoencoder:
-            entry = components["vae"]
-            if "path" in entry:
-                sample = model_config.vae.sample_posterior if model_config is not None else False
-                kwargs = {"sample_posterior": sample}
-                vae_dir = os.path.join(path, entry["path"])
-                if os.path.isfile(os.path.join(vae_dir, "config.json")):
-                    return load_autoencoder(vae_dir, torch_dtype=dtype, **kwargs)
-                return load_autoencoder(vae_dir)
-            if model_config is None:
-                raise ValueError("a referenced autoencoder needs the model config in the manifest")
-            return build_autoencoder(model_config.vae, entry["pretrained"], dtype or torch.float32)
-
-        def load_text() -> TextEncoder:
-            entry = components["text_encoder"]
-            max_length = int(
-                manifest.get("text_max_length") or (model_config.text.max_length if model_config else 512)
-            )
-            if "path" in entry:
-                return TextEncoder.from_pretrained(
-                    path,
-                    max_length=max_length,
-                    subfolder=entry["path"],
-                    tokenizer_subfolder=entry.get("tokenizer", "tokenizer"),
-                    torch_dtype=dtype,
-                )
-            if model_config is None:
-                raise ValueError("a referenced text encoder needs the model config in the manifest")
-            return build_text_encoder(model_config.text, entry["pretrained"], dtype or torch.float32)
-
-        vae = component("vae", load_vae)
-        text_encoder = component("text_encoder", load_text)
+        vae = component("vae", lambda: load_export_vae(path, manifest, model_config, dtype))
+        text_encoder = component(
+            "text_encoder", lambda: load_export_text(path, manifest, model_config, dtype)
+        )
         scheduler = component(
             "scheduler",
             lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
@@ -820,6 +792,45 @@ class SamaEditPipeline:
         if device is not None:
             pipeline.to(device)
         return pipeline
+
+
+def load_export_vae(
+    path: str, manifest: dict, model_config: ModelConfig | None, dtype: torch.dtype | None
+) -> LatentAutoencoder:
+    """The autoencoder of the export at local ``path`` (its parsed ``manifest``): its own copy, or
+    the checkpoint it references."""
+    entry = manifest["components"]["vae"]
+    if "path" in entry:
+        sample = model_config.vae.sample_posterior if model_config is not None else False
+        vae_dir = os.path.join(path, entry["path"])
+        if os.path.isfile(os.path.join(vae_dir, "config.json")):
+            return load_autoencoder(vae_dir, torch_dtype=dtype, sample_posterior=sample)
+        return load_autoencoder(vae_dir)
+    if model_config is None:
+        raise ValueError("a referenced autoencoder needs the model config in the manifest")
+    return build_autoencoder(model_config.vae, entry["pretrained"], dtype or torch.float32)
+
+
+def load_export_text(
+    path: str, manifest: dict, model_config: ModelConfig | None, dtype: torch.dtype | None
+) -> TextEncoder:
+    """The text encoder of the export at local ``path`` (its parsed ``manifest``): its own copy,
+    or the checkpoint it references."""
+    entry = manifest["components"]["text_encoder"]
+    max_length = int(
+        manifest.get("text_max_length") or (model_config.text.max_length if model_config else 512)
+    )
+    if "path" in entry:
+        return TextEncoder.from_pretrained(
+            path,
+            max_length=max_length,
+            subfolder=entry["path"],
+            tokenizer_subfolder=entry.get("tokenizer", "tokenizer"),
+            torch_dtype=dtype,
+        )
+    if model_config is None:
+        raise ValueError("a referenced text encoder needs the model config in the manifest")
+    return build_text_encoder(model_config.text, entry["pretrained"], dtype or torch.float32)
 
 
 def _guide(prediction: torch.Tensor, scale: float, do_cfg: bool) -> torch.Tensor:

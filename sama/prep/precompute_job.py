@@ -246,11 +246,15 @@ def load_encoders(
 
 def _export_encoders(export_uri: str, model_config, with_vae: bool):
     """The autoencoder (None unless ``with_vae``) and text encoder of the SAMA export at
-    ``export_uri``, loaded as ``SamaEditPipeline.from_pretrained`` loads them."""
-    from sama.models.autoencoders import build_autoencoder, load_autoencoder
+    ``export_uri``, loaded by the functions ``SamaEditPipeline.from_pretrained`` uses."""
     from sama.models.presets import torch_dtype_of
-    from sama.models.text import TextEncoder, build_text_encoder
-    from sama.pipeline_edit import PIPELINE_FILE, ModelDirectoryError, parse_manifest
+    from sama.pipeline_edit import (
+        PIPELINE_FILE,
+        ModelDirectoryError,
+        load_export_text,
+        load_export_vae,
+        parse_manifest,
+    )
     from sama.train.trainer import local_export
 
     path = local_export(export_uri)
@@ -266,29 +270,10 @@ def _export_encoders(export_uri: str, model_config, with_vae: bool):
             raise ModelDirectoryError(path, f"{PIPELINE_FILE} does not describe the {name}")
         return value
 
-    vae = None
-    if with_vae:
-        spec = entry("vae")
-        if "path" in spec:
-            vae_dir = os.path.join(path, spec["path"])
-            if os.path.isfile(os.path.join(vae_dir, "config.json")):
-                vae = load_autoencoder(vae_dir, torch_dtype=dtype, sample_posterior=own.vae.sample_posterior)
-            else:
-                vae = load_autoencoder(vae_dir)
-        else:
-            vae = build_autoencoder(own.vae, spec["pretrained"], dtype)
-    spec = entry("text_encoder")
-    if "path" in spec:
-        max_length = int(manifest.get("text_max_length") or own.text.max_length)
-        text = TextEncoder.from_pretrained(
-            path,
-            max_length=max_length,
-            subfolder=spec["path"],
-            tokenizer_subfolder=spec.get("tokenizer", "tokenizer"),
-            torch_dtype=dtype,
-        )
-    else:
-        text = build_text_encoder(own.text, spec["pretrained"], dtype)
+    for name in ("vae", "text_encoder") if with_vae else ("text_encoder",):
+        entry(name)  # a clear error for a manifest that does not describe it
+    vae = load_export_vae(path, manifest, own, dtype) if with_vae else None
+    text = load_export_text(path, manifest, own, dtype)
     return vae, text
 
 

@@ -276,3 +276,22 @@ def test_batches_group_equal_shapes_and_storage_dtype(tmp_path, encoders):
     summary_keys = json.dumps(sorted(read_latents(out)))
     assert summary_keys == json.dumps(sorted(s.key for s in pixels))
     assert np.all([r.samples for r in ledger.read_markers(out)])
+
+
+def test_encoders_of_an_export_are_the_exports_own(tmp_path):
+    """`--model EXPORT` loads the export's autoencoder and text encoder (not the transformer): the
+    same text embeddings and latents as the model that was exported."""
+    from sama.models.presets import build_model
+    from sama.pipeline_edit import SamaEditPipeline
+    from sama.train.trainer import ModelSection
+
+    components = build_model("tiny")
+    SamaEditPipeline.from_components(components).save_pretrained(str(tmp_path / "export"))
+    section = ModelSection(init_from=str(tmp_path / "export"))
+    loaded = load_encoders(section, model_config_of(section))
+    assert loaded.transformer is None
+    prompts = ["[Video edit] make it red", ""]
+    expected = components.text_encoder.encode(prompts, allow_empty=True)
+    assert torch.equal(loaded.text_encoder.encode(prompts, allow_empty=True), expected)
+    frames = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    assert torch.equal(loaded.vae.encode(frames), components.vae.encode(frames))
