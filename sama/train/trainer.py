@@ -933,14 +933,15 @@ class Trainer:
         if name == "semantic_encoder":
             return presets.build_semantic_encoder(config)
         if self.cfg.model.init_from:
-            # The export's own autoencoder and text encoder, as components_from_export reads them.
-            from sama.pipeline_edit import SamaEditPipeline
+            # The export's own autoencoder or text encoder, read without its transformer (the
+            # export's manifest config: this run's drops the checkpoints they may reference).
+            from sama.pipeline_edit import PIPELINE_FILE, load_export_text, load_export_vae, parse_manifest
 
             export = local_export(self.cfg.model.init_from)
-            pipeline = SamaEditPipeline.from_pretrained(export, torch_dtype=dtype)
-            for other in ("vae", "text_encoder"):
-                self._lazy_frozen.setdefault(other, getattr(pipeline, other))
-            return self._lazy_frozen[name]
+            with open(os.path.join(export, PIPELINE_FILE)) as handle:
+                manifest, export_config, _ = parse_manifest(handle.read(), export)
+            load = load_export_vae if name == "vae" else load_export_text
+            return load(export, manifest, export_config or config, dtype)
         with presets.frozen_init(name):
             if name == "vae":
                 return presets.build_autoencoder(config.vae, config.component_source("vae"), dtype)

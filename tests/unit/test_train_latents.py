@@ -365,3 +365,25 @@ def test_a_latent_source_is_read_from_its_shards_without_ray(components, tmp_pat
     batch = collate(stream.next_batch(), text_length=32)
     stream.close()
     assert batch.target_latents is not None and batch.target is None and batch.keys[0] in first
+
+
+def test_a_latent_run_from_an_export_loads_the_exports_encoders_when_needed(
+    components, tmp_path, restore_threads
+):
+    """model.init_from + every source precomputed: no encoder at build; a render's text encoder and
+    autoencoder, loaded when first needed, are the export's own."""
+    from sama.pipeline_edit import SamaEditPipeline
+
+    SamaEditPipeline.from_components(components).save_pretrained(str(tmp_path / "export"))
+    uri = _write_latent_output(tmp_path / "latents", components)
+    rows = _latent_rows(components, _pixel_rows("cube_inpaint", 4))
+    model = ModelSection(preset="tiny", init_from=str(tmp_path / "export"))
+    trainer = Trainer(_config([SourceConfig("clips", uri, "video")], model=model))
+    trainer.build(rows={"clips": rows})
+    assert trainer.precomputed and trainer.components.text_encoder is None and trainer.components.vae is None
+    text = trainer.frozen("text_encoder", "render")
+    prompts = ["[Video edit] make it red"]
+    assert torch.equal(text.encode(prompts), components.text_encoder.encode(prompts))
+    frames = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    assert torch.equal(trainer.frozen("vae", "render").encode(frames), components.vae.encode(frames))
+    assert trainer.frozen_loaded == {"text_encoder": "render", "vae": "render"}
