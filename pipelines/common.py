@@ -54,6 +54,11 @@ class ActorPool:
     num_cpus: float = 1.0
     num_gpus: float | None = None
 
+    @classmethod
+    def of(cls, factory: Callable[[], Callable[[str], ledger.UnitResult]], ray_cfg) -> ActorPool:
+        """A pool sized by a job's :class:`sama.prep.common.ActorRayConfig`."""
+        return cls(factory, ray_cfg.actors, ray_cfg.num_cpus_per_actor, ray_cfg.num_gpus_per_actor)
+
     def resolved(self) -> tuple[int, float]:
         """(actors, GPUs per actor) for the connected cluster."""
         import ray

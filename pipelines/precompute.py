@@ -68,11 +68,6 @@ def run(cfg: PrecomputeConfig, overwrite: bool = False) -> ledger.Summary:
         process=None,
         ray_cfg=cfg.ray,
         what="clips",
-        actors=common.ActorPool(
-            factory=lambda: _EncoderProcess(cfg),
-            size=cfg.ray.actors,
-            num_cpus=cfg.ray.num_cpus_per_actor,
-            num_gpus=cfg.ray.num_gpus_per_actor,
-        ),
+        actors=common.ActorPool.of(lambda: _EncoderProcess(cfg), cfg.ray),
         setup_output=lambda: write_output_info(cfg, model_config, overwrite),
     )

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", action="append", required=True, help="manifest URI (csv/jsonl/parquet)")
     p.add_argument("--output", required=True, help="URI prefix for shards, summary and rejects")
     p.add_argument("--overwrite", action="store_true", help="delete previous output and start over")
+    p.add_argument(
+        "--judge",
+        action="store_true",
+        help="score rows without judge scores with the VLM judge (judge.base_url, judge.model; key from "
+        "OPENAI_API_KEY) before the score filter (= --set judge.enabled=true)",
+    )
     _add_config_args(p)
 
     p = sub.add_parser(
@@ -77,6 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delete previous output (also one made by other encoders) and start over",
     )
+    _add_config_args(p)
+
+    p = sub.add_parser(
+        "eval", help="edit held-out samples or benchmark rows with a model; metrics, judge, report (Ray Data)"
+    )
+    p.add_argument(
+        "--model", required=True, help="an export directory (local, s3://, hub id) or models:/NAME/VERSION"
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="held-out shards (a prep or precompute output, pixel or latent) or a benchmark manifest "
+        "(.csv/.jsonl/.json: source, instruction[, category, target]) (repeatable)",
+    )
+    p.add_argument("--output", required=True, help="URI prefix for results, report, shards and rejects")
+    p.add_argument(
+        "--judge",
+        action="store_true",
+        help="score every edit with the VLM judge (= --set judge.enabled=true)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="delete previous output and start over")
     _add_config_args(p)
 
     p = sub.add_parser("train", help="stage-0 pre-training or stage-1 SFT on Ray Train")
@@ -256,7 +284,8 @@ def _cmd_prep_pairs(args: argparse.Namespace) -> int:
     from sama.prep.pairs_job import PrepPairsConfig
 
     manifests = json.dumps(args.manifest)
-    cfg = _resolve(PrepPairsConfig, args, [f"input.manifests={manifests}", f"output.uri={args.output}"])
+    flags = [f"input.manifests={manifests}", f"output.uri={args.output}"]
+    cfg = _resolve(PrepPairsConfig, args, [*flags, *(["judge.enabled=true"] if args.judge else [])])
     if args.print_config:
         return 0
     from pipelines import prep_pairs
@@ -286,6 +315,39 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         f"{summary.inputs_seen} samples ({summary.rejected} rejected) -> {cfg.output.uri}"
     )
     return _failed_units_status(summary)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sama.eval.job import EvalConfig
+
+    flags = [f"model={args.model}", f"data={json.dumps(args.data)}", f"output.uri={args.output}"]
+    cfg = _resolve(EvalConfig, args, [*flags, *(["judge.enabled=true"] if args.judge else [])])
+    if args.print_config:
+        return 0
+    from pipelines import eval as eval_pipeline
+
+    result = eval_pipeline.run(cfg, overwrite=args.overwrite)
+    print(format_eval(result))
+    return _failed_units_status(result["job"])
+
+
+def format_eval(result: dict) -> str:
+    """What ``sama eval`` prints: counts, the main metrics overall and per task, where things are."""
+    overall = result.get("overall", {}).get("means", {})
+    lines = [
+        f"{result['counts']['samples']} sample(s) evaluated ({result.get('rejected', 0)} rejected "
+        f"{result.get('rejected_per_reason', {})}); report: {result['report']}"
+    ]
+    shown = [name for name in ("psnr", "copy_psnr", "ssim", "clip_score", "judge_if") if name in overall]
+    if shown:
+        lines.append("  overall: " + ", ".join(f"{name} {overall[name]:.3f}" for name in shown))
+    for task, group in sorted(result.get("per_task", {}).items()):
+        means = group.get("means", {})
+        values = ", ".join(f"{name} {means[name]:.3f}" for name in shown if name in means)
+        lines.append(f"  {task} ({group.get('count', 0)}): {values}")
+    if result.get("mlflow_run_id"):
+        lines.append(f"  MLflow run {result['mlflow_run_id']}")
+    return "\n".join(lines)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -398,6 +460,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prep-pretext": _cmd_prep_pretext,
     "prep-pairs": _cmd_prep_pairs,
     "precompute": _cmd_precompute,
+    "eval": _cmd_eval,
     "train": _cmd_train,
     "plan": _cmd_plan,
     "edit": _cmd_edit,

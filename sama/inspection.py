@@ -149,24 +149,33 @@ def _job_summary(prefix: str) -> dict | None:
         return None
 
 
-def export_media(sample: schema.Sample, export_dir: str) -> list[str]:
+def export_media(sample: schema.Sample | schema.EvalSample, export_dir: str) -> list[str]:
     """Write a sample's encoded source/target as files a person can open; returns their URIs.
 
     Stored members are written as they are. A pretext sample stored without its source gets the
     source rebuilt from the target (:meth:`schema.Sample.decode_source`), encoded as H.264 (or PNG
     for an image) at the sample's frame rate; a sample without source (t2v) gets the target only.
+    An evaluated sample (``sama eval``) gets its source, edit and reference (when it had one).
     """
     suffix = ".mp4" if sample.meta.media == "video" else ".png"
+    if isinstance(sample, schema.EvalSample):  # sama eval's output: source, edit and reference
+        roles = (("source", sample.source), ("edit", sample.edit), ("reference", sample.reference))
+        return _write_roles(sample.key, roles, suffix, export_dir)
     source = sample.source
     if source is None:
         frames = sample.decode_source()
         if frames is not None:
             source = _encode_preview(frames, sample.meta)
+    return _write_roles(sample.key, (("source", source), ("target", sample.target)), suffix, export_dir)
+
+
+def _write_roles(key: str, roles, suffix: str, export_dir: str) -> list[str]:
+    """Write each ``(role, bytes)`` present as ``<key>.<role><suffix>``; returns the URIs."""
     written = []
-    for role, data in (("source", source), ("target", sample.target)):
+    for role, data in roles:
         if data is None:
             continue
-        uri = storage.join(export_dir, f"{sample.key}.{role}{suffix}")
+        uri = storage.join(export_dir, f"{key}.{role}{suffix}")
         storage.write_bytes(uri, data)
         written.append(uri)
     return written

@@ -1,7 +1,8 @@
 """``sama quickstart``: the whole path on the embedded default, on synthetic data.
 
 synthesise raw videos and edit pairs -> ``prep-pretext`` -> ``prep-pairs`` -> ``precompute`` ->
-stage 0 -> stage 1 -> edit a held-out video, all under one work directory::
+stage 0 -> stage 1 -> edit the held-out videos -> ``sama eval`` of the stage-1 model on the held-out
+pairs, all under one work directory::
 
     <workdir>/store/raw, raw-val            synthetic raw videos (+ a few broken files)
     <workdir>/store/edits, edits-val        synthetic edit pairs and their manifests
@@ -10,6 +11,7 @@ stage 0 -> stage 1 -> edit a held-out video, all under one work directory::
     <workdir>/store/latents/<name>          precompute output of each of the four (latent shards)
     <workdir>/runs/debug-stage0, -stage1    checkpoints, export, run_info.json
     <workdir>/runs/mlruns                   the local MLflow store
+    <workdir>/store/eval                    sama eval output: results.jsonl, metrics.json, report/index.html
     <workdir>/edits/<kind>.mp4              every held-out pair edited by `sama edit`
     <workdir>/edits/<kind>_strip.mp4        the same beside its source and target: source | edit | target
     <workdir>/edited.mp4                    one of them: the recolor
@@ -201,6 +203,30 @@ def _train(recipe: str, workdir: str, extra: list[str]) -> dict:
     return run_training(cfg, resume=latest_checkpoint(cfg) is not None)
 
 
+EVAL_EXPERIMENT = "sama-eval"
+
+
+def _eval(store: str, stage: dict) -> dict:
+    """``sama eval`` of a stage's registered model on the held-out pairs, tracked in its store."""
+    from pipelines import eval as eval_pipeline
+    from sama.eval.job import EvalConfig
+
+    model = f"models:/{stage['mlflow_registered_model']}/{stage['mlflow_version']}"
+    cfg = config.load(
+        EvalConfig,
+        None,
+        [
+            f"model={model}",
+            f"data={json.dumps([os.path.join(store, 'pairs-val')])}",
+            f"output.uri={os.path.join(store, 'eval')}",
+            f"tracking.uri={stage['mlflow_tracking_uri']}",
+            f"tracking.experiment={EVAL_EXPERIMENT}",
+            "ray.actors=1",
+        ],
+    )
+    return eval_pipeline.run(cfg)
+
+
 def _encoders_line(info: dict) -> str:
     """What the frozen encoders did in a training stage, from its run_info.json."""
     loaded = info.get("frozen_encoders_loaded") or {}
@@ -269,7 +295,7 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
         shutil.rmtree(workdir)
     store = os.path.join(workdir, "store")
     os.makedirs(store, exist_ok=True)
-    steps = _Steps(8)
+    steps = _Steps(9)
     cluster.connect()
     from pipelines import common
 
@@ -342,6 +368,17 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
         f"{headline['copy_mse']:.0f} ({headline['copy_psnr']:.1f} dB)"
     )
 
+    steps.start("sama eval: the stage-1 model (from the registry) on the held-out pairs: metrics, report")
+    evaluated = _eval(store, stage1)
+    means = evaluated["overall"]["means"]
+    overall = {name: means.get(name, float("nan")) for name in ("psnr", "copy_psnr", "ssim")}
+    print(
+        f"      {evaluated['counts']['samples']} held-out pairs: PSNR {overall['psnr']:.1f} dB (copying the "
+        f"source: {overall['copy_psnr']:.1f}), SSIM {overall['ssim']:.3f}"
+    )
+    print(f"      MLflow run {evaluated.get('mlflow_run_id')} (experiment {EVAL_EXPERIMENT})")
+    print(f"      report: {evaluated['report']}")
+
     steps.start("done")
     tracking = stage1.get("mlflow_tracking_uri", "")
     print()
@@ -356,6 +393,7 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
     )
     strips = os.path.join(workdir, "edits", "*_strip.mp4")
     print(f"  edited videos:   {edited}; {strips} (source | edit | target)")
+    print(f"  evaluation:      {evaluated['report']}  (results.jsonl, metrics.json beside it)")
     print()
     print("Browse the runs:")
     print(f"  mlflow ui --backend-store-uri {tracking} --port 5000    # then open http://127.0.0.1:5000")

@@ -58,6 +58,9 @@ TARGET_VIDEO = "tgt.mp4"
 SOURCE_IMAGE = "src.png"
 TARGET_IMAGE = "tgt.png"
 MEDIA_MEMBERS = {"video": (SOURCE_VIDEO, TARGET_VIDEO), "image": (SOURCE_IMAGE, TARGET_IMAGE)}
+# An evaluated sample (``sama eval``): the model's edit and, when the input had one, its reference
+# target, beside the source (SOURCE_VIDEO / SOURCE_IMAGE).
+EDIT_MEMBERS = {"video": ("edit.mp4", "ref.mp4"), "image": ("edit.png", "ref.png")}
 KNOWN_MEMBERS = (META, SOURCE_VIDEO, TARGET_VIDEO, SOURCE_IMAGE, TARGET_IMAGE)
 SHARD_SUFFIX = ".tar"
 # At the root of a latent output (beside its shards/ folder).
@@ -351,6 +354,53 @@ class LatentSample:
         return cls(meta=meta, latents=SampleLatents.from_bytes(_as_bytes(members[LATENTS]), where))
 
 
+@dataclass
+class EvalSample:
+    """One evaluated example (``sama eval``'s output shards): the input's metadata with the
+    evaluation record under ``meta.extra["eval"]``, and the source, the edit and the reference
+    target (None when the input had none), encoded as the media's files."""
+
+    meta: SampleMeta
+    source: bytes
+    edit: bytes
+    reference: bytes | None = None
+
+    @property
+    def key(self) -> str:
+        return self.meta.key
+
+    def members(self) -> dict[str, bytes]:
+        self.meta.validate()
+        edit_member, reference_member = EDIT_MEMBERS[self.meta.media]
+        out = {
+            META: self.meta.to_json(),
+            MEDIA_MEMBERS[self.meta.media][0]: self.source,
+            edit_member: self.edit,
+        }
+        if self.reference is not None:
+            out[reference_member] = self.reference
+        return out
+
+    def nbytes(self) -> int:
+        return sum(len(v) for v in self.members().values())
+
+    @classmethod
+    def from_members(cls, members: Mapping[str, Any], where: str = "") -> EvalSample:
+        meta, where = _member_meta(members, where)
+        source_member = MEDIA_MEMBERS[meta.media][0]
+        edit_member, reference_member = EDIT_MEMBERS[meta.media]
+        for name in (source_member, edit_member):
+            if name not in members or isinstance(members[name], float):
+                raise SchemaError(f"{where}: evaluated sample has no {name} member")
+        reference = members.get(reference_member)
+        return cls(
+            meta=meta,
+            source=_as_bytes(members[source_member]),
+            edit=_as_bytes(members[edit_member]),
+            reference=None if reference is None or isinstance(reference, float) else _as_bytes(reference),
+        )
+
+
 def _member_meta(members: Mapping[str, Any], where: str = "") -> tuple[SampleMeta, str]:
     """A sample's metadata from its members, checked against the member key; and the sample's
     name for messages (``shard:key`` unless ``where`` is given)."""
@@ -370,10 +420,20 @@ def is_latent_members(members: Mapping[str, Any]) -> bool:
     return value is not None and not isinstance(value, float)
 
 
-def read_sample(members: Mapping[str, Any], where: str = "") -> Sample | LatentSample:
-    """A sample of either kind from its members (media, or precomputed latents)."""
+def is_eval_members(members: Mapping[str, Any]) -> bool:
+    """Whether a sample's members are an evaluated sample's (``sama eval``'s output)."""
+    return any(
+        members.get(edit) is not None and not isinstance(members.get(edit), float)
+        for edit, _ in EDIT_MEMBERS.values()
+    )
+
+
+def read_sample(members: Mapping[str, Any], where: str = "") -> Sample | LatentSample | EvalSample:
+    """A sample of any kind from its members: media, precomputed latents, or an evaluated edit."""
     if is_latent_members(members):
         return LatentSample.from_members(members, where)
+    if is_eval_members(members):
+        return EvalSample.from_members(members, where)
     return Sample.from_members(members, where)
 
 

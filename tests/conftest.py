@@ -146,3 +146,22 @@ def mlflow_server(tmp_path_factory):
 
     with LocalTrackingServer(str(tmp_path_factory.mktemp("mlflow"))) as server:
         yield server.uri
+
+
+@pytest.fixture(scope="session")
+def tiny_edit_export(tmp_path_factory):
+    """A tiny SAMA export (seeded random weights) that edits at the quickstart's buckets, fps and
+    clip length, in 2 steps without guidance: what the evaluation tests edit with."""
+    import dataclasses
+
+    import torch
+
+    from sama.models.presets import build_model
+    from sama.pipeline_edit import SamaEditPipeline
+    from sama.quickstart import inference_config
+
+    torch.manual_seed(0)
+    directory = str(tmp_path_factory.mktemp("tiny-edit-export"))
+    settings = dataclasses.replace(inference_config(), num_inference_steps=2, guidance_scale=1.0)
+    SamaEditPipeline.from_components(build_model("tiny"), settings).save_pretrained(directory)
+    return directory

@@ -54,6 +54,32 @@ class RayConfig:
 
 
 @dataclass
+class ActorRayConfig:
+    """How a job whose units run on a pool of actors (``sama precompute``, ``sama eval``: each
+    actor loads its models once) runs on Ray (the cluster comes from RAY_ADDRESS when address is
+    unset)."""
+
+    address: str | None = None
+    # Actors in the pool; None = one per GPU when the cluster has GPUs, else one per
+    # ``num_cpus_per_actor`` CPUs.
+    actors: int | None = None
+    # CPUs reserved per actor (its decode and, on a CPU cluster, its models run in them).
+    num_cpus_per_actor: float = 1.0
+    # GPUs per actor; None = 1 when the cluster has GPUs, else 0 (the models run on CPU).
+    num_gpus_per_actor: float | None = None
+    # Seconds between progress log lines.
+    progress_interval_s: float = 10.0
+
+    def validate(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("ray.actors must be >= 1 (or null: sized from the cluster)")
+        if self.num_cpus_per_actor <= 0:
+            raise ValueError("ray.num_cpus_per_actor must be positive")
+        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+            raise ValueError("ray.num_gpus_per_actor must be >= 0")
+
+
+@dataclass
 class OutputConfig:
     uri: str = ""
     # One run writes an output at a time: it holds a lease under the output root, renewed every

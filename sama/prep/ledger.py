@@ -81,6 +81,9 @@ class UnitResult:
     # Parts of accepted inputs left out, with why (a clip of a video whose decode was corrupt,
     # while the video's other clips were clean): ``input`` is ``<video>@<start>s``.
     dropped: list[Reject] = field(default_factory=list)
+    # Per-sample results a job reports beside its samples, committed with them (``sama eval``'s
+    # metrics of each evaluated sample).
+    records: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

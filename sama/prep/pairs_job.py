@@ -16,10 +16,20 @@ Alignment rule (videos). Source and target may differ in frame rate, length and 
    center-cropped identically, so the target ends up at the source's framing.
 
 Images are single-frame pairs following the same size rule.
+
+Judge (``judge.enabled``, ``sama prep-pairs --judge``). A row lacking any score its media's
+thresholds name (``filter.image`` / ``filter.video``) is scored by the VLM judge
+(:mod:`sama.eval.judge`) on the aligned clips: the pair's source as the source, its target as the
+edit. The judge's means fill the scores the manifest lacks (a manifest score always wins), then
+the thresholds apply as for any row; the sample's metadata keeps the scores and, in
+``extra["judge_runs"]``, every run's integer scores. A row whose manifest scores already fail is
+rejected before it is judged. A row the judge could not score is rejected as ``judge_failed``.
+The judge scores whether or not ``filter.enabled`` is set (the scores are then only recorded).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 from sama import schema, storage, video
 from sama.buckets import BucketConfig, floor_4k_plus_1
+from sama.eval.judge import Judge, JudgeConfig
 from sama.prep import ledger
 from sama.prep.common import DecodeConfig, EncodeConfig, OutputConfig, RayConfig, RejectInput
 from sama.prep.inputs import DisallowedLocation, read_table, resolve_manifest_path
@@ -158,9 +169,11 @@ class PrepPairsConfig:
     image_prefix: str = "[Video edit] "
     # Recorded in every sample's metadata (``dataset``); defaults to the manifest's file name.
     dataset: str | None = None
+    # The VLM judge that scores rows lacking scores (see the module docstring); off by default.
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def validate(self) -> None:
-        for part in (self.input, self.align, self.buckets, self.shards, self.decode):
+        for part in (self.input, self.align, self.buckets, self.shards, self.decode, self.judge):
             part.validate()
 
 
@@ -347,6 +360,31 @@ def check_scores(row: PairRow, media: str, cfg: FilterConfig) -> None:
             raise RejectInput("low_score", f"{row.row_id}: score {name}={value:g} is below {minimum:g}")
 
 
+def missing_scores(row: PairRow, media: str, cfg: FilterConfig) -> list[str]:
+    """The scores ``media``'s thresholds name that ``row`` lacks (what the judge is asked for)."""
+    thresholds = cfg.image if media == "image" else cfg.video
+    return [name for name in thresholds if row.scores.get(name) is None]
+
+
+def judged_row(
+    row: PairRow, media: str, source, target, judge: Judge, cfg: PrepPairsConfig
+) -> tuple[PairRow, dict]:
+    """``row`` with the judge's scores of the aligned ``source``/``target`` frames filling the scores
+    it lacks, and the metadata extras recording the runs; then the thresholds apply.
+
+    Raises RejectInput "judge_failed" when no judge run succeeded, "low_score" as check_scores."""
+    result = judge.score(source, target, row.instruction, media)
+    if result.error is not None:
+        raise RejectInput("judge_failed", f"{row.row_id}: {result.error}")
+    # Manifest scores win: the judge only fills what the manifest left out.
+    scored = dataclasses.replace(row, scores={**result.scores, **row.scores})
+    check_scores(scored, media, cfg.filter)
+    extra = {"judge_runs": result.runs, "judge_model": cfg.judge.model, "judge_rubric": cfg.judge.rubric}
+    if result.failed_runs:
+        extra["judge_failed_runs"] = result.failed_runs
+    return scored, extra
+
+
 def with_prefix(instruction: str, prefix: str) -> str:
     text = instruction.strip()
     if not prefix or text.startswith(prefix.strip()):
@@ -365,8 +403,11 @@ def _aspect_mismatch(a: tuple[int, int], b: tuple[int, int]) -> float:
     return abs(math.log(ra / rb))
 
 
-def pair_sample(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
-    """Validate, filter, align and encode one pair; raises RejectInput/VideoDecodeError if unusable."""
+def pair_sample(row: PairRow, cfg: PrepPairsConfig, judge: Judge | None = None) -> schema.Sample:
+    """Validate, filter, align and encode one pair; raises RejectInput/VideoDecodeError if unusable.
+
+    With ``judge``, a row lacking scores its thresholds need is judged on its aligned clips (see the
+    module docstring); without it (or with every score present) the manifest's scores are used."""
     if row.problem:
         raise RejectInput(row.problem_reason, f"{row.row_id}: {row.problem}")
     if row.duplicate_of:
@@ -380,13 +421,21 @@ def pair_sample(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
         raise RejectInput(
             "media_mismatch", f"{row.row_id}: source {row.source} and target {row.target} differ"
         )
-    check_scores(row, media, cfg.filter)
+    if judge is not None and missing_scores(row, media, cfg.filter):
+        # Scores the manifest has may already fail: no need to ask the judge then. The missing
+        # ones are checked once the judge has filled them in.
+        check_scores(row, media, dataclasses.replace(cfg.filter, require_scores=False))
+    else:
+        judge = None
+        check_scores(row, media, cfg.filter)
     if media == "image":
-        return _image_pair(row, cfg)
-    return _video_pair(row, cfg)
+        return _image_pair(row, cfg, judge)
+    return _video_pair(row, cfg, judge)
 
 
-def _meta(row: PairRow, cfg: PrepPairsConfig, media: str, **fields) -> schema.SampleMeta:
+def _meta(
+    row: PairRow, cfg: PrepPairsConfig, media: str, judge_extra: dict | None = None, **fields
+) -> schema.SampleMeta:
     prefix = cfg.image_prefix if media == "image" else cfg.video_prefix
     return schema.SampleMeta(
         key=row.key,
@@ -398,12 +447,12 @@ def _meta(row: PairRow, cfg: PrepPairsConfig, media: str, **fields) -> schema.Sa
         category=row.category,
         scores=dict(row.scores),
         dataset=row.dataset,
-        extra={"manifest_row": row.row_id},
+        extra={"manifest_row": row.row_id, **(judge_extra or {})},
         **fields,
     )
 
 
-def _image_pair(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
+def _image_pair(row: PairRow, cfg: PrepPairsConfig, judge: Judge | None = None) -> schema.Sample:
     source = video.read_image(row.source)
     target = video.read_image(row.target)
     src_hw, tgt_hw = source.shape[:2], target.shape[:2]
@@ -420,8 +469,19 @@ def _image_pair(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
     bucket = cfg.buckets.nearest(*src_hw)
     src = video.resize_center_crop(source, bucket.height, bucket.width)
     tgt = video.resize_center_crop(target, bucket.height, bucket.width)
+    judge_extra = None
+    if judge is not None:
+        row, judge_extra = judged_row(row, "image", src[None], tgt[None], judge, cfg)
     meta = _meta(
-        row, cfg, "image", fps=0.0, num_frames=1, height=bucket.height, width=bucket.width, bucket=bucket.name
+        row,
+        cfg,
+        "image",
+        judge_extra,
+        fps=0.0,
+        num_frames=1,
+        height=bucket.height,
+        width=bucket.width,
+        bucket=bucket.name,
     )
     return schema.Sample(
         meta=meta, source=video.encode_image(src, "png"), target=video.encode_image(tgt, "png")
@@ -466,7 +526,7 @@ def align_videos(
     return fps, frames
 
 
-def _video_pair(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
+def _video_pair(row: PairRow, cfg: PrepPairsConfig, judge: Judge | None = None) -> schema.Sample:
     src_info = video.probe(row.source)
     tgt_info = video.probe(row.target)
     fps, frames = align_videos(src_info, tgt_info, row.row_id, cfg.align)
@@ -480,10 +540,14 @@ def _video_pair(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
     tgt = video.decode_clip(
         row.target, 0.0, frames, fps=fps, size=size, threads=enc.threads, max_errors=strict
     )
+    judge_extra = None
+    if judge is not None:
+        row, judge_extra = judged_row(row, "video", src, tgt, judge, cfg)
     meta = _meta(
         row,
         cfg,
         "video",
+        judge_extra,
         fps=fps,
         num_frames=frames,
         height=bucket.height,
@@ -500,12 +564,20 @@ def _video_pair(row: PairRow, cfg: PrepPairsConfig) -> schema.Sample:
 
 def process_pairs_unit(unit: PairsUnit, cfg: PrepPairsConfig) -> ledger.UnitResult:
     """Process every row of a unit, write its shards, then its completion marker
-    (:func:`sama.prep.unit.run_unit`: rejects recorded, environment failures raise UnitFailed)."""
-    return run_unit(
-        unit.unit_id,
-        unit.input_ids,
-        cfg.output.uri,
-        cfg.shards,
-        ((row.row_id, row) for row in unit.rows),
-        lambda row, _dropped: [pair_sample(row, cfg)],
-    )
+    (:func:`sama.prep.unit.run_unit`: rejects recorded, environment failures raise UnitFailed).
+
+    With ``judge.enabled`` one :class:`~sama.eval.judge.Judge` serves the whole unit; rows are
+    judged one after the other, each row's ``judge.runs`` requests concurrently."""
+    judge = Judge(cfg.judge) if cfg.judge.enabled else None
+    try:
+        return run_unit(
+            unit.unit_id,
+            unit.input_ids,
+            cfg.output.uri,
+            cfg.shards,
+            ((row.row_id, row) for row in unit.rows),
+            lambda row, _dropped: [pair_sample(row, cfg, judge)],
+        )
+    finally:
+        if judge is not None:
+            judge.close()

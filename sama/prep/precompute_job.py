@@ -26,38 +26,13 @@ from typing import Any
 from sama import schema, storage
 from sama.config import ConfigError
 from sama.prep import ledger
-from sama.prep.common import OutputConfig, RejectInput
+from sama.prep.common import ActorRayConfig, OutputConfig, RejectInput
 from sama.prep.inputs import unit_id_for
 from sama.prep.unit import Batching, RejectSource, run_unit
 from sama.schema import ShardConfig
 from sama.train.trainer import ModelSection
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PrecomputeRayConfig:
-    """How the job runs on Ray: a pool of actors, each holding the encoders (the cluster comes
-    from RAY_ADDRESS when address is unset)."""
-
-    address: str | None = None
-    # Actors in the pool; None = one per GPU when the cluster has GPUs, else one per
-    # ``num_cpus_per_actor`` CPUs.
-    actors: int | None = None
-    # CPUs reserved per actor (its decode and, on a CPU cluster, its encoders run in them).
-    num_cpus_per_actor: float = 1.0
-    # GPUs per actor; None = 1 when the cluster has GPUs, else 0 (the encoders run on CPU).
-    num_gpus_per_actor: float | None = None
-    # Seconds between progress log lines.
-    progress_interval_s: float = 10.0
-
-    def validate(self) -> None:
-        if self.actors is not None and self.actors < 1:
-            raise ValueError("ray.actors must be >= 1 (or null: sized from the cluster)")
-        if self.num_cpus_per_actor <= 0:
-            raise ValueError("ray.num_cpus_per_actor must be positive")
-        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
-            raise ValueError("ray.num_gpus_per_actor must be >= 0")
 
 
 @dataclass
@@ -76,7 +51,7 @@ class PrecomputeConfig:
     dtype: str | None = None
     # Samples per encoder call; only samples of equal shapes share a call.
     batch_size: int = 4
-    ray: PrecomputeRayConfig = field(default_factory=PrecomputeRayConfig)
+    ray: ActorRayConfig = field(default_factory=ActorRayConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
 
     def validate(self) -> None:

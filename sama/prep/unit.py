@@ -95,6 +95,7 @@ def run_unit(
     inputs: Iterable[tuple[str, Any]],
     make_samples: Callable[[Any, list[ledger.Reject]], Any],
     batching: Batching | None = None,
+    records: list[dict] | None = None,
 ) -> ledger.UnitResult:
     """Turn a unit's ``inputs`` (``(input_id, item)`` pairs) into shards and a completion marker.
 
@@ -170,6 +171,8 @@ def run_unit(
             raise UnitFailed(unit_id, f"{type(exc).__name__}: {exc}") from exc
         raise
     result.seconds = round(time.monotonic() - started, 3)
+    if records:
+        result.records = sorted(records, key=lambda r: str(r.get("key", "")))
     try:
         ledger.write_marker(output_uri, result)
     except Exception as exc:

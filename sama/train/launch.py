@@ -266,6 +266,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 tracker.log_metrics(val, step)
                 for key, data in trainer.render_edits():
                     tracker.log_video(data, f"samples/step_{step:07d}/{key}.mp4")
+            if cfg.validation.eval_every and steps_due(step, cfg.validation.eval_every, cfg.max_steps):
+                evaluated = trainer.evaluate_edits()
+                reported.update(evaluated)
+                tracker.log_metrics(evaluated, step)
             if steps_due(step, cfg.checkpoint.every_steps, cfg.max_steps):
                 with tempfile.TemporaryDirectory() as directory:
                     # Every rank writes its own shards and reports its own directory: Ray Train

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from sama import config as config_lib
+from sama.eval.metrics import MetricsConfig
 from sama.models.lora import LoraSection
 from sama.models.training import TrainingModuleConfig
 from sama.pipeline_edit import PipelineConfig
@@ -150,6 +151,19 @@ class ValidationSection:
     # steps and guidance for the renders only (None: the inference settings').
     render_steps: int | None = None
     render_cfg: float | None = None
+    # Evaluation during training: every this many steps (0: never) the first ``eval_samples``
+    # editable held-out samples are edited with the current weights (the render settings) and
+    # measured by the judge-free metrics (``eval/*`` in MLflow), so quality is a curve, not only a loss.
+    eval_every: int = 0
+    eval_samples: int = 4
+    # Model-based metrics (CLIP, DINOv2, LPIPS) when their weights are configured; the weight-free
+    # ones always run.
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        if self.eval_every < 0 or self.eval_samples < 0:
+            raise ValueError("validation.eval_every and validation.eval_samples must be >= 0")
+        self.metrics.validate()
 
 
 @dataclass
@@ -208,6 +222,7 @@ class TrainConfig:
             raise ValueError("stage 1 (SFT) starts from a stage-0 export: set model.init_from")
         self.scaling.validate()
         self.parallel.validate()
+        self.validation.validate()
         cp = self.parallel.context_parallel_size
         if self.scaling.num_workers % cp:
             raise ValueError(
@@ -614,7 +629,12 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
         self.rows = rows
         self.set_logical_ranks(self.dp_size)
-        self.val_rows, self.render_rows = load_validation(cfg.data, cfg.validation.render_samples)
+        settings = cfg.validation
+        evaluated = settings.eval_samples if settings.eval_every else 0
+        self.val_rows, edit_rows = load_validation(cfg.data, max(settings.render_samples, evaluated))
+        # Sample renders and evaluation edit the same held-out samples (the first ones).
+        self.render_rows, self.eval_rows = edit_rows[: settings.render_samples], edit_rows[:evaluated]
+        self._metric_suite = None
         self._val_encoded = None
         self.peak = peak_flops(self.device)
 
@@ -1059,16 +1079,54 @@ class Trainer:
         transformer is sharded), and a precomputed sample's frames are its stored latents decoded.
         """
         from sama import video
-        from sama.pipeline_edit import SamaEditPipeline
 
         rendered = []
-        rows = self.render_rows
+        for row, source, edited, target in self._edit_held_out(self.render_rows, "render"):
+            # A shorter source (a sped-up clip) is shown stretched over the target's span.
+            if target.shape[0] != source.shape[0]:
+                source = video.stretch_frames(source, target.shape[0])
+            strip = np.concatenate([source, edited, target], axis=2)
+            if strip.shape[1] % 2 or strip.shape[2] % 2:
+                strip = strip[:, : strip.shape[1] // 2 * 2, : strip.shape[2] // 2 * 2]
+            rendered.append((row.key, video.encode_mp4(strip, 8.0)))
+        return rendered
+
+    @torch.no_grad()
+    def evaluate_edits(self) -> dict[str, float]:
+        """Judge-free metrics of held-out edits with the current weights (``validation.eval_*``).
+
+        Each of ``eval_rows`` is edited as the renders are, then measured against its target and
+        source (:class:`sama.eval.metrics.MetricSuite`); returns the means over samples as
+        ``eval/<metric>`` and per task as ``eval/<task>/<metric>`` (empty on ranks that do not
+        render)."""
+        from sama.eval.metrics import MetricSuite
+
+        if self._metric_suite is None:
+            self._metric_suite = MetricSuite(self.cfg.validation.metrics, device="cpu")
+        values: dict[str, list[float]] = {}
+        for row, source, edited, target in self._edit_held_out(self.eval_rows, "render"):
+            from sama.eval.job import plain_instruction
+
+            measured = self._metric_suite.compute(
+                edited, source=source, reference=target, instruction=plain_instruction(row.instruction)
+            )
+            for name, value in measured.items():
+                values.setdefault(f"eval/{name}", []).append(value)
+                values.setdefault(f"eval/{row.task}/{name}", []).append(value)
+        return {name: float(np.mean(v)) for name, v in sorted(values.items())}
+
+    def _edit_held_out(self, rows: list, purpose: str):
+        """``(row, source, edited, target)`` frames of each held-out row edited with the current
+        weights at the render settings, to its target's length (restoring a sped-up clip
+        lengthens it); nothing on ranks that do not render."""
+        from sama.pipeline_edit import SamaEditPipeline
+
         if not rows:
-            return rendered
+            return
         lazy = self.components.vae is None or self.components.text_encoder is None
         if lazy and self.rank != 0 and not self._renders_on_every_rank():
-            return rendered
-        vae, text_encoder = self.frozen("vae", "render"), self.frozen("text_encoder", "render")
+            return
+        vae, text_encoder = self.frozen("vae", purpose), self.frozen("text_encoder", purpose)
         settings = self.cfg.validation
         pipeline = SamaEditPipeline(
             self.module.transformer,
@@ -1095,19 +1153,10 @@ class Trainer:
                     source, target = _decoded(vae, row.latents.source), _decoded(vae, row.latents.target)
                 else:
                     source, target = row.source, row.target
-                # A sample is edited to its target's length (restoring a sped-up clip lengthens it);
-                # a shorter source is shown stretched over the same span.
                 edited = pipeline(source, row.instruction, seed=0, num_frames=target.shape[0]).frames
-                if target.shape[0] != source.shape[0]:
-                    source = video.stretch_frames(source, target.shape[0])
-                strip = np.concatenate([source, edited, target], axis=2)
-                fps = 8.0
-                if strip.shape[1] % 2 or strip.shape[2] % 2:
-                    strip = strip[:, : strip.shape[1] // 2 * 2, : strip.shape[2] // 2 * 2]
-                rendered.append((row.key, video.encode_mp4(strip, fps)))
+                yield row, source, edited, target
         finally:
             self.module.train()
-        return rendered
 
     def averaged_pipeline(self, device: torch.device | str = "cpu", purpose: str = "export"):
         """An edit pipeline over a copy of the EMA weights, on ``device`` (rank 0; None elsewhere).

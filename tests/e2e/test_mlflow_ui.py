@@ -128,6 +128,25 @@ def test_quickstart_outputs(quickstart: Quickstart):
     assert f"{edited}: {quickstart_module.HEADLINE_KIND} edit" in quickstart.output
     assert "copying the source:" in quickstart.output
 
+    # It ends with `sama eval` of the stage-1 model: an eval run with per-task metrics and the report.
+    eval_experiment = client.get_experiment_by_name(quickstart_module.EVAL_EXPERIMENT)
+    assert eval_experiment is not None, quickstart.output[-3000:]
+    (eval_run,) = client.search_runs([eval_experiment.experiment_id])
+    assert eval_run.info.status == "FINISHED" and eval_run.data.tags["sama.kind"] == "eval"
+    assert eval_run.data.metrics["eval/count/samples"] == len(quickstart_module.EDIT_KINDS)
+    for name in ("psnr", "ssim", "copy_psnr", "flow_epe"):
+        assert f"eval/task/video_edit/{name}" in eval_run.data.metrics, sorted(eval_run.data.metrics)
+    for kind in quickstart_module.EDIT_KINDS:
+        assert f"eval/category/{kind}/psnr" in eval_run.data.metrics, sorted(eval_run.data.metrics)
+    report = {a.path for a in client.list_artifacts(eval_run.info.run_id, "report")}
+    assert "report/index.html" in report, report
+    assert (store / "eval" / "report" / "index.html").is_file()
+    assert f"report: {store / 'eval' / 'report' / 'index.html'}" in quickstart.output
+    # Evaluation during training: the stage-1 run has eval/* curves.
+    stage1 = runs[RUN_NAMES[1]]
+    assert "eval/psnr" in stage1.data.metrics, sorted(stage1.data.metrics)
+    assert len(client.get_metric_history(stage1.info.run_id, "eval/psnr")) >= 2
+
 
 # --- the MLflow UI ---------------------------------------------------------------------------------
 

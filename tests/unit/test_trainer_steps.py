@@ -421,6 +421,32 @@ def test_render_edits_restores_a_speed_sample_to_its_target_length(shards):
     assert np.abs(shown_target - row.target.astype(int)).mean() < 12
 
 
+def test_evaluate_edits_measures_held_out_edits_per_task(shards):
+    """validation.eval_every: the first eval_samples editable held-out samples are edited with the
+    current weights and measured; the means come back overall and per task."""
+    from sama.eval.metrics import MetricsConfig, MetricSuite
+
+    cfg = _config(shards)
+    cfg.validation.eval_every, cfg.validation.eval_samples = 5, 2
+    trainer = _trainer(cfg)
+    assert len(trainer.eval_rows) == 2 and trainer.render_rows == trainer.eval_rows[:1]
+    metrics = trainer.evaluate_edits()
+    assert trainer.module.training
+    tasks = {row.task for row in trainer.eval_rows}
+    for name in ("psnr", "ssim", "mse", "flow_epe"):
+        assert name in {key.split("/")[-1] for key in metrics}
+        assert f"eval/{name}" in metrics
+        for task in tasks:
+            assert f"eval/{task}/{name}" in metrics
+    # The overall figure is the mean of what the suite measures on each edit.
+    suite = MetricSuite(MetricsConfig(), device="cpu")
+    edits = list(trainer._edit_held_out(trainer.eval_rows, "render"))
+    measured = [suite.compute(e, source=s, reference=t) for _, s, e, t in edits]
+    assert metrics["eval/psnr"] == pytest.approx(np.mean([m["psnr"] for m in measured]))
+    # Off by default: nothing is edited for evaluation.
+    assert _trainer(_config(shards)).eval_rows == []
+
+
 def test_grad_accum_averages_micro_batches(shards):
     cfg = _config(shards, grad_accum=2)
     cfg.optim.grad_clip = 0.0  # no clipping: the captured gradient is the accumulated one
