@@ -61,7 +61,6 @@ MEDIA_MEMBERS = {"video": (SOURCE_VIDEO, TARGET_VIDEO), "image": (SOURCE_IMAGE, 
 # An evaluated sample (``sama eval``): the model's edit and, when the input had one, its reference
 # target, beside the source (SOURCE_VIDEO / SOURCE_IMAGE).
 EDIT_MEMBERS = {"video": ("edit.mp4", "ref.mp4"), "image": ("edit.png", "ref.png")}
-KNOWN_MEMBERS = (META, SOURCE_VIDEO, TARGET_VIDEO, SOURCE_IMAGE, TARGET_IMAGE)
 SHARD_SUFFIX = ".tar"
 # At the root of a latent output (beside its shards/ folder).
 LATENT_INFO_FILE = "latents.json"

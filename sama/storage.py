@@ -563,15 +563,3 @@ def _hub_snapshot(repo_id: str) -> str:
         raise StorageError(
             repo_id, f"not a local directory, and the Hugging Face hub could not provide it: {exc}"
         ) from exc
-
-
-def list_dirs(uri: str) -> list[str]:
-    """Immediate sub-directories (prefixes) of ``uri``, as URIs, sorted."""
-    fs, path = filesystem(uri)
-    loc = parse(uri)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    dirs = [e["name"] for e in entries if e.get("type") == "directory"]
-    return sorted(f"s3://{d}" if loc.is_s3 else d for d in dirs)

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "OPENAI_API_KEY"
 # Sent when OPENAI_API_KEY is unset: the SDK insists on some key, a keyless vLLM ignores it.
 PLACEHOLDER_API_KEY = "EMPTY"
-SCORE_NAMES = ("if", "vq", "cp", "mc")
 MEDIA = ("video", "image")
 RESPONSE_FORMATS = ("auto", "json_object", "none")
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG"}

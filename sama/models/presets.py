@@ -50,7 +50,6 @@ from sama.models.text import TextEncoder, build_text_encoder
 from sama.models.transformer_sama import SamaTransformer3DModel
 
 __all__ = [
-    "KNOWN_CHECKPOINTS",
     "PRESETS",
     "SamaComponents",
     "build_model",
@@ -64,14 +63,6 @@ __all__ = [
     "torch_dtype_of",
     "transformer_mismatch",
 ]
-
-# Public diffusers-format checkpoints matching each preset (never fetched implicitly).
-KNOWN_CHECKPOINTS: dict[str, str] = {
-    "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    "wan2.1-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
-    "wan2.2-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-    "siglip": "google/siglip-so400m-patch14-384",
-}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -343,19 +343,6 @@ class SamaTransformer3DModel(WanTransformer3DModel):
         model.train(base.training)
         return model
 
-    @classmethod
-    def from_pretrained_wan(
-        cls,
-        pretrained: str,
-        *,
-        subfolder: str | None = "transformer",
-        torch_dtype: torch.dtype | None = None,
-        **sama_kwargs: Any,
-    ) -> SamaTransformer3DModel:
-        """Load a Wan diffusers transformer (local dir or hub id) and wrap it with :meth:`from_wan`."""
-        base = WanTransformer3DModel.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=torch_dtype)
-        return cls.from_wan(base, **sama_kwargs)
-
     # ----------------------------------------------------------------------------------------
     # Sequence assembly
 

@@ -47,7 +47,6 @@ from sama.schema import ShardConfig
 
 log = logging.getLogger(__name__)
 
-SCORE_NAMES = ("if", "vq", "cp", "mc")
 _UNIT_NAMESPACE = uuid.UUID("e1f0a5a2-5b7d-5f38-8f41-2f8c4b7d6a11")
 
 # Column layouts we know. "auto" picks one from a manifest's header.

@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -81,7 +81,14 @@ class TrainState:
     format: str = FORMAT
     # Relative path -> size in bytes of every file the checkpoint holds (state.json aside).
     files: dict[str, int] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        """A ``state.json``; keys this version does not know (``extra``, written by earlier
+        versions and never read) are ignored."""
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 def config_digest(text: str) -> str:
@@ -206,8 +213,7 @@ def read_state(directory: str) -> TrainState:
         raise CheckpointError(f"checkpoint {directory} is not committed: no {STATE_FILE}")
     try:
         with open(path) as handle:
-            data = json.load(handle)
-        return TrainState(**data)
+            return TrainState.from_json(handle.read())
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} is unreadable ({exc})") from None
 

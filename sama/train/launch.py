@@ -88,7 +88,7 @@ def checkpoint_problems(uri: str) -> list[str]:
     if not storage.exists(state_uri):
         return [f"no {ckpt.STATE_FILE} (the commit marker): its save did not finish"]
     try:
-        state = ckpt.TrainState(**json.loads(storage.read_text(state_uri)))
+        state = ckpt.TrainState.from_json(storage.read_text(state_uri))
     except (ValueError, TypeError) as exc:
         return [f"{ckpt.STATE_FILE} is unreadable ({exc})"]
     sizes = {}

@@ -122,7 +122,3 @@ def parallelize(
     return DistributedDataParallel(
         module, device_ids=device_ids, find_unused_parameters=cfg.find_unused_parameters
     )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model

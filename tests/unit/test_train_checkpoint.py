@@ -257,7 +257,7 @@ def test_without_a_process_group_one_process_saves_and_loads(tmp_path):
     ema = EMA(model, decay=0.9)
     ema.update(model)
     position = DataPosition(step=3, passes={"video": 2}, batches={"video": 2}, skipped=1)
-    state = ckpt.TrainState(step=3, samples_seen=24, data_position=position.to_json(), extra={"a": 1})
+    state = ckpt.TrainState(step=3, samples_seen=24, data_position=position.to_json())
     ckpt.save_trainable(str(tmp_path), model, optimizer, ema, state)
     with open(tmp_path / ckpt.STATE_FILE) as handle:
         on_disk = json.load(handle)
@@ -267,7 +267,7 @@ def test_without_a_process_group_one_process_saves_and_loads(tmp_path):
     fresh_optimizer = _optimizer(fresh)
     fresh_ema = EMA(fresh, decay=0.9)
     loaded = ckpt.load_trainable(str(tmp_path), fresh, fresh_optimizer, fresh_ema)
-    assert loaded.state.extra == {"a": 1}
+    assert loaded.state.step == 3 and loaded.state.samples_seen == 24
     assert DataPosition.from_json(loaded.state.data_position) == position
     assert torch.equal(fresh.frozen, Net(seed=7).frozen)  # frozen: not in the checkpoint
     with torch.no_grad():  # frozen weights come from the model's own source
@@ -463,3 +463,11 @@ def test_ema_load_state_dict_names_a_missing_parameter():
     del state["body.2.bias"]
     with pytest.raises(KeyError, match="body.2.bias"):
         ema.load_state_dict(state)
+
+
+def test_a_state_written_by_an_earlier_version_still_reads(tmp_path):
+    """Checkpoints before this version carried an always-empty ``extra`` field: still readable."""
+    state = {"step": 7, "samples_seen": 56, "world_size": 2, "extra": {}, "format": ckpt.FORMAT}
+    (tmp_path / ckpt.STATE_FILE).write_text(json.dumps(state))
+    read = ckpt.read_state(str(tmp_path))
+    assert (read.step, read.samples_seen, read.world_size) == (7, 56, 2)
