@@ -315,11 +315,27 @@ def atomic_writer(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
         raise
 
 
+def _makedirs_local(path: str, attempts: int = 5) -> None:
+    """``os.makedirs(path, exist_ok=True)``, retried when a parent vanishes meanwhile.
+
+    Jobs writing sibling outputs at the same time share parents, and a job's preflight removes
+    the empty directories its probe created (:func:`sama.preflight.writable`): one job's cleanup
+    can remove a parent between another's existence check and its ``mkdir``. Once the child
+    exists the parent is no longer empty and stays."""
+    for attempt in range(attempts):
+        try:
+            os.makedirs(path, exist_ok=True)
+            return
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+
+
 def _temp_sibling(path: str) -> str:
     """A fresh hidden temporary name beside local ``path`` (its folder created): where a write
     goes before it is renamed or linked into place; :func:`list_files` never lists it."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
+    _makedirs_local(directory)
     return os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
 
 
@@ -389,7 +405,7 @@ def makedirs(uri: str | os.PathLike) -> None:
     """Create a local directory; a no-op for S3, which has no directories."""
     loc = parse(uri)
     if not loc.is_s3:
-        os.makedirs(loc.path, exist_ok=True)
+        _makedirs_local(loc.path)
 
 
 def list_files(prefix: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> list[str]:

@@ -113,3 +113,22 @@ def test_localize_dir_reports_an_unreachable_hub_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(storage.StorageError, match="Hugging Face hub could not provide it"):
         storage.localize_dir("no-such-org/no-such-model")
+
+
+def test_a_parent_removed_meanwhile_by_a_sibling_jobs_cleanup_is_made_again(tmp_path, monkeypatch):
+    """Two jobs writing sibling outputs share a parent that one's preflight probe created and then
+    removes (empty); the other's write must not fail when that happens between its directory
+    checks (seen as FileNotFoundError in the quickstart's concurrent precompute jobs)."""
+    real_mkdir = os.mkdir
+    removed = []
+
+    def mkdir_after_a_sibling_cleanup(path, *args, **kwargs):
+        if str(path).endswith("pretext") and not removed:
+            removed.append(path)
+            os.rmdir(os.path.dirname(path))  # the sibling's cleanup: its empty parent goes
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_after_a_sibling_cleanup)
+    target = tmp_path / "latents" / "pretext" / "_lease.json"
+    storage.write_bytes(str(target), b"{}")
+    assert removed and target.read_bytes() == b"{}"
