@@ -14,19 +14,8 @@ Two uses:
   attention, which PyTorch may pick when faster), and activation checkpointing is on by default for
   every preset but ``tiny`` (without it 1.3B at 480p x 49 with source tokens does not fit in 80 GB).
 
-FLOPs per sample and step (model FLOPs, forward + backward = 3 x forward; the recomputation done
-by activation checkpointing is not counted, so MFU is "model FLOPs utilisation")::
-
-    F = 6 * (N_tok * S + N_txt * S_txt) + 12 * L * d * S**2 + 12 * L * d * S * S_txt
-
-with ``S`` the sequence length (source + semantic + target tokens), ``S_txt`` the text length,
-``L`` layers, ``d`` width, ``N_tok`` the parameters applied to every sequence token (the blocks'
-linear layers except cross-attention keys/values, plus the patch embedding, output projection,
-semantic projector and head, each counted for the tokens it sees) and ``N_txt`` those applied to
-text tokens (text embedder, cross-attention keys/values). ``12 L d S^2`` is self-attention (QK^T and
-AV, 2 FLOPs per multiply-add, x3 for the backward). MFU = F / step time / peak, with the dense
-bf16 peak of the GPU (H100 and H200 SXM: 989 TFLOP/s; A100: 312) chosen by device name, or
-``--peak-tflops``.
+FLOPs and the peak come from :mod:`sama.train.flops`, the same model and table as the trainer's
+``perf/mfu`` (``--peak-tflops`` overrides the peak).
 
 Prints a table of numbers; exits non-zero (with the error) when anything fails.
 """
@@ -44,11 +33,9 @@ import traceback
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 import torch
-from torch import nn
 
 from sama.models.config import ModelConfig
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
+from sama.train.flops import get_peak_flops, step_flops
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,54 +86,14 @@ def sdpa_context(mode: str, device: torch.device):
     )
 
 
-def _params(module: nn.Module | None) -> int:
-    if module is None:
-        return 0
-    return sum(
-        p.numel() for m in module.modules() if isinstance(m, nn.Linear | nn.Conv3d) for p in [m.weight]
-    )
-
-
-def step_flops(
-    transformer, num_source: int, num_semantic: int, num_target: int, text_len: int
-) -> dict[str, float]:
-    """Model FLOPs of one training step for one sample (see the module docstring)."""
-    config = transformer.config
-    layers, width = int(config.num_layers), int(config.num_attention_heads * config.attention_head_dim)
-    seq = num_source + num_semantic + num_target
-    per_token_block = 0
-    per_text = _params(transformer.condition_embedder.text_embedder)
-    for block in transformer.blocks:
-        per_token_block += _params(block.attn1) + _params(block.ffn)
-        per_token_block += block.attn2.to_q.weight.numel() + block.attn2.to_out[0].weight.numel()
-        per_text += block.attn2.to_k.weight.numel() + block.attn2.to_v.weight.numel()
-    dense_fwd = 2 * (
-        per_token_block * seq
-        + _params(transformer.patch_embedding) * (num_source + num_target)
-        + _params(transformer.proj_out) * num_target
-        + (_params(transformer.semantic_projector) + _params(transformer.semantic_head)) * num_semantic
-        + per_text * text_len
-    )
-    attention_fwd = 4 * layers * width * seq * seq + 4 * layers * width * seq * text_len
-    return {
-        "dense": 3.0 * dense_fwd,
-        "attention": 3.0 * attention_fwd,
-        "total": 3.0 * (dense_fwd + attention_fwd),
-        "params_per_token": float(per_token_block),
-        "seq": float(seq),
-    }
-
-
 def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    """The peak in TFLOP/s (:func:`sama.train.flops.get_peak_flops`) and where it came from."""
+    peak = get_peak_flops(device, None if override is None else override * 1e12)
     if override is not None:
-        return override, "given"
-    if device.type != "cuda":
-        return None, "cpu"
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return value, name
-    return None, name
+        source = "given"
+    else:
+        source = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return (None if peak is None else peak / 1e12), source
 
 
 def build_inputs(args, config: ModelConfig, device: torch.device):

@@ -33,6 +33,7 @@ from sama.models.training import TrainingModuleConfig
 from sama.pipeline_edit import PipelineConfig
 from sama.tracking import TrackingConfig
 from sama.train.data import DataConfig, DataPosition, MixedBatchIterator
+from sama.train.flops import batch_flops, get_peak_flops
 from sama.train.parallelize import ParallelConfig, distributed
 from sama.train.plan import PlanSection
 
@@ -491,30 +492,6 @@ def step_generator(seed: int, *parts: int) -> torch.Generator:
     return generator
 
 
-def training_flops(transformer, batch: int, seq_len: int) -> float:
-    """Training FLOPs of one batch: 6 x parameters x tokens (the matmuls, forward and backward)
-    plus self-attention's score and value matmuls, 12 x layers x width x seq^2 per sample, which
-    dominate at 480p (about 3/4 of the total for Wan2.1-1.3B at 49 frames)."""
-    params = sum(p.numel() for p in transformer.parameters())
-    config = transformer.config
-    width = config.num_attention_heads * config.attention_head_dim
-    per_sample = 6.0 * params * seq_len + 12.0 * config.num_layers * width * float(seq_len) ** 2
-    return batch * per_sample
-
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
 class Trainer:
     """One worker's training loop. ``rank``/``world_size`` come from Ray Train (1/0 standalone)."""
 
@@ -636,7 +613,7 @@ class Trainer:
         self.render_rows, self.eval_rows = edit_rows[: settings.render_samples], edit_rows[:evaluated]
         self._metric_suite = None
         self._val_encoded = None
-        self.peak = peak_flops(self.device)
+        self.peak = get_peak_flops(self.device)
 
     def _check_latent_sources(self, rows: dict[str, list[Any]] | None) -> dict[str, torch.Tensor]:
         """Find the precomputed sources (``latent_sources``: name -> their latents.json), refuse
@@ -882,7 +859,7 @@ class Trainer:
         parts["tokens"] = tokens
         if self.peak:
             # A context-parallel rank does 1/cp of its group's work.
-            parts["flops"] = training_flops(self.module.transformer, samples, tokens // samples) / self.cp
+            parts["flops"] = batch_flops(self.module.transformer, encoded) / self.cp
         return parts
 
     def _global_sums(self, totals: dict[str, float]) -> dict[str, float]:

@@ -447,6 +447,44 @@ def test_evaluate_edits_measures_held_out_edits_per_task(shards):
     assert _trainer(_config(shards)).eval_rows == []
 
 
+def test_mfu_counts_the_flops_of_the_one_flop_model(shards):
+    """perf/mfu = the step's FLOPs by sama.train.flops (what bench/model_step.py reports) over
+    step time and peak; with a known peak, each micro-batch's FLOPs are its layout's."""
+    from sama.train.flops import step_flops
+
+    trainer = _trainer(_config(shards))
+    trainer.peak = 1e12  # as on a GPU the peak table knows
+    seen = []
+    original = trainer.forward_backward_step
+
+    def recording(batch, micro, logical_rank=None):
+        parts = original(batch, micro, logical_rank)
+        seen.append((batch, parts))
+        return parts
+
+    trainer.forward_backward_step = recording
+    metrics = trainer.train_step()
+    transformer = trainer.module.transformer
+    expected = 0.0
+    for batch, parts in seen:
+        encoded = trainer.module.encode_batch(batch, torch.Generator().manual_seed(0))
+        layout = transformer.sequence_layout(
+            encoded.target_latents.shape,
+            None if encoded.source_latents is None else encoded.source_latents.shape,
+            0 if encoded.semantic_tokens is None else encoded.semantic_tokens.shape[1],
+        )
+        per_sample = step_flops(
+            transformer,
+            layout.num_source,
+            layout.num_semantic,
+            layout.num_target,
+            encoded.text_embeds.shape[1],
+        )["total"]
+        assert parts["flops"] == pytest.approx(per_sample * len(batch))
+        expected += parts["flops"]
+    assert metrics["perf/mfu"] == pytest.approx(expected / metrics["perf/step_s"] / 1e12, rel=1e-9)
+
+
 def test_grad_accum_averages_micro_batches(shards):
     cfg = _config(shards, grad_accum=2)
     cfg.optim.grad_clip = 0.0  # no clipping: the captured gradient is the accumulated one
