@@ -98,6 +98,11 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict:
         cfg.validate()
     except ValueError as exc:
         raise config.ConfigError(str(exc)) from None
+    # The model check reads the export's manifest with the pipeline module, which imports torch
+    # and diffusers: imported here, before the checks' deadline starts (on a busy machine the
+    # import alone can take longer than a check is given).
+    import sama.pipeline_edit  # noqa: F401
+
     job_summary = common.run_job(
         name="eval",
         cfg=cfg,
