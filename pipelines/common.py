@@ -32,13 +32,6 @@ from sama.prep import ledger
 log = logging.getLogger(__name__)
 
 
-def quiet_progress_bars() -> None:
-    """Turn Ray Data's progress bars off (for a caller that prints its own progress)."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 @dataclass
 class ActorPool:
     """Run units on a pool of long-lived actors rather than tasks.
@@ -121,6 +114,8 @@ def run_units(
 
     dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
     # Ray Data retries a failed task; a retried unit rewrites the same shard names, so no duplicates.
+    # At most 3 times (Ray Data's default: without limit), which map takes only as ray_remote_args
+    # (deprecated; sama.logs ignores the warning for these calls).
     if actors is not None:
         size, num_gpus = actors.resolved()
         size = min(size, len(units))  # an actor with no unit would load its models for nothing

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
+
+from sama import logs
+from sama.redaction import install_log_filter, redact_config, redact_text
 
 
 class CommandError(Exception):
@@ -41,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sama",
         description="Data preparation, training and editing for SAMA instruction-guided video editing.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging and all of Ray's output (sama.logs)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("prep-pretext", help="raw videos -> motion-alignment pretext shards (Ray Data)")
@@ -276,7 +280,7 @@ def _failed_units_status(summary) -> int:
         file=sys.stderr,
     )
     for failure in summary.failures[:10]:
-        print(f"  unit {failure.unit_id}: {failure.error}", file=sys.stderr)
+        print(redact_text(f"  unit {failure.unit_id}: {failure.error}"), file=sys.stderr)
     return 1
 
 
@@ -374,18 +378,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         info = run_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     except PreflightError as exc:
-        print(format_report(WHAT, exc.results), file=sys.stderr)
+        print(redact_text(format_report(WHAT, exc.results)), file=sys.stderr)
         return 1
     except TrainingError as exc:
         # The first failing rank's traceback, once: every rank raising the same error would
         # otherwise print it once per worker.
-        print(exc.traceback, file=sys.stderr)
-        print(f"sama train: error: {exc}", file=sys.stderr)
+        print(redact_text(exc.traceback), file=sys.stderr)
+        print(redact_text(f"sama train: error: {exc}"), file=sys.stderr)
         return 1
     except ResourcesUnavailable as exc:
-        print(f"sama train: error: {exc}", file=sys.stderr)
+        print(redact_text(f"sama train: error: {exc}"), file=sys.stderr)
         return 1
-    print(json.dumps(info, indent=2))
+    print(json.dumps(redact_config(info), indent=2))
     return 0
 
 
@@ -444,7 +448,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             copy_frozen=args.copy_frozen,
         )
     except (ValueError, OSError) as exc:  # ConversionError, ModelDirectoryError, unknown preset
-        print(f"sama convert: error: {exc}", file=sys.stderr)
+        print(redact_text(f"sama convert: error: {exc}"), file=sys.stderr)
         return 1
     print(json.dumps(dataclasses.asdict(report), indent=2))
     return 0
@@ -477,10 +481,10 @@ def _lookup(command: str) -> Callable[[argparse.Namespace], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Logging, and what Ray prints: sama.logs (all of it with --verbose).
+    logs.configure(args.verbose)
+    # Log lines (and their tracebacks) never carry credentials, whichever module logs them.
+    install_log_filter()
     from sama.config import ConfigError
     from sama.preflight import PreflightError
     from sama.storage import StorageError
@@ -488,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _lookup(args.command)(args)
     except (CommandError, ConfigError, StorageError, PreflightError) as exc:
-        print(f"sama {args.command}: error: {exc}", file=sys.stderr)
+        print(redact_text(f"sama {args.command}: error: {exc}"), file=sys.stderr)
         return 2
 
 

@@ -311,12 +311,18 @@ def load(cls: type[T], config_file: str | os.PathLike | None = None, overrides: 
 
 
 def dumps(obj: Any) -> str:
-    """The resolved configuration as YAML (keys in declaration order)."""
-    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
+    """The resolved configuration as YAML (keys in declaration order), credentials redacted
+    (:func:`sama.redaction.redact_config`: URI userinfo and query strings, credential environment
+    values, credential-named keys); URIs without credentials stay as they are."""
+    from sama.redaction import redact_config
+
+    # Every dumped config is written somewhere others read (config.yaml, MLflow, --print-config).
+    return yaml.safe_dump(redact_config(to_dict(obj)), sort_keys=False, default_flow_style=False)
 
 
 def save(obj: Any, uri: str) -> None:
-    """Atomically write the resolved configuration as YAML to ``uri`` (local or s3://)."""
+    """Atomically write the resolved configuration as YAML (:func:`dumps`: credentials redacted)
+    to ``uri`` (local or s3://)."""
     from sama import storage
 
     storage.write_text(uri, dumps(obj))

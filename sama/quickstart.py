@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from sama import cluster, config, storage, synthetic
+from sama import cluster, config, logs, storage, synthetic
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,15 @@ def _encoders_line(info: dict) -> str:
     return f"      trained from latent shards: no frozen encoder built; loaded on rank 0 only for {others}"
 
 
+def _trained_line(info: dict) -> str:
+    """What a training stage did, from its run_info.json (its step lines are in Ray's worker logs)."""
+    return (
+        f"      {info.get('steps')} steps, {info.get('samples_seen')} samples; MLflow run "
+        f"{info.get('mlflow_run_id')}, registered {info.get('mlflow_registered_model')} "
+        f"v{info.get('mlflow_version')}"
+    )
+
+
 def _sources(*sources: tuple[str, str, str, float]) -> str:
     """A ``data.sources=[...]`` override for the given (name, uri, media, weight) streams."""
     items = [{"name": n, "uri": u, "media": m, "weight": w} for n, u, m, w in sources]
@@ -296,10 +305,11 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
     store = os.path.join(workdir, "store")
     os.makedirs(store, exist_ok=True)
     steps = _Steps(9)
-    cluster.connect()
-    from pipelines import common
-
-    common.quiet_progress_bars()
+    # The quickstart prints its own step and result lines; the rest goes to Ray's session logs.
+    logs.summary_only()
+    session = cluster.connect()
+    if session:
+        print(f"Ray's logs (workers, Ray Data, Ray Train): {os.path.join(session, 'logs')}")
 
     steps.start("synthesising raw videos and edit pairs")
     _synthesise(store)
@@ -342,6 +352,7 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
             f"data.val_uri={latents}/pretext-val/shards/video",
         ],
     )
+    print(_trained_line(stage0))
     print(_encoders_line(stage0))
     steps.start("stage 1: SFT on paired video edits (+ image edits) from the stage-0 export")
     stage1 = _train(
@@ -353,6 +364,7 @@ def run(workdir: str = "quickstart", overwrite: bool = False) -> int:
             f"data.val_uri={latents}/pairs-val/shards/video",
         ],
     )
+    print(_trained_line(stage1))
     print(_encoders_line(stage1))
 
     steps.start("edit the held-out videos with the stage-1 model (sama edit), against copying the source")

@@ -150,17 +150,12 @@ def pyarrow_filesystem(uri: str | os.PathLike):
 
 
 def redact(uri: str) -> str:
-    """``uri`` fit for a log or a rejects file: no user/password, no query string or fragment
-    (where presigned URLs carry their signature)."""
-    text = str(uri)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return text.split("?", 1)[0].split("#", 1)[0]
-    netloc, slash, path = rest.partition("/")
-    netloc = netloc.rsplit("@", 1)[-1]
-    path = path.split("?", 1)[0].split("#", 1)[0]
-    redacted = f"{scheme}://{netloc}{slash}{path}"
-    return redacted + ("?<redacted>" if "?" in rest else "")
+    """``uri`` fit for a log or a rejects file: :func:`sama.redaction.redact_uri` (no
+    user/password, the query string and fragment replaced by ``?<redacted>``, credential
+    environment values replaced)."""
+    from sama.redaction import redact_uri
+
+    return redact_uri(uri)
 
 
 def is_under(uri: str, prefix: str) -> bool:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sama import config as config_lib
+from sama.redaction import redact_config
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class TrackingConfig:
     # The model registry; None: MLFLOW_REGISTRY_URI, else the tracking store.
     registry_uri: str | None = None
     system_metrics: bool = True
+    # Seconds between system-metric samples (MLflow's monitor; each sample is logged).
+    system_metrics_interval_s: float = 10.0
     tags: dict[str, str] = field(default_factory=dict)
     # At the end of a run, how long to wait for writes held during an outage (then they are lost).
     flush_timeout_s: float = 60.0
@@ -606,7 +609,10 @@ class Tracker:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+            # Tags, like params, are readable by every user of the server.
+            run = self.client.create_run(
+                experiment.experiment_id, run_name=run_name, tags=redact_config(all_tags)
+            )
             self.run_id = run.info.run_id
             self.created_run = True
         if self.cfg.system_metrics:
@@ -633,7 +639,10 @@ class Tracker:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(
-                self.run_id, resume_logging=True, tracking_uri=self.tracking_uri
+                self.run_id,
+                sampling_interval=self.cfg.system_metrics_interval_s,
+                resume_logging=True,
+                tracking_uri=self.tracking_uri,
             )
             self._monitor.start()
         except Exception as exc:  # psutil missing or the monitor's API moved: training goes on
@@ -641,13 +650,18 @@ class Tracker:
             self._monitor = None
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log the flattened configuration (values stringified and capped as MLflow requires)."""
+        """Log the flattened configuration, credentials redacted (:func:`sama.redaction.redact_config`),
+        values stringified and capped as MLflow requires."""
         if not self.enabled:
             return
         from mlflow.entities import Param
 
         client, run_id = self.client, self.run_id
-        flat = {key: str(value)[:_MAX_PARAM_CHARS] for key, value in config_lib.flatten(params).items()}
+        # Params are readable by every user of the tracking server: credentials never reach them.
+        flat = {
+            key: str(value)[:_MAX_PARAM_CHARS]
+            for key, value in config_lib.flatten(redact_config(params)).items()
+        }
 
         def send() -> None:
             # Read when sent: a resumed run keeps its params (MLflow forbids changing them), and a

@@ -40,6 +40,7 @@ from typing import Any
 
 from sama import storage
 from sama.eval.metrics import PSNR_CAP_DB  # one cap, shared with MetricSuite
+from sama.redaction import redact_config
 
 log = logging.getLogger(__name__)
 
@@ -512,8 +513,9 @@ def log_eval_run(
 
     The run (created in ``experiment``, made if missing, through :class:`sama.tracking.Tracker`
     so a local SQLite store keeps its artifacts beside the database) gets: ``params`` (a flat,
-    already-redacted dict; values stringified and cut to MLflow's 6000 characters; nothing else,
-    and nothing from the environment, is logged as a param), the metrics of :func:`eval_metrics`
+    already-redacted dict, passed through :func:`sama.redaction.redact_config` again, as the
+    tags are; values stringified and cut to MLflow's 6000 characters; nothing else, and nothing
+    from the environment, is logged as a param), the metrics of :func:`eval_metrics`
     at step 0, the per-sample table ``eval/samples.json`` (``log_table``: one row per record,
     columns of :func:`sample_row`), ``eval/summary.json`` and the report directory (``index.html``
     and its media) under ``report/``. ``report_dir`` is a local directory, or an ``s3://`` prefix
@@ -531,14 +533,17 @@ def log_eval_run(
     summary_text = json.dumps(summary, indent=2, allow_nan=False)
     table = sample_table(records)
     metrics = eval_metrics(summary)
+    # Redacted again here (callers pass redacted params): MLflow params and tags are readable by
+    # every user of the server, so this function does not rely on its callers.
     flat_params = [
-        Param(_key(str(key)), str(value)[:_MAX_PARAM_CHARS]) for key, value in sorted(params.items())
+        Param(_key(str(key)), str(value)[:_MAX_PARAM_CHARS])
+        for key, value in sorted(redact_config(dict(params)).items())
     ]
     tracker = tracking.Tracker(
         tracking.TrackingConfig(uri=tracking_uri, experiment=experiment, system_metrics=False),
         enabled=True,
     )
-    run_id = tracker.start(run_name, tags=dict(tags or {}))
+    run_id = tracker.start(run_name, tags=redact_config(dict(tags or {})))
     client = tracker.client
     status = "FAILED"
     try:

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sama import schema, storage
+from sama.redaction import redact_config, redact_text
 from sama.schema import ShardConfig
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,12 @@ class Reject:
     reason: str
     detail: str = ""
 
+    def __post_init__(self) -> None:
+        # Rejects are written to markers and rejects.jsonl, read by whoever reads the output: the
+        # input (a manifest row's URI) and the detail (an error message) never carry credentials.
+        self.input = redact_text(self.input)
+        self.detail = redact_text(self.detail)
+
 
 @dataclass
 class UnitFailure:
@@ -58,6 +65,10 @@ class UnitFailure:
 
     unit_id: str
     error: str
+
+    def __post_init__(self) -> None:
+        # Written to summary.json: an error message may quote a URI with credentials.
+        self.error = redact_text(self.error)
 
 
 @dataclass
@@ -86,7 +97,12 @@ class UnitResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The completion marker's text; ``inputs`` and ``accepted`` (only counted when read back)
+        redacted. ``sources`` stays as given: a rerun matches its units' sources against it."""
+        raw = asdict(self)
+        raw["inputs"] = [redact_text(v) for v in self.inputs]
+        raw["accepted"] = [redact_text(v) for v in self.accepted]
+        return json.dumps(raw, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> UnitResult:
@@ -418,12 +434,19 @@ def summarize(
 
 def write_summary(output_uri: str, results: list[UnitResult], summary: Summary) -> None:
     """Write ``rejects.jsonl`` (every rejected input, then every dropped clip, with its reason)
-    and ``summary.json``."""
+    and ``summary.json``, both through :func:`sama.redaction.redact_config`."""
     ordered = sorted(results, key=lambda r: r.unit_id)
-    lines = [json.dumps(asdict(rej), sort_keys=True) for r in ordered for rej in r.rejects]
-    lines += [json.dumps({**asdict(d), "dropped": True}, sort_keys=True) for r in ordered for d in r.dropped]
+    # Rejects redact themselves (Reject.__post_init__); these redact again for records made by
+    # other code (markers of older versions read back) and for the summary's free-form ``extra``.
+    lines = [json.dumps(redact_config(asdict(rej)), sort_keys=True) for r in ordered for rej in r.rejects]
+    lines += [
+        json.dumps(redact_config({**asdict(d), "dropped": True}), sort_keys=True)
+        for r in ordered
+        for d in r.dropped
+    ]
     storage.write_text(storage.join(output_uri, REJECTS_FILE), "".join(line + "\n" for line in lines))
-    storage.write_text(storage.join(output_uri, SUMMARY_FILE), json.dumps(asdict(summary), indent=2) + "\n")
+    summary_json = json.dumps(redact_config(asdict(summary)), indent=2)
+    storage.write_text(storage.join(output_uri, SUMMARY_FILE), summary_json + "\n")
 
 
 class Progress:

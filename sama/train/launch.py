@@ -35,6 +35,7 @@ from typing import Any
 from sama import cluster, storage
 from sama import config as config_lib
 from sama.preflight import describe_error
+from sama.redaction import install_log_filter, redact_config
 from sama.tracking import LocalTrackingServer, sqlite_uri, training_store
 from sama.train.preflight import describe_resources
 from sama.train.trainer import TrainConfig
@@ -173,7 +174,10 @@ def check_config_change(cfg: TrainConfig, checkpoint: str, allow: bool) -> list[
     if not storage.exists(saved_uri):
         return []
     saved = config_lib.from_dict(TrainConfig, yaml.safe_load(storage.read_text(saved_uri)))
-    changes = config_changes(saved, resolve_train_config(cfg, strict=False))
+    # config.yaml is saved redacted (config_lib.dumps): compare with the redacted configuration,
+    # or a URI with credentials would read as changed.
+    current = config_lib.to_dict(resolve_train_config(cfg, strict=False))
+    changes = config_changes(saved, config_lib.from_dict(TrainConfig, redact_config(current)))
     if changes and not allow:
         raise ConfigChanged(cfg.run.name, storage.basename(checkpoint), changes)
     if changes:
@@ -201,6 +205,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from sama.train.trainer import Trainer, steps_due
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()
     cfg = config_lib.from_dict(TrainConfig, loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -315,7 +320,10 @@ def _publish(cfg: TrainConfig, trainer, tracker, export_dir: str, loop_config: d
         "precomputed": bool(getattr(trainer, "precomputed", False)),
         "frozen_encoders_loaded": dict(getattr(trainer, "frozen_loaded", {})),
     }
-    storage.write_text(storage.join(run_uri(cfg), RUN_INFO_FILE), json.dumps(info, indent=2) + "\n")
+    # Its URIs (tracking store, export) may carry credentials: the file holds them redacted.
+    storage.write_text(
+        storage.join(run_uri(cfg), RUN_INFO_FILE), json.dumps(redact_config(info), indent=2) + "\n"
+    )
 
 
 class TrainingError(RuntimeError):

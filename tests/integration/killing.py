@@ -37,10 +37,43 @@ def kill_after_markers(job_args: list[str], output_uri: str, markers: int = 2, t
         # Committed markers only: an atomic write in flight is a hidden temporary file.
         done = len(storage.list_files(marker_dir, suffixes=(".json",)))
         if done >= markers:
+            working = _others_work()
             os.killpg(proc.pid, signal.SIGKILL)
             killed_at = done
             break
-        time.sleep(0.05)
+        time.sleep(0.05)  # between polls only
     proc.wait(timeout=30)
-    time.sleep(2)  # let Ray cancel the dead driver's tasks
+    if killed_at:
+        _wait_until_stopped(working)
     return killed_at
+
+
+def _others_work() -> dict[str, set[str]]:
+    """The (non-detached) actors alive and tasks running on the shared cluster for jobs other than
+    this test's (the driver about to be killed), by Ray's state API."""
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    address, own = ray.test_dashboard_url, ray.get_runtime_context().get_job_id()
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=10_000, detail=True)
+    tasks = list_tasks(address=address, filters=[("state", "=", "RUNNING")], limit=10_000)
+    return {
+        # Detached actors (Ray Data's statistics actor) outlive their driver by design.
+        "actors": {a.actor_id for a in actors if a.job_id != own and not a.is_detached},
+        "tasks": {t.task_id for t in tasks if t.job_id != own},
+    }
+
+
+def _wait_until_stopped(working: dict[str, set[str]], timeout_s: float = 60) -> None:
+    """Poll the state API until the killed driver's actors are dead and its tasks no longer run
+    (Ray cancels them once it sees the driver gone), so the test's next run does not share the
+    cluster with its leftovers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = _others_work()
+        left = {kind: ids & now[kind] for kind, ids in working.items()}
+        if not any(left.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the killed driver's work still runs after {timeout_s:.0f} s: {left}")
+        time.sleep(0.2)  # between polls only

@@ -221,11 +221,23 @@ def test_end_sets_the_final_status(mlflow_server):
     assert failing.client.get_run(failed_id).info.status == "FAILED"
 
 
-def test_system_metrics_monitor_starts_and_stops(mlflow_server):
-    cfg = TrackingConfig(uri=mlflow_server, experiment=_name("sysmetrics"), system_metrics=True)
+def test_system_metrics_are_logged_while_the_run_lasts(mlflow_server):
+    """The monitor samples CPU and memory into the run (``system/*``) until the run ends."""
+    import time
+
+    cfg = TrackingConfig(
+        uri=mlflow_server, experiment=_name("sysmetrics"), system_metrics=True, system_metrics_interval_s=0.5
+    )
     tracker = Tracker(cfg, enabled=True)
     run_id = tracker.start("system")
+    deadline = time.monotonic() + 60
+    metrics: dict = {}
+    while time.monotonic() < deadline and "system/cpu_utilization_percentage" not in metrics:
+        metrics = tracker.client.get_run(run_id).data.metrics  # polled: the monitor logs when it samples
+        time.sleep(0.1)  # between polls only; the condition above is what is waited for
     tracker.end()
+    assert "system/cpu_utilization_percentage" in metrics, sorted(metrics)
+    assert "system/system_memory_usage_megabytes" in metrics, sorted(metrics)
     assert tracker.client.get_run(run_id).info.status == "FINISHED"
 
 

@@ -3,8 +3,11 @@
 Fast and offline: nothing is built, pulled or submitted. Each manifest is parsed and held to what
 the code and pyproject.toml say: job entry points are parsed by the real `sama` argument parser
 (and, for the landed jobs, resolved with `--print-config`), images carry the project version,
-GPU jobs get GPUs and /dev/shm, secrets only come from the environment. The `check_*` helpers
-raise AssertionError on a problem; the last tests feed them broken input to prove they do.
+GPU jobs get GPUs and /dev/shm, secrets only come from the environment. The Kubernetes objects
+are validated against vendored schemas (tests/unit/schemas/README.md): the RayJobs against the real
+KubeRay CRD with unknown fields rejected, the NetworkPolicies and Secrets against Kubernetes' strict
+JSON schemas. The `check_*` helpers raise AssertionError on a problem; the last tests feed them
+broken input to prove they do.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
+import jsonschema
 import pytest
+import referencing
 import yaml
 
 from sama import cli
@@ -33,6 +38,9 @@ DOCKERFILE = INFRA / "docker" / "Dockerfile"
 COMPOSE_DIR = INFRA / "compose"
 CLUSTER_YAML = INFRA / "aws" / "cluster.yaml"
 RUNTIME_ENV = INFRA / "runtime_env.yaml"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+RAYJOB_CRD = SCHEMAS / "ray.io_rayjobs.yaml"
+K8S_SCHEMAS = SCHEMAS / "kubernetes-v1.37.0-local-strict"
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
@@ -50,20 +58,28 @@ FLAGS = {
 }
 # Options whose value is a storage URI (on a cluster: s3://).
 URI_FLAGS = {"--input", "--output", "--manifest", "--video", "--model"}
-SECRET_NAME = "sama-credentials"
+# One Secret per role (infra/kuberay/secret.example.yaml) and the keys each holds.
+STORAGE_SECRET, MLFLOW_SECRET, HF_SECRET = "sama-object-storage", "sama-mlflow", "sama-huggingface"
+SECRET_KEYS = {
+    STORAGE_SECRET: {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"},
+    MLFLOW_SECRET: {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+    HF_SECRET: {"HF_TOKEN"},
+}
+# Containers whose root filesystem stays writable: the training head and GPU workers load weights
+# into HF_HOME and write the torch.compile / Triton caches under the home directory.
+WRITABLE_ROOT = {
+    ("pretrain.yaml", "head"),
+    ("pretrain.yaml", "gpu-h100"),
+    ("sft.yaml", "head"),
+    ("sft.yaml", "gpu-h100"),
+}
+# The KubeRay operator's pods (Helm chart label); it polls the job through the dashboard.
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+DASHBOARD_PORT = 8265
 SECRET_ENV = {
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "HF_TOKEN",
-}
-SECRET_EXAMPLE_KEYS = {
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_ENDPOINT_URL",
-    "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "HF_TOKEN",
@@ -100,8 +116,118 @@ def load_one(path: Path) -> dict:
     return docs[0]
 
 
+def manifest(name: str) -> list[dict]:
+    """The objects of a file in infra/kuberay/ (a RayJob file also holds its NetworkPolicy)."""
+    docs = load_docs(KUBERAY / name)
+    assert all(isinstance(d, dict) for d in docs), f"{name}: a document is not a mapping"
+    return docs
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d.get("kind") == kind]
+
+
 def rayjob(name: str) -> dict:
-    return load_one(KUBERAY / name)
+    jobs = of_kind(manifest(name), "RayJob")
+    assert len(jobs) == 1, f"{name}: expected one RayJob, found {len(jobs)}"
+    return jobs[0]
+
+
+def pod_templates(job: dict) -> list[tuple[str, dict]]:
+    """(group, pod template) of the head, every worker group and the submitter (if templated)."""
+    cluster = job["spec"]["rayClusterSpec"]
+    out = [("head", cluster["headGroupSpec"]["template"])]
+    out += [(g["groupName"], g["template"]) for g in cluster["workerGroupSpecs"]]
+    if job["spec"].get("submitterPodTemplate"):
+        out.append(("submitter", job["spec"]["submitterPodTemplate"]))
+    return out
+
+
+def secret_refs(container: dict) -> set[str]:
+    """The Secrets a container reads: envFrom secretRefs and env valueFrom secretKeyRefs."""
+    refs = {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+    refs |= {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in (e.get("valueFrom") or {})
+    }
+    return refs
+
+
+def expected_secrets(name: str, group: str) -> set[str]:
+    """Least privilege per role: prep pods only reach object storage; the training head (driver,
+    preflight, MLflow run) and GPU workers (weights, logging) also MLflow and the Hub; the CPU decode
+    workers only storage; the submitter (`ray job submit`) nothing."""
+    if group == "submitter":
+        return set()
+    if name.startswith("prep-") or group == "cpu":
+        return {STORAGE_SECRET}
+    return {STORAGE_SECRET, MLFLOW_SECRET, HF_SECRET}
+
+
+# ---------------------------------------------------------------------------------------------
+# schemas (tests/unit/schemas/README.md says where each file comes from)
+
+
+def strict(schema):
+    """A copy of an OpenAPI v3 (CRD) schema that rejects unknown fields, as the API server's
+    strict field validation does: additionalProperties false on every object schema that lists
+    properties, unless it preserves unknown fields or already says what extra keys may hold."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if (
+        isinstance(schema.get("properties"), dict)
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+        and "additionalProperties" not in schema
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+_CRD_VALIDATOR = None
+
+
+def rayjob_validator() -> jsonschema.protocols.Validator:
+    """Validator of the ray.io/v1 RayJob schema of the vendored KubeRay CRD (strict)."""
+    global _CRD_VALIDATOR
+    if _CRD_VALIDATOR is None:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        with RAYJOB_CRD.open() as f:
+            crd = yaml.load(f, Loader=loader)
+        assert crd["spec"]["names"]["kind"] == "RayJob" and crd["spec"]["group"] == "ray.io"
+        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        schema = strict(v1["schema"]["openAPIV3Schema"])
+        jsonschema.Draft7Validator.check_schema(schema)
+        _CRD_VALIDATOR = jsonschema.Draft7Validator(schema)
+    return _CRD_VALIDATOR
+
+
+def k8s_validator(filename: str) -> jsonschema.protocols.Validator:
+    """Validator of a vendored Kubernetes JSON schema (the -strict variant: unknown fields fail)."""
+    resources = []
+    for path in sorted(K8S_SCHEMAS.glob("*.json")):
+        contents = json.loads(path.read_text())
+        resources.append((contents["$id"], referencing.Resource.from_contents(contents)))
+    registry = referencing.Registry().with_resources(resources)
+    schema = json.loads((K8S_SCHEMAS / filename).read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, registry=registry)
+
+
+def schema_errors(validator, obj: dict) -> list[str]:
+    return [
+        f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    ]
+
+
+def check_schema(validator, obj: dict) -> None:
+    errors = schema_errors(validator, obj)
+    assert not errors, "\n".join(errors[:20])
 
 
 def pod_specs(job: dict) -> list[tuple[str, dict]]:
@@ -235,30 +361,23 @@ def storage_uris(args: list[str]) -> list[str]:
 
 
 def check_rayjob(job: dict) -> None:
-    """The structure KubeRay (ray.io/v1) needs and this project relies on."""
+    """The KubeRay CRD's schema (types, enums, required and unknown fields), then what this project
+    relies on beyond it."""
+    check_schema(rayjob_validator(), job)
     assert job.get("apiVersion") == "ray.io/v1", job.get("apiVersion")
     assert job.get("kind") == "RayJob", job.get("kind")
     assert job.get("metadata", {}).get("name"), "metadata.name missing"
     spec = job["spec"]
-    assert isinstance(spec.get("entrypoint"), str) and spec["entrypoint"].strip(), "spec.entrypoint missing"
+    assert spec["entrypoint"].strip(), "spec.entrypoint missing"
     assert spec.get("submissionMode") == "K8sJobMode"
     assert spec.get("shutdownAfterJobFinishes") is True
-    assert isinstance(spec.get("ttlSecondsAfterFinished"), int) and spec["ttlSecondsAfterFinished"] >= 0
-    assert isinstance(spec.get("backoffLimit"), int) and spec["backoffLimit"] >= 0
+    assert spec.get("ttlSecondsAfterFinished", -1) >= 0 and spec.get("backoffLimit", -1) >= 0
     cluster = spec["rayClusterSpec"]
     assert cluster.get("rayVersion") == pin("ray"), "rayVersion must equal the ray pin in pyproject.toml"
-    head = cluster["headGroupSpec"]
-    assert isinstance(head.get("rayStartParams"), dict)
     workers = cluster["workerGroupSpecs"]
-    assert isinstance(workers, list) and workers, "no workerGroupSpecs"
+    assert workers, "no workerGroupSpecs"
     names = [g["groupName"] for g in workers]
     assert len(set(names)) == len(names), f"duplicate worker group names {names}"
-    for group in [head, *workers]:
-        params = group.get("rayStartParams", {})
-        assert isinstance(params, dict)
-        assert all(isinstance(v, str) for v in params.values()), (
-            f"rayStartParams values must be strings: {params}"
-        )
     for group in workers:
         lo, n, hi = group["minReplicas"], group["replicas"], group["maxReplicas"]
         assert 0 <= lo <= n <= hi, f"{group['groupName']}: need minReplicas <= replicas <= maxReplicas"
@@ -280,13 +399,8 @@ def check_rayjob(job: dict) -> None:
 
 
 def check_secrets_from_environment(job: dict) -> None:
-    """Credentials reach containers only through the Secret; RAY_ADDRESS is never pinned."""
+    """Credentials reach containers only through Secrets; RAY_ADDRESS is never pinned."""
     for container in all_containers(job):
-        if container.get("name", "").startswith("ray-"):
-            refs = [e.get("secretRef", {}).get("name") for e in container.get("envFrom", [])]
-            assert SECRET_NAME in refs, (
-                f"container {container.get('name')}: no envFrom secretRef {SECRET_NAME}"
-            )
         for env in container.get("env", []):
             assert env["name"] != "RAY_ADDRESS", "RAY_ADDRESS must not be hard-coded"
             if env["name"] in SECRET_ENV:
@@ -295,6 +409,105 @@ def check_secrets_from_environment(job: dict) -> None:
     env_vars = runtime.get("env_vars", {})
     assert not (set(env_vars) & (SECRET_ENV | {"RAY_ADDRESS"})), "secrets or RAY_ADDRESS in runtimeEnvYAML"
     assert "--address" not in shlex.split(job["spec"]["entrypoint"])
+
+
+def check_secret_roles(name: str, job: dict) -> None:
+    """Each pod reads exactly the Secrets of its role (expected_secrets), by env and by volume."""
+    for group, template in pod_templates(job):
+        spec = template["spec"]
+        for container in spec["containers"] + spec.get("initContainers", []):
+            refs = secret_refs(container)
+            assert refs == expected_secrets(name, group), (
+                f"{group}/{container['name']}: reads Secrets {sorted(refs)}, "
+                f"its role needs {sorted(expected_secrets(name, group))}"
+            )
+        mounted = {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+        assert not mounted, f"{group}: mounts Secrets {sorted(mounted)}"
+
+
+def check_container_security(container: dict, pod_security: dict, where: str, read_only: bool = True) -> None:
+    """Non-root, no privilege escalation, no capabilities, and (where it works) a read-only root."""
+    sc = container.get("securityContext") or {}
+    assert sc, f"{where}: no securityContext"
+    assert sc.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True, f"{where}: runAsNonRoot"
+    assert sc.get("runAsUser", pod_security.get("runAsUser", 1000)) != 0, f"{where}: runs as uid 0"
+    assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation must be false"
+    assert sc.get("privileged") is not True, f"{where}: privileged"
+    caps = sc.get("capabilities") or {}
+    assert "ALL" in caps.get("drop", []) and not caps.get("add"), f"{where}: drop ALL capabilities, add none"
+    if read_only:
+        assert sc.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem"
+
+
+def check_hardening(name: str, job: dict) -> None:
+    """Token auth on; every container (head, workers, submitter, KubeRay's autoscaler sidecar)
+    hardened; a writable emptyDir at /tmp for Ray; service-account tokens only where used."""
+    cluster = job["spec"]["rayClusterSpec"]
+    auth = cluster.get("authOptions") or {}
+    assert auth.get("mode") == "token", "rayClusterSpec.authOptions.mode must be token"
+    assert not auth.get("enableK8sTokenAuth"), "K8s token auth is unsupported for RayJobs"
+    assert job["spec"].get("submitterPodTemplate"), "template the submitter pod to harden it"
+    for group, template in pod_templates(job):
+        spec = template["spec"]
+        pod_security = spec.get("securityContext") or {}
+        assert pod_security.get("runAsNonRoot") is True, f"{group}: pod runAsNonRoot"
+        assert (pod_security.get("seccompProfile") or {}).get("type") == "RuntimeDefault", f"{group}: seccomp"
+        # Only the head needs its token: the autoscaler sidecar talks to the Kubernetes API.
+        if group != "head":
+            assert spec.get("automountServiceAccountToken") is False, f"{group}: mounts an SA token"
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in spec["containers"] + spec.get("initContainers", []):
+            where = f"{group}/{container['name']}"
+            check_container_security(container, pod_security, where, (name, group) not in WRITABLE_ROOT)
+            tmp = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            assert tmp and "emptyDir" in volumes.get(tmp[0]["name"], {}), f"{where}: /tmp is not an emptyDir"
+    if cluster.get("enableInTreeAutoscaling"):
+        options = cluster.get("autoscalerOptions") or {}
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        check_container_security(options, head.get("securityContext") or {}, "autoscaler")
+        head_volumes = {v["name"]: v for v in head.get("volumes", [])}
+        tmp = [m for m in options.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+        assert tmp and "emptyDir" in head_volumes.get(tmp[0]["name"], {}), "autoscaler: /tmp emptyDir"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are checked here: {selector}"
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def check_network_policy(job: dict, policy: dict, other_jobs: list[dict]) -> None:
+    """The policy selects every pod of this job's cluster and no other job's, and admits traffic
+    to them only from those pods, plus the KubeRay operator on the dashboard port."""
+    check_schema(k8s_validator("networkpolicy-networking-v1.json"), policy)
+    spec = policy["spec"]
+    assert "Ingress" in spec.get("policyTypes", []), "policyTypes must include Ingress"
+    selector = spec["podSelector"]
+    assert selector.get("matchLabels"), "an empty podSelector selects every pod of the namespace"
+    for group, template in pod_templates(job):
+        labels = template.get("metadata", {}).get("labels", {})
+        assert _selects(selector, labels), f"{group} pods are not selected by {policy['metadata']['name']}"
+    for other in other_jobs:
+        for group, template in pod_templates(other):
+            labels = template.get("metadata", {}).get("labels", {})
+            assert not _selects(selector, labels), f"also selects {other['metadata']['name']}/{group}"
+    rules = spec.get("ingress", [])
+    assert rules, "no ingress rule: the job's own pods could not reach each other"
+    own = False
+    for rule in rules:
+        peers = rule.get("from")
+        assert peers, "a rule without `from` admits every source"
+        for peer in peers:
+            assert "ipBlock" not in peer, "ipBlock peers admit addresses outside the cluster"
+            if "namespaceSelector" not in peer:
+                assert peer["podSelector"] == selector, f"pods other than the job's own: {peer}"
+                own = True
+            else:
+                assert peer.get("podSelector", {}).get("matchLabels") == OPERATOR_LABELS, (
+                    f"cross-namespace peer other than the KubeRay operator: {peer}"
+                )
+                ports = [p.get("port") for p in rule.get("ports", [])]
+                assert ports == [DASHBOARD_PORT], f"the operator needs only the dashboard port: {ports}"
+    assert own, "the job's own pods are not admitted"
 
 
 def check_gpu_job(job: dict) -> None:
@@ -321,7 +534,8 @@ _SECRET_ASSIGNMENT = re.compile(
     r"(?i)(?<![{$])\b([\w.-]*(?:password|passwd|secret|secret_key|secret_access_key|token|access_key|"
     r"access_key_id|api_key))[\"']?\s*[:=]\s*(.*)$"
 )
-_PLACEHOLDER_VALUE = re.compile(r"^(|REPLACE_ME\b.*|<[^>]*>.*|\$\$?\{?[A-Za-z_].*|\|.*|>.*)$")
+# Empty, REPLACE_ME, <placeholder>, ${VAR}, a YAML block scalar, or a boolean (automount...Token: false).
+_PLACEHOLDER_VALUE = re.compile(r"^(|REPLACE_ME\b.*|<[^>]*>.*|\$\$?\{?[A-Za-z_].*|\|.*|>.*|true|false)$")
 
 
 def find_literal_secrets(text: str) -> list[str]:
@@ -362,6 +576,16 @@ def check_cluster_config(cfg: dict) -> None:
     head_cmds = " ".join(cfg["head_start_ray_commands"])
     assert "ray start --head" in head_cmds and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_cmds
     assert "ray start --address=$RAY_HEAD_IP:6379" in " ".join(cfg["worker_start_ray_commands"])
+    # Ray token auth on every node, the token from a file the launcher copies from outside the repo.
+    mounts = {target.removeprefix("~/") for target in cfg.get("file_mounts", {})}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if "ray start" in c]
+        assert start, f"{key}: no ray start"
+        for command in start:
+            before = command.split("ray start")[0]
+            assert re.search(r"\bRAY_AUTH_MODE=token\b", before), f"{key}: RAY_AUTH_MODE=token not set"
+            path = re.search(r"\bRAY_AUTH_TOKEN_PATH=\$HOME/(\S+?);", before)
+            assert path and path.group(1) in mounts, f"{key}: RAY_AUTH_TOKEN_PATH is not a file mount"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,14 +721,107 @@ def test_rayjob_names_are_unique():
     assert len(set(names)) == len(names)
 
 
-def test_secret_example_is_placeholders_only():
-    secret = load_one(KUBERAY / "secret.example.yaml")
-    assert secret["apiVersion"] == "v1" and secret["kind"] == "Secret"
-    assert secret["metadata"]["name"] == SECRET_NAME
-    assert "data" not in secret, "use stringData: base64 data would hide real values from review"
-    data = secret["stringData"]
-    assert set(data) >= SECRET_EXAMPLE_KEYS, f"missing {sorted(SECRET_EXAMPLE_KEYS - set(data))}"
-    assert all(str(v) == PLACEHOLDER for v in data.values()), "every value must be REPLACE_ME"
+def test_secret_example_is_one_secret_per_role_of_placeholders():
+    secrets = manifest("secret.example.yaml")
+    validator = k8s_validator("secret-v1.json")
+    for secret in secrets:
+        check_schema(validator, secret)
+        assert secret["kind"] == "Secret"
+        assert "data" not in secret, "use stringData: base64 data would hide real values from review"
+        assert all(str(v) == PLACEHOLDER for v in secret["stringData"].values()), "every value: REPLACE_ME"
+    keys = {s["metadata"]["name"]: set(s["stringData"]) for s in secrets}
+    assert keys == SECRET_KEYS, f"Secrets and keys {keys} != {SECRET_KEYS}"
+
+
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_rayjob_matches_the_kuberay_crd(name):
+    check_schema(rayjob_validator(), rayjob(name))
+
+
+def test_crd_schema_rejects_unknown_and_misspelled_fields():
+    """Without additionalProperties the CRD schema would accept any typo; strict() makes it fail
+    the way `kubectl create --validate=strict` does. Each mutation alone must be caught, at its path."""
+    job = rayjob("prep-pairs.yaml")
+    validator = rayjob_validator()
+    assert not schema_errors(validator, job)
+    cluster = ["spec", "rayClusterSpec"]
+    head_ctr = [*cluster, "headGroupSpec", "template", "spec", "containers", 0]
+    worker = [*cluster, "workerGroupSpecs", 0, "template", "spec"]
+    cases = [
+        (["spec"], "shutdownAfterJobFinish", "shutdownAfterJobFinishes"),  # misspelled key
+        ([*cluster, "authOptions"], "mdoe", "mode"),
+        ([*cluster], "authOption", "authOptions"),
+        (head_ctr, "securityContex", "securityContext"),
+        ([*head_ctr, "securityContext"], "readOnlyRootFileSystem", "readOnlyRootFilesystem"),
+        (worker, "automountServiceAccountTokens", "automountServiceAccountToken"),
+        ([*cluster, "autoscalerOptions"], "idleTimeoutSecond", "idleTimeoutSeconds"),
+    ]
+    for path, wrong, right in cases:
+        broken = copy.deepcopy(job)
+        node = broken
+        for key in path:
+            node = node[key]
+        node[wrong] = node.pop(right)
+        errors = schema_errors(validator, broken)
+        assert errors and any(wrong in e for e in errors), f"{wrong!r} (for {right!r}) passed: {errors}"
+    # Wrong values are caught too (enum, type).
+    broken = copy.deepcopy(job)
+    broken["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "tokens"
+    assert schema_errors(validator, broken)
+    broken = copy.deepcopy(job)
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"] = {"num-cpus": 4}
+    assert schema_errors(validator, broken)
+    # ... and free-form maps stay free-form (labels, resources).
+    fine = copy.deepcopy(job)
+    fine["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]["any/key"] = "v"
+    assert not schema_errors(validator, fine)
+
+
+def test_strict_keeps_preserve_unknown_fields_open():
+    schema = strict(
+        {
+            "type": "object",
+            "properties": {
+                "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                "free": {"type": "object", "properties": {}, "x-kubernetes-preserve-unknown-fields": True},
+                "map": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        }
+    )
+    validator = jsonschema.Draft7Validator(schema)
+    assert not list(validator.iter_errors({"a": {"b": "x"}, "free": {"anything": 1}, "map": {"k": "v"}}))
+    assert list(validator.iter_errors({"a": {"c": "x"}}))
+    assert list(validator.iter_errors({"z": 1}))
+    assert list(validator.iter_errors({"map": {"k": 1}}))
+
+
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_rayjob_has_token_auth_and_hardened_containers(name):
+    check_hardening(name, rayjob(name))
+
+
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_rayjob_has_a_network_policy_for_its_cluster(name):
+    docs = manifest(name)
+    assert {d["kind"] for d in docs} == {"RayJob", "NetworkPolicy"}, [d["kind"] for d in docs]
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    others = [rayjob(n) for n in RAYJOB_FILES if n != name]
+    check_network_policy(rayjob(name), policy, others)
+
+
+@pytest.mark.parametrize("name", RAYJOB_FILES)
+def test_rayjob_pods_read_only_their_roles_secrets(name):
+    check_secret_roles(name, rayjob(name))
+    defined = {s["metadata"]["name"] for s in manifest("secret.example.yaml")}
+    used = {ref for c in all_containers(rayjob(name)) for ref in secret_refs(c)}
+    assert used <= defined, f"references Secrets that secret.example.yaml lacks: {sorted(used - defined)}"
+
+
+@pytest.mark.parametrize("name", [n for n in RAYJOB_FILES if n.startswith("prep-")])
+def test_prep_pods_reach_only_object_storage(name):
+    for group, template in pod_templates(rayjob(name)):
+        for container in template["spec"]["containers"]:
+            assert secret_refs(container) <= {STORAGE_SECRET}, f"{group}: {sorted(secret_refs(container))}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,6 +954,41 @@ def test_cluster_yaml_matches_ray_schema():
     jsonschema.validate(load_one(CLUSTER_YAML), schema)
 
 
+def test_ray_reads_the_token_the_way_cluster_yaml_provides_it(tmp_path):
+    """The installed Ray (the pin) takes RAY_AUTH_MODE=token and the token from RAY_AUTH_TOKEN_PATH,
+    and without a token refuses to start a node: what the launcher's start commands rely on."""
+    pytest.importorskip("ray")
+    token = tmp_path / "ray_auth_token"
+    token.write_text("0123456789abcdef" * 4)
+    probe = (
+        "import json, sys\n"
+        "from ray._raylet import AuthenticationTokenLoader, AuthenticationMode, get_authentication_mode\n"
+        "from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled\n"
+        "loader = AuthenticationTokenLoader.instance()\n"
+        "has = loader.has_token(ignore_auth_mode=True)\n"
+        "token = loader.get_raw_token(ignore_auth_mode=True) if has else None\n"
+        "try:\n"
+        "    ensure_token_if_auth_enabled(None, create_token_if_missing=False)\n"
+        "    ok = True\n"
+        "except Exception:\n"
+        "    ok = False\n"
+        "print(json.dumps([get_authentication_mode() == AuthenticationMode.TOKEN, token, ok]))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+
+    def run(env):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    with_token = run({**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+    assert with_token == [True, token.read_text(), True]
+    assert run({**base, "RAY_AUTH_MODE": "token"})[::2] == [True, False]
+
+
 def test_cluster_yaml_installs_nothing_and_keeps_credentials_out_of_the_repo():
     cfg = load_one(CLUSTER_YAML)
     for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
@@ -669,8 +1021,54 @@ def test_compose_services_and_healthchecks():
         assert name in services, f"service {name} missing"
         assert services[name].get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
     assert services["postgres"]["image"].startswith("postgres:16")
-    assert any(p.startswith("5000:") for p in services["mlflow"]["ports"])
-    assert {p.split(":")[0] for p in services["minio"]["ports"]} >= {"9000", "9001"}
+    assert [published_port(p, {})[1:] for p in services["mlflow"]["ports"]] == [("5000", "5000")]
+    assert {published_port(p, {})[1] for p in services["minio"]["ports"]} == {"9000", "9001"}
+    assert "ports" not in services["postgres"]
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default} (enough for the port strings)."""
+    return _INTERPOLATION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
+
+
+def published_port(entry, env: dict[str, str]) -> tuple[str, str, str]:
+    """(host ip, host port, container port) of a short-syntax ports entry; "" ip = all interfaces."""
+    assert isinstance(entry, str), f"use the short syntax HOST_IP:HOST_PORT:CONTAINER_PORT: {entry!r}"
+    parts = interpolate(entry, env).split(":")
+    if len(parts) == 2:
+        return ("", *parts)
+    assert len(parts) == 3, entry
+    return tuple(parts)
+
+
+def env_example() -> dict[str, str]:
+    out = {}
+    for line in (COMPOSE_DIR / ".env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def check_compose_ports_local(cfg: dict, env: dict[str, str]) -> None:
+    for name, service in cfg["services"].items():
+        for entry in service.get("ports", []):
+            ip = published_port(entry, env)[0]
+            assert ip == "127.0.0.1", f"{name}: {entry!r} publishes on {ip or 'every interface'}"
+
+
+def test_compose_ports_bind_to_localhost_by_default():
+    """Without a .env, and with the example one, every published port is on 127.0.0.1."""
+    check_compose_ports_local(compose(), {})
+    check_compose_ports_local(compose(), env_example())
+    # The check catches the old form and an override to all interfaces.
+    with pytest.raises(AssertionError):
+        check_compose_ports_local({"services": {"mlflow": {"ports": ["5000:5000"]}}}, {})
+    with pytest.raises(AssertionError):
+        check_compose_ports_local(compose(), {"BIND_ADDRESS": "0.0.0.0"})
 
 
 def test_compose_buckets_created_by_a_one_shot_mc():
@@ -825,6 +1223,101 @@ def test_broken_rayjobs_fail_the_checks():
         check_rayjob(broken)
 
 
+def test_broken_hardening_fails_the_checks():
+    name = "pretrain.yaml"
+    job = rayjob(name)
+    check_hardening(name, job)
+
+    def spoil(edit):
+        broken = copy.deepcopy(job)
+        edit(broken["spec"], broken["spec"]["rayClusterSpec"])
+        with pytest.raises(AssertionError):
+            check_hardening(name, broken)
+
+    def worker(cluster, i=1):
+        return cluster["workerGroupSpecs"][i]["template"]["spec"]
+
+    spoil(lambda spec, cluster: cluster.pop("authOptions"))
+    spoil(lambda spec, cluster: cluster["authOptions"].update(mode="disabled"))
+    spoil(lambda spec, cluster: spec.pop("submitterPodTemplate"))
+    spoil(lambda spec, cluster: worker(cluster)["containers"][0].pop("securityContext"))
+    spoil(
+        lambda spec, cluster: worker(cluster)["containers"][0]["securityContext"].update(
+            readOnlyRootFilesystem=False
+        )
+    )
+    spoil(
+        lambda spec, cluster: worker(cluster, 0)["containers"][0]["securityContext"].update(
+            allowPrivilegeEscalation=True
+        )
+    )
+    spoil(
+        lambda spec, cluster: worker(cluster, 0)["containers"][0]["securityContext"].update(
+            capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+        )
+    )
+    spoil(lambda spec, cluster: worker(cluster).pop("automountServiceAccountToken"))
+    spoil(lambda spec, cluster: worker(cluster)["volumes"].pop())
+    spoil(
+        lambda spec, cluster: spec["submitterPodTemplate"]["spec"]["securityContext"].update(
+            runAsNonRoot=False
+        )
+    )
+    spoil(lambda spec, cluster: cluster["autoscalerOptions"].pop("securityContext"))
+    spoil(lambda spec, cluster: cluster["autoscalerOptions"].pop("volumeMounts"))
+
+
+def test_broken_network_policy_and_secrets_fail_the_checks():
+    name = "prep-pairs.yaml"
+    job = rayjob(name)
+    (policy,) = of_kind(manifest(name), "NetworkPolicy")
+    others = [rayjob(n) for n in RAYJOB_FILES if n != name]
+    check_network_policy(job, policy, others)
+
+    def spoil(edit, target=None):
+        broken_job, broken = copy.deepcopy(job), copy.deepcopy(policy)
+        edit(broken_job, broken["spec"])
+        with pytest.raises(AssertionError):
+            check_network_policy(broken_job, broken, others)
+
+    spoil(lambda j, s: s.update(podSelector={}))
+    spoil(lambda j, s: s["podSelector"]["matchLabels"].update({"app.kubernetes.io/instance": "other"}))
+    spoil(
+        lambda j, s: j["spec"]["submitterPodTemplate"]["metadata"]["labels"].pop("app.kubernetes.io/instance")
+    )
+    spoil(lambda j, s: s["ingress"].append({}))
+    spoil(lambda j, s: s["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}))
+    spoil(lambda j, s: s["ingress"].append({"from": [{"namespaceSelector": {}}]}))
+    spoil(lambda j, s: s["ingress"][1].pop("ports"))
+    spoil(lambda j, s: s.update(policyTypes=["Egress"]))
+    spoil(lambda j, s: s.update(podSelecter=s.pop("podSelector")))  # unknown field: schema
+    spoil(lambda j, s: s.update(ingress=[]))
+    # Another job's pods must not be selected.
+    with pytest.raises(AssertionError):
+        check_network_policy(job, policy, [job])
+
+    broken = copy.deepcopy(job)
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "envFrom"
+    ].append({"secretRef": {"name": MLFLOW_SECRET}})
+    with pytest.raises(AssertionError):
+        check_secret_roles(name, broken)
+    broken = copy.deepcopy(job)
+    broken["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"] = [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": HF_SECRET, "key": "HF_TOKEN"}}}
+    ]
+    with pytest.raises(AssertionError):
+        check_secret_roles(name, broken)
+    broken = copy.deepcopy(job)
+    broken["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["envFrom"] = [
+        {"secretRef": {"name": STORAGE_SECRET}}
+    ]
+    with pytest.raises(AssertionError):
+        check_secret_roles(name, broken)
+    with pytest.raises(AssertionError):
+        check_secret_roles("pretrain.yaml", job)  # the training head needs MLflow and the Hub
+
+
 def test_broken_cluster_config_fails_the_checks():
     cfg = load_one(CLUSTER_YAML)
     broken = copy.deepcopy(cfg)
@@ -867,6 +1360,7 @@ def test_secret_scan_flags_literals(text):
         "MLFLOW_TRACKING_PASSWORD=<password>",
         'TOKENIZERS_PARALLELISM: "false"',
         "- secretRef:",
+        "automountServiceAccountToken: false",
         "HF_TOKEN=",
         "URI: postgresql://${POSTGRES_USER:?set}:${POSTGRES_PASSWORD:?set it}@postgres:5432/mlflow",
     ],

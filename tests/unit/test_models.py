@@ -559,3 +559,28 @@ def test_model_config_round_trips_through_the_recipe_loader():
     broken = dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, in_channels=16))
     with pytest.raises(ValueError, match="latent channels"):
         broken.validate()
+
+
+def test_expected_slice_of_the_tiny_transformer():
+    """Golden values (diffusers' ``expected_slice``): the tiny preset's transformer built from seed
+    0, on seeded inputs, predicts these first velocities; a change to the architecture, its init
+    or its sequence assembly shows here."""
+    from sama.models.presets import build_transformer, get_preset
+
+    torch.manual_seed(0)
+    transformer = build_transformer(get_preset("tiny"))
+    generator = torch.Generator().manual_seed(0)
+    channels = transformer.config.in_channels
+    target = torch.randn((1, channels, 3, 4, 4), generator=generator)
+    source = torch.randn((1, channels, 3, 4, 4), generator=generator)
+    text = torch.randn((1, 8, transformer.config.text_dim), generator=generator)
+    with torch.no_grad():
+        out = transformer(
+            hidden_states=target,
+            timestep=torch.tensor([500.0]),
+            encoder_hidden_states=text,
+            source_latents=source,
+        )
+    expected = [-1.10144, -0.42369, 0.11050, -0.17700, 0.79050, 0.55125, 0.73468, -0.71595]
+    assert out.sample.shape == target.shape
+    torch.testing.assert_close(out.sample.flatten()[:8], torch.tensor(expected), atol=1e-4, rtol=0)

@@ -125,10 +125,57 @@ def test_cfg_one_is_the_conditional_branch(pipeline, clip):
             latents = video_scheduler.step(pred.sample, t, latents).prev_sample
             semantic = semantic_scheduler.step(pred.semantic, t, semantic).prev_sample
     assert torch.equal(out.latents, latents)
-    guided = pipeline(
-        frames, "make it red", num_inference_steps=STEPS, guidance_scale=5.0, seed=11, output_type="latent"
+
+
+def test_cfg_is_uncond_plus_scale_times_cond_minus_uncond(pipeline, clip):
+    """Guidance s != 1: each step's velocity (video and semantic tokens alike) is
+    ``uncond + s * (cond - uncond)`` of the conditional and the negative-prompt branches; a
+    hand-written loop of the formula, each branch run on its own, gives the pipeline's latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    frames, scale = clip[:9, :32, :32], 5.0
+    out = pipeline(
+        frames, "make it red", num_inference_steps=STEPS, guidance_scale=scale, seed=11, output_type="latent"
     )
-    assert not torch.equal(guided.latents, latents)
+    prompt, negative = pipeline.build_prompts("make it red")
+    generator = torch.Generator().manual_seed(11)
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    source = pipeline.vae.encode(pixels)
+    cond_text = pipeline.text_encoder.encode([prompt])
+    uncond_text = pipeline.text_encoder.encode([negative], allow_empty=True)
+    latents = torch.randn(source.shape, generator=generator)
+    semantic = torch.randn((1, pipeline.num_semantic_tokens, 32), generator=generator)
+    video_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    semantic_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    video_scheduler.set_timesteps(STEPS)
+    semantic_scheduler.set_timesteps(STEPS)
+    with torch.no_grad():
+        for t in video_scheduler.timesteps:
+            cond, uncond = (
+                pipeline.transformer(latents, t[None], text, source_latents=source, semantic_tokens=semantic)
+                for text in (cond_text, uncond_text)
+            )
+            video = uncond.sample + scale * (cond.sample - uncond.sample)
+            sem = uncond.semantic + scale * (cond.semantic - uncond.semantic)
+            latents = video_scheduler.step(video, t, latents).prev_sample
+            semantic = semantic_scheduler.step(sem, t, semantic).prev_sample
+    # The pipeline batches both branches in one forward: equal up to float rounding.
+    torch.testing.assert_close(out.latents, latents, rtol=1e-4, atol=1e-5)
+    unguided = pipeline(
+        frames, "make it red", num_inference_steps=STEPS, guidance_scale=1.0, seed=11, output_type="latent"
+    )
+    assert (out.latents - unguided.latents).abs().max() > 1e-2  # the guidance term is not negligible
+
+
+def test_expected_slice_of_a_seeded_edit(pipeline, clip):
+    """Golden values (as diffusers' pipeline tests pin an ``expected_slice``): the tiny model built
+    from seed 0 edits this clip, seed 11, 3 steps, to these latents and frames."""
+    frames = clip[:9, :32, :32]
+    out = pipeline(frames, "make it red", num_inference_steps=STEPS, guidance_scale=1.0, seed=11)
+    expected_latents = [-0.99027, 0.36831, -0.62273, 0.30800, -0.80356, -0.85405, -0.39999, -0.58243]
+    np.testing.assert_allclose(out.latents.flatten()[:8].numpy(), expected_latents, atol=1e-4)
+    expected_pixels = [36, 204, 139, 246, 255, 177, 41, 60, 145, 143, 41, 123]
+    np.testing.assert_allclose(out.frames[0, 0, :4].reshape(-1).astype(int), expected_pixels, atol=1)
 
 
 def test_prompts_prefix_and_negative(pipeline):

@@ -33,6 +33,18 @@ def make_sample(i: int, media: str = "video", task: str = "speed", with_source: 
     return Sample(meta=meta, target=bytes([i % 256]) * (100 + i), source=b"S" * 50 if with_source else None)
 
 
+def test_keys_and_unit_ids_are_pinned():
+    """Golden values: a rerun, another machine or a new version of sama must name the same
+    sample and unit the same way (markers and resumes depend on it), so a change here is a
+    format change, made on purpose."""
+    from sama.prep.inputs import unit_id_for
+
+    assert schema.sample_key("s3://b/v.mp4", 1.5, "speed") == "00aa2644296452cfbf344e9ada4dee92"
+    assert schema.sample_key("raw/a.mp4", "raw/b.mp4", "Make it red.") == "d098b796c26f5605a1c2b5654db932ce"
+    assert schema.sample_key("s3://b/v.mp4", 0) == "75a564beafd95661b6d811fb648606bb"
+    assert unit_id_for(["s3://b/y.mp4", "s3://b/x.mp4"]) == "500e8f7842b85a0abbd34bfbe3d8b979"
+
+
 def test_keys_are_deterministic_and_dot_free():
     a = schema.sample_key("s3://b/v.mp4", 1.5, "speed")
     assert a == schema.sample_key("s3://b/v.mp4", 1.5, "speed")
