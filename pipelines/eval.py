@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
 METRICS_FILE = "metrics.json"
-REPORT_DIR = "report"
 RUN_FILE = "eval_run.json"
 
 
@@ -123,7 +122,7 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict:
 def _forget_previous_run(output_uri: str) -> None:
     for name in (RESULTS_FILE, METRICS_FILE, RUN_FILE):
         storage.delete(storage.join(output_uri, name))
-    storage.delete(storage.join(output_uri, REPORT_DIR), recursive=True)
+    storage.delete(storage.join(output_uri, report.REPORT_DIR), recursive=True)
 
 
 def finish(cfg: EvalConfig, job_summary: ledger.Summary) -> dict:
@@ -142,12 +141,10 @@ def finish(cfg: EvalConfig, job_summary: ledger.Summary) -> dict:
     )
     with tempfile.TemporaryDirectory(prefix="sama-eval-report-") as local:
         media = _write_report_media(output, markers, records, cfg.report.max_samples, local)
-        report_uri = report.write_report(local, records, summary, media)
-        storage.upload_dir(os.path.join(local, REPORT_DIR), storage.join(output, REPORT_DIR))
-        report_uri = storage.join(
-            output, REPORT_DIR, os.path.relpath(report_uri, os.path.join(local, REPORT_DIR))
-        )
-        run_id = _log_run(cfg, job_summary, records, summary, os.path.join(local, REPORT_DIR))
+        report.write_report(local, records, summary, media)
+        storage.upload_dir(os.path.join(local, report.REPORT_DIR), storage.join(output, report.REPORT_DIR))
+        report_uri = storage.join(output, report.REPORT_FILE)
+        run_id = _log_run(cfg, job_summary, records, summary, os.path.join(local, report.REPORT_DIR))
     log.info("eval: %d sample(s) evaluated; report %s", len(records), storage.redact(report_uri))
     return {**summary, "job": job_summary, "report": report_uri, "mlflow_run_id": run_id}
 
@@ -164,7 +161,7 @@ def _write_report_media(
     """Copy source / edit / reference of the reported samples out of the eval shards into
     ``<local>/report/media/``; returns key -> {role: path relative to the report}."""
     wanted = {r["key"] for r in reported_records(records, limit)}
-    media_dir = os.path.join(local, REPORT_DIR, "media")
+    media_dir = os.path.join(local, report.REPORT_DIR, "media")
     os.makedirs(media_dir, exist_ok=True)
     found: dict[str, dict[str, str]] = {}
     for marker in markers:

@@ -259,6 +259,15 @@ def _to_uint8(frames: torch.Tensor) -> np.ndarray:
     return scaled.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
 
 
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    """Stored ``(C, T, H, W)`` latents (a precomputed sample's) -> ``(T', H', W', 3)`` uint8 frames
+    through ``vae``, on the device its parameters are on (a parameter-free autoencoder: the CPU)."""
+    param = next(iter(vae.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.no_grad():
+        return _to_uint8(vae.decode(latents[None].float().to(device))[0])
+
+
 class SamaEditPipeline:
     """Instruction-guided video editing with a SAMA model (see the module docstring).
 

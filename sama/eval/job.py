@@ -485,14 +485,10 @@ def sample_input(members: dict, input_id: str, pipeline) -> EvalInput:
 
 def _decode_latents(pipeline, latents, meta: schema.SampleMeta) -> np.ndarray:
     """Stored latents -> uint8 frames cropped to the sample's size (as validation renders do)."""
-    import torch
+    from sama.pipeline_edit import decode_latents
 
-    from sama.pipeline_edit import _to_uint8
-
-    with torch.no_grad(), pipeline._on_device(pipeline.vae):
-        tensor = latents.to(pipeline.device, torch.float32).unsqueeze(0)
-        decoded = pipeline.vae.decode(tensor)[0]
-    frames = _to_uint8(decoded)
+    with pipeline._on_device(pipeline.vae):
+        frames = decode_latents(pipeline.vae, latents)
     return frames[:, : meta.height, : meta.width]
 
 

@@ -1076,14 +1076,13 @@ class Trainer:
         source (:class:`sama.eval.metrics.MetricSuite`); returns the means over samples as
         ``eval/<metric>`` and per task as ``eval/<task>/<metric>`` (empty on ranks that do not
         render)."""
+        from sama.eval.job import plain_instruction
         from sama.eval.metrics import MetricSuite
 
         if self._metric_suite is None:
             self._metric_suite = MetricSuite(self.cfg.validation.metrics, device="cpu")
         values: dict[str, list[float]] = {}
         for row, source, edited, target in self._edit_held_out(self.eval_rows, "render"):
-            from sama.eval.job import plain_instruction
-
             measured = self._metric_suite.compute(
                 edited, source=source, reference=target, instruction=plain_instruction(row.instruction)
             )
@@ -1096,7 +1095,7 @@ class Trainer:
         """``(row, source, edited, target)`` frames of each held-out row edited with the current
         weights at the render settings, to its target's length (restoring a sped-up clip
         lengthens it); nothing on ranks that do not render."""
-        from sama.pipeline_edit import SamaEditPipeline
+        from sama.pipeline_edit import SamaEditPipeline, decode_latents
 
         if not rows:
             return
@@ -1127,7 +1126,8 @@ class Trainer:
         try:
             for row in rows:
                 if row.is_latent:
-                    source, target = _decoded(vae, row.latents.source), _decoded(vae, row.latents.target)
+                    source = decode_latents(vae, row.latents.source)
+                    target = decode_latents(vae, row.latents.target)
                 else:
                     source, target = row.source, row.target
                 edited = pipeline(source, row.instruction, seed=0, num_frames=target.shape[0]).frames
@@ -1222,16 +1222,6 @@ def _batch_to(batch, device: torch.device | str):
 
 
 @torch.no_grad()
-def _decoded(vae, latents: torch.Tensor) -> np.ndarray:
-    """``(C, T, H, W)`` stored latents -> ``(T', H', W', 3)`` uint8 frames through ``vae``."""
-    # A parameter-free autoencoder (space-to-depth) has no parameter to tell its device: the CPU.
-    param = next(iter(vae.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    frames = vae.decode(latents[None].float().to(device))[0]
-    scaled = ((frames.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-    return scaled.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
-
-
 class _null:
     def __enter__(self):
         return self

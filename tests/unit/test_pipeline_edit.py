@@ -85,6 +85,33 @@ def test_seed_makes_it_deterministic(pipeline, clip):
     assert not torch.equal(a.latents, c.latents)
 
 
+def hand_written_sampler(pipeline, frames, seed, texts, combine) -> torch.Tensor:
+    """The sampler written out: the source encoded, seeded noise for the latents and the semantic
+    tokens, shift-5 Euler steps on both; each step runs the transformer once per text embedding in
+    ``texts`` and ``combine(*outputs)`` gives the (video, semantic) velocities. Returns the latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    source = pipeline.vae.encode(pixels)
+    latents = torch.randn(source.shape, generator=generator)
+    semantic = torch.randn((1, pipeline.num_semantic_tokens, 32), generator=generator)
+    video_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    semantic_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    video_scheduler.set_timesteps(STEPS)
+    semantic_scheduler.set_timesteps(STEPS)
+    with torch.no_grad():
+        for t in video_scheduler.timesteps:
+            outputs = [
+                pipeline.transformer(latents, t[None], text, source_latents=source, semantic_tokens=semantic)
+                for text in texts
+            ]
+            video, sem = combine(*outputs)
+            latents = video_scheduler.step(video, t, latents).prev_sample
+            semantic = semantic_scheduler.step(sem, t, semantic).prev_sample
+    return latents
+
+
 def test_cfg_one_is_the_conditional_branch(pipeline, clip):
     """Guidance 1 runs only the conditional branch, and equals a hand-written conditional Euler loop."""
     frames = clip[:9, :32, :32]
@@ -105,25 +132,8 @@ def test_cfg_one_is_the_conditional_branch(pipeline, clip):
         hook.remove()
     assert out.frames is None and batch_sizes == [1] * STEPS
 
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    generator = torch.Generator().manual_seed(11)
-    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-    source = pipeline.vae.encode(pixels)
     text = pipeline.text_encoder.encode(["[Video edit] make it red"])
-    latents = torch.randn(source.shape, generator=generator)
-    semantic = torch.randn((1, pipeline.num_semantic_tokens, 32), generator=generator)
-    video_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    semantic_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    video_scheduler.set_timesteps(STEPS)
-    semantic_scheduler.set_timesteps(STEPS)
-    with torch.no_grad():
-        for t in video_scheduler.timesteps:
-            pred = pipeline.transformer(
-                latents, t[None], text, source_latents=source, semantic_tokens=semantic
-            )
-            latents = video_scheduler.step(pred.sample, t, latents).prev_sample
-            semantic = semantic_scheduler.step(pred.semantic, t, semantic).prev_sample
+    latents = hand_written_sampler(pipeline, frames, 11, [text], lambda pred: (pred.sample, pred.semantic))
     assert torch.equal(out.latents, latents)
 
 
@@ -131,34 +141,19 @@ def test_cfg_is_uncond_plus_scale_times_cond_minus_uncond(pipeline, clip):
     """Guidance s != 1: each step's velocity (video and semantic tokens alike) is
     ``uncond + s * (cond - uncond)`` of the conditional and the negative-prompt branches; a
     hand-written loop of the formula, each branch run on its own, gives the pipeline's latents."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     frames, scale = clip[:9, :32, :32], 5.0
     out = pipeline(
         frames, "make it red", num_inference_steps=STEPS, guidance_scale=scale, seed=11, output_type="latent"
     )
     prompt, negative = pipeline.build_prompts("make it red")
-    generator = torch.Generator().manual_seed(11)
-    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-    source = pipeline.vae.encode(pixels)
     cond_text = pipeline.text_encoder.encode([prompt])
     uncond_text = pipeline.text_encoder.encode([negative], allow_empty=True)
-    latents = torch.randn(source.shape, generator=generator)
-    semantic = torch.randn((1, pipeline.num_semantic_tokens, 32), generator=generator)
-    video_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    semantic_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    video_scheduler.set_timesteps(STEPS)
-    semantic_scheduler.set_timesteps(STEPS)
-    with torch.no_grad():
-        for t in video_scheduler.timesteps:
-            cond, uncond = (
-                pipeline.transformer(latents, t[None], text, source_latents=source, semantic_tokens=semantic)
-                for text in (cond_text, uncond_text)
-            )
-            video = uncond.sample + scale * (cond.sample - uncond.sample)
-            sem = uncond.semantic + scale * (cond.semantic - uncond.semantic)
-            latents = video_scheduler.step(video, t, latents).prev_sample
-            semantic = semantic_scheduler.step(sem, t, semantic).prev_sample
+
+    def guided(cond, uncond):
+        video = uncond.sample + scale * (cond.sample - uncond.sample)
+        return video, uncond.semantic + scale * (cond.semantic - uncond.semantic)
+
+    latents = hand_written_sampler(pipeline, frames, 11, [cond_text, uncond_text], guided)
     # The pipeline batches both branches in one forward: equal up to float rounding.
     torch.testing.assert_close(out.latents, latents, rtol=1e-4, atol=1e-5)
     unguided = pipeline(
