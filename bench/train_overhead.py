@@ -4,19 +4,20 @@ Both arms train the same model (preset ``tiny``) on the same data with the same 
 size and the same torch thread count:
 
 * **Ray Train**: the real path, ``sama.train.launch.run_training`` (TorchTrainer, 1 worker,
-  ``train_loop`` -> ``Trainer.build``/``train_step``) with its data streamed from the shards by
-  Ray Data (decode tasks on the cluster's other CPUs). MLflow is off (``tracking.enabled=false``),
+  ``train_loop`` -> ``Trainer.build``/``train``) with its data streamed from the shards by Ray
+  Data (decode tasks on the cluster's other CPUs). MLflow is off (``tracking.enabled=false``),
   validation is off (no ``val_uri``) and the only checkpoint is the final one. The per-step
   metrics the worker logs (``perf/step_s``, ``perf/data_wait_frac``, ``perf/tokens_per_s``) are
-  captured by wrapping ``launch.train_loop`` in the worker and recording what ``train_loop``
+  captured by wrapping ``launch.train_loop`` in the worker and recording what ``Trainer.train``
   passes to ``Tracker.log_metrics`` (``log_every=1``, so every step is logged unaveraged); nothing
   else on the path changes.
-* **Plain PyTorch**: no Ray: the same ``SamaTrainingModule`` (same seed, same frozen encoders),
-  AdamW with the same hyper-parameters, gradient clipping, the LR schedule and the EMA update (the
-  same math as ``Trainer.train_step``), on samples decoded beforehand into memory from the same
-  shards. It replays the Ray Train worker's steps exactly: the same samples (by key, collated in
-  the timed step as the trainer collates in its own) and the trainer's per-step random generators
-  (noise, timesteps, caption dropout), so both arms do the same work step for step.
+* **Plain PyTorch**: no Ray: the same ``sama.train.trainer.Trainer`` (same seed, so the same
+  initial weights and frozen encoders), built on samples decoded beforehand into memory from the
+  same shards, runs ``Trainer.train_step`` on the Ray Train worker's own micro-batches: it replays
+  the worker's steps in order, from step 0, each on the same samples (by key, collated in the
+  timed step as the trainer collates in its own) with the same per-step random generators (noise,
+  timesteps, caption dropout), so both arms do the same work step for step. Both arms leave their
+  first steps (the Ray Train warmup) untimed.
 
 Two kinds of rounds. A **round** is one Ray Train run, then the plain loop replaying its timed
 steps; over ``--rounds`` (3) such rounds it reports, per round, each arm's median step time after
@@ -381,29 +382,16 @@ def ray_arm(args: argparse.Namespace, shards: str, max_steps: int, fifo_dir: str
 
 
 class PlainLoop:
-    """The plain arm: the training math of ``Trainer.train_step`` in a bare loop, on the very
-    samples the Ray Train worker trained on (looked up by key among rows decoded beforehand) and
-    with the trainer's per-step random generators, so step i of both arms does the same work."""
+    """The plain arm: a :class:`sama.train.trainer.Trainer` without Ray, built on ``rows`` (the
+    shards decoded beforehand), replaying the Ray Train worker's steps in order: step i on the very
+    samples the worker trained on at step i, looked up by key."""
 
-    def __init__(self, args: argparse.Namespace, cfg, rows: list):
-        import torch
+    def __init__(self, cfg, rows: list):
+        from sama.train.trainer import Trainer
 
-        from sama.models.presets import build_model
-        from sama.models.training import SamaTrainingModule
-        from sama.train.data import TrainingRow
-        from sama.train.ema import EMA
-        from sama.train.trainer import build_optimizer, resolve_model_config
-
-        self.cfg = cfg
-        torch.set_num_threads(args.threads)
-        torch.manual_seed(cfg.seed)
-        self.module = SamaTrainingModule(build_model(resolve_model_config(cfg.model)), cfg.objective)
-        self.module.train()
-        self.params = [p for p in self.module.transformer.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
-        self.ema = EMA(self.module.transformer, cfg.ema_decay)
-        records = [TrainingRow.from_ray(row) if isinstance(row, dict) else row for row in rows]
-        self.rows = {row.key: row for row in records}
+        self.trainer = Trainer(cfg)
+        self.trainer.build({source.name: rows for source in cfg.data.sources})
+        self.rows = {row.key: row for row in rows}
 
     def check(self, steps_keys: list[list[list[str]]]) -> None:
         missing = sorted({k for micro in steps_keys for keys in micro for k in keys} - set(self.rows))
@@ -412,41 +400,20 @@ class PlainLoop:
                 f"{len(missing)} trained sample(s) are not among the decoded rows: {missing[:3]}"
             )
 
-    def _step(self, micro_keys: list[list[str]], step: int) -> None:
-        import torch
-
-        from sama.train.data import collate
-        from sama.train.trainer import step_generator
-
-        for micro, keys in enumerate(micro_keys):
-            batch = collate([self.rows[k] for k in keys])
-            out = self.module(batch, step_generator(self.cfg.seed, 0, step, micro))  # as on rank 0
-            (out.loss / len(micro_keys)).backward()
-        clip = self.cfg.optim.grad_clip
-        float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf")))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.ema.update(self.module.transformer)
-
-    def warm_up(self, steps: int) -> None:
-        """Untimed steps on a full batch of the most common shape (step numbers no run reaches)."""
-        from sama.train.data import shape_key
-
-        groups: dict[tuple, list[str]] = {}
-        for key, row in self.rows.items():
-            groups.setdefault(shape_key(row), []).append(key)
-        common = max(groups.values(), key=len)
-        size = self.cfg.data.video_batch_size
-        micro_keys = [[common[i % len(common)] for i in range(size)]] * self.cfg.grad_accum
-        for index in range(steps):
-            self._step(micro_keys, 10**6 + index)
-
     def timed_step(self, micro_keys: list[list[str]], step: int) -> dict:
-        """Trainer step ``step`` (0-based) on these samples: wall and thread CPU seconds, kernel
-        time and page faults. Collation is timed, as the trainer's step time includes it."""
+        """Trainer step ``step`` (0-based, the next one) on these samples: wall and thread CPU
+        seconds, kernel time and page faults. Collation is timed, as the trainer's step time
+        includes it."""
+        from sama.train.data import collate
+
+        trainer = self.trainer
+        if step != trainer.step:
+            raise RuntimeError(
+                f"the plain loop replays steps in order: asked for step {step} at step {trainer.step}"
+            )
         started, cpu_started, usage_started = time.perf_counter(), time.thread_time(), _thread_usage()
-        self._step(micro_keys, step)
+        text_length = int(trainer.model_config.text.max_length)
+        trainer.train_step([[collate([self.rows[k] for k in keys], text_length) for keys in micro_keys]])
         return {
             "wall": time.perf_counter() - started,
             "cpu": time.thread_time() - cpu_started,
@@ -465,25 +432,26 @@ def _plain_result(loop: PlainLoop, steps: list[dict], window: tuple[float, float
         "cpu": [s["cpu"] for s in steps],
         **_summed(steps),
         "window": window,
-        "params": sum(p.numel() for p in loop.params),
+        "params": sum(p.numel() for p in loop.trainer.params),
         "nice": os.nice(0),
     }
 
 
-def plain_arm(args: argparse.Namespace, cfg, rows: list, records: list[dict], nice: int) -> dict:
-    """The plain loop on its own, replaying the trained steps ``records`` (after a Ray Train run)."""
-    loop = PlainLoop(args, cfg, rows)
+def plain_arm(cfg, rows: list, records: list[dict], warmup: int, nice: int) -> dict:
+    """The plain loop on its own, replaying the steps ``records`` of a Ray Train run; the first
+    ``warmup`` are not timed."""
+    loop = PlainLoop(cfg, rows)
     loop.check([r["keys"] for r in records])
     _set_nice(nice)
-    loop.warm_up(args.plain_warmup)
-    window_start = time.time()
-    steps = [loop.timed_step(r["keys"], r["step"] - 1) for r in records]
-    return _plain_result(loop, steps, (window_start, time.time()))
+    steps = []
+    for index, record in enumerate(records):
+        if index == warmup:
+            window_start = time.time()
+        steps.append(loop.timed_step(record["keys"], record["step"] - 1))
+    return _plain_result(loop, steps[warmup:], (window_start, time.time()))
 
 
-def paired_plain_process(
-    args: argparse.Namespace, cfg_dict: dict, shards: str, fifo_dir: str, nice: int
-) -> None:
+def paired_plain_process(cfg_dict: dict, shards: str, fifo_dir: str, nice: int) -> None:
     """The plain loop in lockstep with a Ray Train worker (a process of its own): after each of the
     worker's steps it reads that step's number and sample keys, runs the same step and answers, so
     the two arms alternate step by step under the same machine load."""
@@ -491,9 +459,8 @@ def paired_plain_process(
 
     logging.basicConfig(level=logging.WARNING)
     cfg = config_lib.from_dict(TrainConfig, cfg_dict)
-    loop = PlainLoop(args, cfg, load_rows(shards))
+    loop = PlainLoop(cfg, load_rows(shards))
     _set_nice(nice)
-    loop.warm_up(args.plain_warmup)
     steps = []
     started = time.time()
     with (
@@ -528,7 +495,7 @@ def run_round(args: argparse.Namespace, shards: str, warmup: int, max_steps: int
     ray.update(beside_load(sampler, records[warmup - 1]["wall"], records[-1]["wall"], sum(ray["cpu"])))
     cfg = train_config(args, shards, max_steps)
     nice = records[0]["nice"] if args.plain_nice is None else args.plain_nice
-    plain = plain_arm(args, cfg, rows, timed, nice)
+    plain = plain_arm(cfg, rows, records, warmup, nice)
     plain.update(beside_load(sampler, *plain["window"], sum(plain["cpu"])))
     return {"cfg": cfg, "result": result, "records": records, "ray": ray, "plain": plain}
 
@@ -545,7 +512,7 @@ def paired_round(args: argparse.Namespace, shards: str, warmup: int, max_steps: 
     cfg = train_config(args, shards, max_steps)
     nice = 0 if args.plain_nice is None else args.plain_nice
     plain_process = multiprocessing.get_context("spawn").Process(
-        target=paired_plain_process, args=(args, config_lib.to_dict(cfg), shards, fifo_dir, nice)
+        target=paired_plain_process, args=(config_lib.to_dict(cfg), shards, fifo_dir, nice)
     )
     plain_process.start()
     try:
@@ -589,9 +556,8 @@ def main() -> None:
         "--warmup",
         type=int,
         default=None,
-        help="Ray Train steps not timed (default: the first, short data pass + 2)",
+        help="steps not timed in either arm (default: the first, short data pass + 2)",
     )
-    parser.add_argument("--plain-warmup", type=int, default=3, help="plain-loop steps not timed")
     parser.add_argument("--batch", type=int, default=2, help="per-worker video batch size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (both arms)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
@@ -625,7 +591,7 @@ def main() -> None:
         for index in range(args.rounds):
             print(
                 f"round {index + 1}/{args.rounds}: Ray Train {max_steps} steps ({warmup} warmup), then the "
-                f"plain loop {args.steps} steps ({args.plain_warmup} warmup) ...",
+                "plain loop replaying them ...",
                 flush=True,
             )
             rounds.append(run_round(args, shards, warmup, max_steps, rows, sampler))
@@ -728,7 +694,7 @@ def report(
     print(f"  torch                      {torch.__version__}, CPU, fp32")
     print(
         f"  steps                      {len(rounds)} rounds of: Ray Train {max_steps} ({warmup} warmup), "
-        f"then plain {args.plain_warmup} warmup; {args.steps} timed in each arm"
+        f"then the plain loop replaying them; {args.steps} timed in each arm"
     )
     print(
         f"  niceness                   Ray Train worker {last['records'][0]['nice']}, "

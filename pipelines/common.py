@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sama import cluster, config, preflight, storage
+from sama import cluster, config, logs, preflight, storage
 from sama.prep import ledger
 
 log = logging.getLogger(__name__)
@@ -66,25 +66,30 @@ class ActorPool:
         return max(1, int(float(resources.get("CPU", 1)) // self.num_cpus)), num_gpus
 
 
-def _unit_row(process: Callable[[str], ledger.UnitResult], row: dict) -> dict:
+def _unit_row(process: Callable[[str], ledger.UnitResult], level: int, row: dict) -> dict:
+    # Runs on a Ray worker: its log lines at the driver's `level`, redacted (sama.logs).
     # A unit's exception must not reach Ray Data: it would fail the whole job (Ray Data retries
     # crashed workers, not exceptions). It comes back as the unit's failure instead; the unit has
     # no marker, so the next run retries it.
-    try:
-        return {"result": process(row["unit"]).to_json(), "failed_unit": "", "error": ""}
-    except Exception as exc:
-        unit_id = json.loads(row["unit"]).get("unit_id", "?")
-        return {"result": "", "failed_unit": unit_id, "error": f"{type(exc).__name__}: {exc}"}
+    with logs.worker_logging(level):
+        try:
+            return {"result": process(row["unit"]).to_json(), "failed_unit": "", "error": ""}
+        except Exception as exc:
+            unit_id = json.loads(row["unit"]).get("unit_id", "?")
+            return {"result": "", "failed_unit": unit_id, "error": f"{type(exc).__name__}: {exc}"}
 
 
 class _UnitActor:
-    """A Ray Data actor: builds its per-unit function once (``ActorPool.factory``), then runs units."""
+    """A Ray Data actor: builds its per-unit function once (``ActorPool.factory``), then runs
+    units; both log at the driver's ``level``, redacted (:func:`sama.logs.worker_logging`)."""
 
-    def __init__(self, factory: Callable[[], Callable[[str], ledger.UnitResult]]):
-        self.process = factory()
+    def __init__(self, factory: Callable[[], Callable[[str], ledger.UnitResult]], level: int):
+        self.level = level
+        with logs.worker_logging(level):
+            self.process = factory()
 
     def __call__(self, row: dict) -> dict:
-        return _unit_row(self.process, row)
+        return _unit_row(self.process, self.level, row)
 
 
 def run_units(
@@ -113,16 +118,18 @@ def run_units(
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
 
     dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
+    level = logs.worker_level()
     # Ray Data retries a failed task; a retried unit rewrites the same shard names, so no duplicates.
     # At most 3 times (Ray Data's default: without limit), which map takes only as ray_remote_args
     # (deprecated; sama.logs ignores the warning for these calls).
     if actors is not None:
         size, num_gpus = actors.resolved()
         size = min(size, len(units))  # an actor with no unit would load its models for nothing
+        logs.spend_actor_argument_warning()  # Ray's false alarm about the pool's arguments (sama.logs)
         log.info("%d actor(s), %g CPU and %g GPU each", size, actors.num_cpus, num_gpus)
         dataset = dataset.map(
             _UnitActor,
-            fn_constructor_args=(actors.factory,),
+            fn_constructor_args=(actors.factory, level),
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=actors.num_cpus,
             num_gpus=num_gpus or None,
@@ -135,7 +142,7 @@ def run_units(
         map_kwargs: dict = {"num_cpus": num_cpus_per_task}
         if concurrency:
             map_kwargs["compute"] = ray.data.TaskPoolStrategy(size=concurrency)
-        dataset = dataset.map(functools.partial(_unit_row, process), max_retries=3, **map_kwargs)
+        dataset = dataset.map(functools.partial(_unit_row, process, level), max_retries=3, **map_kwargs)
     progress = ledger.Progress(what, len(units), progress_interval_s)
     results, failures = [], []
     for row in dataset.iter_rows():

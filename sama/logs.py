@@ -36,25 +36,45 @@ The knobs, each where the output arises:
 * Download and weight-loading progress bars (:func:`summary_only`): ``HF_HUB_DISABLE_PROGRESS_BARS``
   (transformers' "Loading weights", huggingface_hub's) and ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``
   off when stderr is not a terminal; set before Ray starts, so local workers inherit them.
+* Ray's warning about actor arguments (:func:`spend_actor_argument_warning`, before a job's first
+  actor pool, :func:`pipelines.common.run_units`). Creating an actor whose constructor arguments
+  are in the object store with ``max_restarts > 0`` makes the creating process's core worker log
+  "core_worker.cc: ... has constructor arguments in the object store and max_restarts > 0" at
+  ERROR, once per process, and a driver's C++ ERROR records go to its stderr as well as to
+  ``python-core-driver-*.log``. Ray Data always passes its actors' arguments by reference and
+  keeps them alive for the pool's life, so for its pools the warning is a false alarm
+  (ray-project/ray#53727). ``max_restarts=0`` would silence it and lose the pools' crash
+  restarts; ``RAY_BACKEND_LOG_LEVEL=fatal``, even in the driver's environment alone, replaces it
+  with its own line on stderr ("logging.cc: Set ray log level from environment variable ...")
+  and drops the driver's other C++ records from its file. So the once-per-process warning is
+  spent on a throwaway actor (killed at once) whose creation's stderr goes to
+  ``<session>/logs/sama-driver-stderr.log``; the record is in ``python-core-driver-*.log`` as
+  always. Should Ray start logging it per actor, the line is back on the console, and the
+  quickstart's e2e test counts it (``tests/integration/test_quiet_output.py`` too).
 
-Not quieted: the driver's own C++ log records at ERROR, which Ray writes to stderr as well as to
-``python-core-driver-*.log``. The first Ray Data actor pool of a run brings one ("core_worker.cc:
-... has constructor arguments in the object store and max_restarts > 0", ray-project/ray#53727:
-Ray Data passes its actors' arguments by reference and restarts them). Only
-``RAY_BACKEND_LOG_LEVEL=fatal`` drops it, and with it every C++ error of the cluster from its
-files too.
+Redaction (:mod:`sama.redaction`) is no knob: ``--verbose`` keeps it. The CLI installs its filter
+on the driver's handlers, ``sama.train.launch`` in each Ray Train worker, and :func:`worker_logging`
+around each unit of a data job's Ray Data task or actor (``pipelines.common``): a redacting stderr
+handler at :func:`worker_level` (WARNING; INFO with ``--verbose``, where each rejected input's line
+comes from) while the unit runs, on whatever cluster the job joined; the records reach the
+session's ``worker-*`` files and, with ``log_to_driver``, the driver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+
+from sama.redaction import RedactingFilter, install_log_filter
 
 log = logging.getLogger(__name__)
 
-_state = {"verbose": False, "summary_only": False}
+_state = {"verbose": False, "summary_only": False, "actor_warning_spent": False}
 
 # Ray Train's cleaner of placement groups; see the module docstring.
 PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
@@ -121,6 +141,95 @@ def prepare_ray_init(local: bool) -> dict:
     if local:
         options["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.setup_worker"}
     return options
+
+
+def worker_level() -> int:
+    """The Python logging level of a data job's workers (:func:`worker_logging`): WARNING, INFO
+    with ``--verbose``. Read in the driver; the workers get it as an argument."""
+    return logging.INFO if _state["verbose"] else logging.WARNING
+
+
+@contextlib.contextmanager
+def worker_logging(level: int) -> Iterator[None]:
+    """In a data job's Ray worker (task or actor) while it runs a unit: its log records at
+    ``level`` and above go to stderr (the session's ``worker-*.err``, and the driver with
+    ``log_to_driver``) through :class:`sama.redaction.RedactingFilter`. Ray leaves a worker's root
+    logger without handlers (Python's last-resort handler, which nothing can filter, prints its
+    warnings); the handler added here is removed afterwards, so a process Ray reuses for another
+    task, or for a Ray Train worker whose ``logging.basicConfig`` needs a root without handlers,
+    is left as it was. A root that has handlers already gets the filter on them instead."""
+    root = logging.getLogger()
+    if root.handlers:
+        install_log_filter(root)
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.flush()
+
+
+_ACTOR_WARNING_LOCK = threading.Lock()
+
+
+class _ActorArgumentWarning:
+    """The throwaway actor :func:`spend_actor_argument_warning` creates (never runs a method)."""
+
+    def __init__(self, argument: object) -> None:
+        pass
+
+
+def spend_actor_argument_warning() -> None:
+    """Before this driver's first Ray Data actor pool: spend the core worker's once-per-process
+    warning about actor arguments in the object store (see the module docstring) on a throwaway
+    actor, its stderr output in the session's ``sama-driver-stderr.log``. Does nothing with
+    ``--verbose`` or when already done in this process; needs ``ray.init``."""
+    import ray
+
+    if _state["verbose"]:
+        return
+    # Jobs run side by side in threads (the quickstart's precomputes): the second waits here, so
+    # that its pool's actors are created after the warning is spent.
+    with _ACTOR_WARNING_LOCK:
+        if _state["actor_warning_spent"]:
+            return
+        _state["actor_warning_spent"] = True
+        node = getattr(ray._private.worker, "_global_node", None)
+        session = node.get_session_dir_path() if node is not None else None
+        # A driver outside the cluster (ray.init with a remote address) has no session directory.
+        if not session or not os.path.isdir(os.path.join(session, "logs")):
+            return
+        try:
+            _spend_actor_argument_warning(ray, os.path.join(session, "logs", "sama-driver-stderr.log"))
+        except Exception as exc:  # a knob of what is printed never fails a job
+            log.debug("Ray's actor-argument warning was not spent: %s", exc)
+
+
+def _spend_actor_argument_warning(ray, path: str) -> None:
+    actor_class = ray.remote(num_cpus=0, max_restarts=1)(_ActorArgumentWarning)
+    argument = ray.put(None)  # an argument by reference: what the warning is about
+    sys.stderr.flush()
+    console = os.dup(2)
+    try:
+        with open(path, "ab") as sink:
+            # The C++ record is written to file descriptor 2 by the creation call itself; only
+            # that call runs with the descriptor pointing at the file.
+            os.dup2(sink.fileno(), 2)
+            try:
+                actor = actor_class.remote(argument)
+            finally:
+                os.dup2(console, 2)
+    finally:
+        os.close(console)
+    ray.kill(actor, no_restart=True)
 
 
 def setup_worker() -> None:

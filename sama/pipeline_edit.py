@@ -58,6 +58,7 @@ from sama.models.presets import SamaComponents, encoder_identity, torch_dtype_of
 from sama.models.text import TextEncoder, build_text_encoder, clean_prompt
 from sama.models.training import EDIT_NEGATIVE_PROMPT, EDIT_PROMPT_PREFIX
 from sama.models.transformer_sama import SamaTransformer3DModel
+from sama.redaction import redact_config
 
 __all__ = [
     "PIPELINE_FILE",
@@ -65,6 +66,7 @@ __all__ = [
     "PipelineConfig",
     "SamaEditOutput",
     "SamaEditPipeline",
+    "SamaExport",
     "SamaVideoEdit",
     "pad_video",
     "parse_manifest",
@@ -306,7 +308,7 @@ class SamaEditPipeline:
         # an export's own model config no longer names the checkpoints its encoders came from.
         # None: derived from model_config when saved.
         self.encoder_identity: dict[str, Any] | None = None
-        _check_compatible(transformer, vae, text_encoder, "<pipeline>")
+        check_compatible(transformer, vae, text_encoder, "<pipeline>")
 
     @classmethod
     def from_components(
@@ -720,7 +722,8 @@ class SamaEditPipeline:
         }
         tmp = os.path.join(directory, PIPELINE_FILE + ".tmp")
         with open(tmp, "w") as handle:
-            json.dump(manifest, handle, indent=2)
+            # No credential of a weight source (a URI's userinfo, a signed query) outlives the run.
+            json.dump(redact_config(manifest), handle, indent=2)
         # Written last and atomically: a directory with the manifest is a complete export.
         os.replace(tmp, os.path.join(directory, PIPELINE_FILE))
 
@@ -732,114 +735,186 @@ class SamaEditPipeline:
         device: torch.device | str | None = None,
         torch_dtype: torch.dtype | None = None,
     ) -> SamaEditPipeline:
-        """Load a pipeline written by :meth:`save_pretrained` from a local directory.
+        """Load a pipeline written by :meth:`save_pretrained` (read by :class:`SamaExport`).
 
         Raises:
             ModelDirectoryError: the directory is missing, is not a SAMA pipeline export, or holds
                 components that are missing, unreadable or do not fit together.
         """
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        path = os.fspath(directory)
-        if not os.path.exists(path):
-            raise ModelDirectoryError(path, "model directory does not exist")
-        if not os.path.isdir(path):
-            raise ModelDirectoryError(path, "is a file, not a model directory")
-        manifest_path = os.path.join(path, PIPELINE_FILE)
-        if not os.path.isfile(manifest_path):
-            hint = (
-                " (it looks like a raw Wan checkpoint: build a model from it with "
-                "sama.models.build_model(preset, pretrained=...) and export it)"
-                if os.path.isdir(os.path.join(path, "transformer"))
-                else ""
-            )
-            raise ModelDirectoryError(path, f"not a SAMA model directory: {PIPELINE_FILE} is missing{hint}")
-        try:
-            with open(manifest_path) as handle:
-                text = handle.read()
-        except OSError as exc:
-            raise ModelDirectoryError(path, f"{PIPELINE_FILE} is unreadable: {exc}") from exc
-        manifest, model_config, pipeline_config = parse_manifest(text, path)
-        components = manifest.get("components") or {}
+        export = SamaExport.read(directory)
+        model_config = export.model_config
         dtype = torch_dtype or (torch_dtype_of(model_config) if model_config is not None else None)
-
-        def component(name: str, loader: Callable[[], Any]) -> Any:
-            entry = components.get(name)
-            if not isinstance(entry, dict):
-                raise ModelDirectoryError(path, f"{PIPELINE_FILE} does not describe the {name}")
-            local = entry.get("path")
-            if local is not None and not os.path.isdir(os.path.join(path, local)):
-                raise ModelDirectoryError(os.path.join(path, local), f"the {name} directory is missing")
-            try:
-                return loader()
-            except ModelDirectoryError:
-                raise
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-                where = os.path.join(path, local) if local is not None else entry.get("pretrained", path)
-                raise ModelDirectoryError(where, f"cannot load the {name}: {exc}") from exc
-
-        transformer = component(
-            "transformer",
-            lambda: SamaTransformer3DModel.from_pretrained(
-                os.path.join(path, components["transformer"]["path"]), torch_dtype=dtype
-            ),
-        )
-
-        vae = component("vae", lambda: load_export_vae(path, manifest, model_config, dtype))
-        text_encoder = component(
-            "text_encoder", lambda: load_export_text(path, manifest, model_config, dtype)
-        )
-        scheduler = component(
-            "scheduler",
-            lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
-                os.path.join(path, components["scheduler"]["path"])
-            ),
-        )
-        _check_compatible(transformer, vae, text_encoder, path)
-        pipeline = cls(transformer, vae, text_encoder, scheduler, model_config, pipeline_config)
-        pipeline.encoder_identity = manifest.get("encoders") or None
+        transformer = export.load_transformer(dtype)
+        vae = export.load_vae(dtype)
+        text_encoder = export.load_text_encoder(dtype)
+        scheduler = export.load_scheduler()
+        check_compatible(transformer, vae, text_encoder, export.where)
+        pipeline = cls(transformer, vae, text_encoder, scheduler, model_config, export.pipeline_config)
+        pipeline.encoder_identity = export.encoders
         if device is not None:
             pipeline.to(device)
         return pipeline
 
 
-def load_export_vae(
-    path: str, manifest: dict, model_config: ModelConfig | None, dtype: torch.dtype | None
-) -> LatentAutoencoder:
-    """The autoencoder of the export at local ``path`` (its parsed ``manifest``): its own copy, or
-    the checkpoint it references."""
-    entry = manifest["components"]["vae"]
-    if "path" in entry:
-        sample = model_config.vae.sample_posterior if model_config is not None else False
-        vae_dir = os.path.join(path, entry["path"])
-        if os.path.isfile(os.path.join(vae_dir, "config.json")):
-            return load_autoencoder(vae_dir, torch_dtype=dtype, sample_posterior=sample)
-        return load_autoencoder(vae_dir)
-    if model_config is None:
-        raise ValueError("a referenced autoencoder needs the model config in the manifest")
-    return build_autoencoder(model_config.vae, entry["pretrained"], dtype or torch.float32)
+@dataclass
+class SamaExport:
+    """A SAMA export (what :meth:`SamaEditPipeline.save_pretrained` writes), its manifest read.
 
+    The one reader of the format: :meth:`SamaEditPipeline.from_pretrained`, training's
+    ``model.init_from`` and ``sama precompute`` load an export's components through it, each only
+    the ones it needs. :meth:`read` reads the manifest alone; the weights of a remote export are
+    fetched once, when a component is first loaded (:attr:`path`).
 
-def load_export_text(
-    path: str, manifest: dict, model_config: ModelConfig | None, dtype: torch.dtype | None
-) -> TextEncoder:
-    """The text encoder of the export at local ``path`` (its parsed ``manifest``): its own copy,
-    or the checkpoint it references."""
-    entry = manifest["components"]["text_encoder"]
-    max_length = int(
-        manifest.get("text_max_length") or (model_config.text.max_length if model_config else 512)
-    )
-    if "path" in entry:
-        return TextEncoder.from_pretrained(
-            path,
-            max_length=max_length,
-            subfolder=entry["path"],
-            tokenizer_subfolder=entry.get("tokenizer", "tokenizer"),
-            torch_dtype=dtype,
+    Attributes:
+        uri: where the export is (a local directory, ``file://`` or ``s3://``).
+        manifest: its parsed ``sama_pipeline.json``.
+        model_config: the model configuration it records (None when it records none).
+        pipeline_config: its inference defaults.
+    """
+
+    uri: str
+    manifest: dict
+    model_config: ModelConfig | None
+    pipeline_config: PipelineConfig
+    _local: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def read(cls, uri: str | os.PathLike) -> SamaExport:
+        """The export at ``uri``, from its manifest alone (no weights read).
+
+        Raises:
+            ModelDirectoryError: ``uri`` does not exist, is a file, holds no manifest (a raw Wan
+                checkpoint is named as such), or its manifest is unreadable or of another format.
+        """
+        from sama import storage
+
+        text = os.fspath(uri)
+        where = storage.redact(text)
+        manifest_uri = storage.join(text, PIPELINE_FILE)
+        if not storage.exists(manifest_uri):
+            local = storage.local_path(text)
+            if not storage.exists(text):
+                raise ModelDirectoryError(where, "model directory does not exist")
+            if local is not None and not os.path.isdir(local):
+                raise ModelDirectoryError(where, "is a file, not a model directory")
+            hint = (
+                " (it looks like a raw Wan checkpoint: build a model from it with "
+                "sama.models.build_model(preset, pretrained=...) and export it)"
+                if storage.exists(storage.join(text, "transformer"))
+                else ""
+            )
+            raise ModelDirectoryError(where, f"not a SAMA model directory: {PIPELINE_FILE} is missing{hint}")
+        try:
+            manifest_text = storage.read_text(manifest_uri)
+        except OSError as exc:
+            raise ModelDirectoryError(where, f"{PIPELINE_FILE} is unreadable: {exc}") from exc
+        return cls(text, *parse_manifest(manifest_text, where))
+
+    @property
+    def where(self) -> str:
+        """The export's location, fit for a message (credentials redacted)."""
+        from sama import storage
+
+        return storage.redact(self.uri)
+
+    @property
+    def path(self) -> str:
+        """The export as a local directory: a remote one is fetched on first use
+        (:func:`sama.storage.localize_dir`, cached across processes)."""
+        from sama import storage
+
+        if self._local is None:
+            self._local = storage.localize_dir(self.uri)
+        return self._local
+
+    @property
+    def encoders(self) -> dict[str, Any] | None:
+        """The identity of the frozen encoders it was exported with (None in older exports)."""
+        return self.manifest.get("encoders") or None
+
+    def _load(self, name: str, loader: Callable[[dict], Any]) -> Any:
+        """``loader(entry)`` of component ``name``'s manifest entry, its failures as
+        :class:`ModelDirectoryError` naming the component and where it is."""
+        entry = (self.manifest.get("components") or {}).get(name)
+        if not isinstance(entry, dict):
+            raise ModelDirectoryError(self.where, f"{PIPELINE_FILE} does not describe the {name}")
+        local = entry.get("path")
+        if local is not None and not os.path.isdir(os.path.join(self.path, local)):
+            raise ModelDirectoryError(os.path.join(self.where, local), f"the {name} directory is missing")
+        try:
+            return loader(entry)
+        except ModelDirectoryError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            where = (
+                os.path.join(self.where, local) if local is not None else entry.get("pretrained", self.where)
+            )
+            raise ModelDirectoryError(where, f"cannot load the {name}: {exc}") from exc
+
+    def load_transformer(self, dtype: torch.dtype | None = None) -> SamaTransformer3DModel:
+        """The exported transformer (the EMA weights of the run that wrote it)."""
+        return self._load(
+            "transformer",
+            lambda entry: SamaTransformer3DModel.from_pretrained(
+                os.path.join(self.path, entry["path"]), torch_dtype=dtype
+            ),
         )
-    if model_config is None:
-        raise ValueError("a referenced text encoder needs the model config in the manifest")
-    return build_text_encoder(model_config.text, entry["pretrained"], dtype or torch.float32)
+
+    def load_vae(
+        self, dtype: torch.dtype | None = None, model_config: ModelConfig | None = None
+    ) -> LatentAutoencoder:
+        """The autoencoder: the export's own copy, or the checkpoint it references.
+        ``model_config`` stands in for the manifest's when that records none."""
+        config = self.model_config or model_config
+
+        def load(entry: dict) -> LatentAutoencoder:
+            if "path" in entry:
+                sample = config.vae.sample_posterior if config is not None else False
+                vae_dir = os.path.join(self.path, entry["path"])
+                if os.path.isfile(os.path.join(vae_dir, "config.json")):
+                    return load_autoencoder(vae_dir, torch_dtype=dtype, sample_posterior=sample)
+                return load_autoencoder(vae_dir)
+            if config is None:
+                raise ValueError("a referenced autoencoder needs the model config in the manifest")
+            return build_autoencoder(config.vae, entry["pretrained"], dtype or torch.float32)
+
+        return self._load("vae", load)
+
+    def load_text_encoder(
+        self, dtype: torch.dtype | None = None, model_config: ModelConfig | None = None
+    ) -> TextEncoder:
+        """The text encoder and its tokenizer: the export's own copy, or the checkpoint it
+        references. ``model_config`` stands in for the manifest's when that records none."""
+        config = self.model_config or model_config
+
+        def load(entry: dict) -> TextEncoder:
+            max_length = int(
+                self.manifest.get("text_max_length") or (config.text.max_length if config else 512)
+            )
+            if "path" in entry:
+                return TextEncoder.from_pretrained(
+                    self.path,
+                    max_length=max_length,
+                    subfolder=entry["path"],
+                    tokenizer_subfolder=entry.get("tokenizer", "tokenizer"),
+                    torch_dtype=dtype,
+                )
+            if config is None:
+                raise ValueError("a referenced text encoder needs the model config in the manifest")
+            return build_text_encoder(config.text, entry["pretrained"], dtype or torch.float32)
+
+        return self._load("text_encoder", load)
+
+    def load_scheduler(self) -> Any:
+        """The flow-match Euler scheduler the export was saved with."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return self._load(
+            "scheduler",
+            lambda entry: FlowMatchEulerDiscreteScheduler.from_pretrained(
+                os.path.join(self.path, entry["path"])
+            ),
+        )
 
 
 def _guide(prediction: torch.Tensor, scale: float, do_cfg: bool) -> torch.Tensor:
@@ -850,9 +925,11 @@ def _guide(prediction: torch.Tensor, scale: float, do_cfg: bool) -> torch.Tensor
     return uncond + scale * (cond - uncond)
 
 
-def _check_compatible(
+def check_compatible(
     transformer: SamaTransformer3DModel, vae: LatentAutoencoder, text_encoder: TextEncoder, path: str
 ) -> None:
+    """Raise :class:`ModelDirectoryError` (naming ``path``) when the transformer does not take the
+    autoencoder's latent channels or the text encoder's width."""
     problems = []
     if int(transformer.config.in_channels) != vae.latent_channels:
         problems.append(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -221,35 +220,15 @@ def load_encoders(
 
 def _export_encoders(export_uri: str, model_config, with_vae: bool):
     """The autoencoder (None unless ``with_vae``) and text encoder of the SAMA export at
-    ``export_uri``, loaded by the functions ``SamaEditPipeline.from_pretrained`` uses."""
+    ``export_uri``, read as ``SamaEditPipeline.from_pretrained`` reads them
+    (:class:`sama.pipeline_edit.SamaExport`)."""
     from sama.models.presets import torch_dtype_of
-    from sama.pipeline_edit import (
-        PIPELINE_FILE,
-        ModelDirectoryError,
-        load_export_text,
-        load_export_vae,
-        parse_manifest,
-    )
-    from sama.train.trainer import local_export
+    from sama.pipeline_edit import SamaExport
 
-    path = local_export(export_uri)
-    with open(os.path.join(path, PIPELINE_FILE)) as handle:
-        manifest, export_config, _ = parse_manifest(handle.read(), path)
-    components = manifest.get("components") or {}
+    export = SamaExport.read(export_uri)
     dtype = torch_dtype_of(model_config)
-    own = export_config or model_config
-
-    def entry(name: str) -> dict:
-        value = components.get(name)
-        if not isinstance(value, dict):
-            raise ModelDirectoryError(path, f"{PIPELINE_FILE} does not describe the {name}")
-        return value
-
-    for name in ("vae", "text_encoder") if with_vae else ("text_encoder",):
-        entry(name)  # a clear error for a manifest that does not describe it
-    vae = load_export_vae(path, manifest, own, dtype) if with_vae else None
-    text = load_export_text(path, manifest, own, dtype)
-    return vae, text
+    vae = export.load_vae(dtype, model_config) if with_vae else None
+    return vae, export.load_text_encoder(dtype, model_config)
 
 
 def check_latent_output(output_uri: str, info: schema.LatentOutputInfo, overwrite: bool) -> bool:

@@ -23,11 +23,9 @@ optimizer, data sources or batch sizes stops it unless ``allow_config_change``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
-import tempfile
 import time
 import traceback
 from typing import Any
@@ -38,17 +36,11 @@ from sama.preflight import describe_error
 from sama.redaction import install_log_filter, redact_config
 from sama.tracking import LocalTrackingServer, sqlite_uri, training_store
 from sama.train.preflight import describe_resources
-from sama.train.trainer import TrainConfig
+from sama.train.trainer import RUN_INFO_FILE, TrainConfig, run_uri
 
 log = logging.getLogger(__name__)
 
-RUN_INFO_FILE = "run_info.json"
-EXPORT_DIR = "export"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-
-
-def run_uri(cfg: TrainConfig) -> str:
-    return storage.join(cfg.run.storage_uri, cfg.run.name)
 
 
 def latest_checkpoint(cfg: TrainConfig) -> str | None:
@@ -198,21 +190,19 @@ class ConfigChanged(ValueError):
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs."""
+    """The function every Ray Train worker runs: the trainer of this worker's rank, restored from
+    the chosen checkpoint, runs :meth:`~sama.train.trainer.Trainer.train` with its checkpoints
+    reported to Ray Train."""
     import ray.train
 
-    from sama.tracking import Tracker
-    from sama.train.trainer import Trainer, steps_due
+    from sama.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_filter()
     cfg = config_lib.from_dict(TrainConfig, loop_config["config"])
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    trainer = Trainer(cfg, rank, world, context.get_local_rank())
+    trainer = Trainer(cfg, context.get_world_rank(), context.get_world_size(), context.get_local_rank())
     trainer.build()
-    # With its parity knobs resolved against the model (sama.models.parity): what config.yaml records.
-    cfg = trainer.cfg
     # The checkpoint the driver chose (usable_checkpoint), else Ray Train's latest.
     checkpoint = ray.train.get_checkpoint()
     if loop_config.get("checkpoint_uri"):
@@ -222,107 +212,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             trainer.restore(directory)
 
-    # The store the driver chose (sama.tracking.training_store): never the worker's directory.
-    tracking = dataclasses.replace(cfg.tracking, uri=loop_config.get("tracking_uri") or cfg.tracking.uri)
-    tracker = Tracker(tracking, enabled=rank == 0)
-    resumed = trainer.step > 0
-    trainer.mlflow_run_id = tracker.start(
-        cfg.run.name,
-        run_id=trainer.mlflow_run_id,
-        tags={"stage": str(cfg.stage), "sama.run": cfg.run.name},
+    def report(metrics: dict[str, float], directory: str) -> None:
+        # Every rank reports its own directory: Ray Train merges them and registers the
+        # checkpoint once all ranks have reported.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    trainer.train(
+        # The store the driver chose (sama.tracking.training_store): never the worker's directory.
+        tracking_uri=loop_config.get("tracking_uri"),
         resumed_from=(
-            f"{storage.join(run_uri(cfg), storage.basename(checkpoint.path))} (step {trainer.step})"
+            storage.join(run_uri(trainer.cfg), storage.basename(checkpoint.path))
             if checkpoint is not None
             else None
         ),
-    )
-    if tracker.created_run:
-        tracker.log_params(config_lib.to_dict(cfg))
-        tracker.log_text(config_lib.dumps(cfg), "config.yaml")
-    if not resumed:
-        tracker.log_metrics(trainer.validate(), step=0)
-
-    window: list[dict[str, float]] = []
-    status = "FAILED"
-    try:
-        while trainer.step < cfg.max_steps:
-            metrics = trainer.train_step()
-            window.append(metrics)
-            step = trainer.step
-            reported: dict[str, float] = {"step": step, "train/loss": metrics["train/loss"]}
-            if steps_due(step, cfg.log_every, cfg.max_steps):
-                averaged = {k: sum(m[k] for m in window) / len(window) for k in window[-1]}
-                window = []
-                tracker.log_metrics(averaged, step)
-                if rank == 0:
-                    log.info(
-                        "step %d/%d loss %.4f (fm %.4f) lr %.2e %.2f samples/s data wait %.1f%%",
-                        step,
-                        cfg.max_steps,
-                        averaged["train/loss"],
-                        averaged["train/loss_fm"],
-                        averaged["train/lr"],
-                        averaged["perf/samples_per_s"],
-                        100 * averaged["perf/data_wait_frac"],
-                    )
-            if steps_due(step, cfg.validation.every_steps, cfg.max_steps):
-                val = trainer.validate()
-                reported.update(val)
-                tracker.log_metrics(val, step)
-                for key, data in trainer.render_edits():
-                    tracker.log_video(data, f"samples/step_{step:07d}/{key}.mp4")
-            if cfg.validation.eval_every and steps_due(step, cfg.validation.eval_every, cfg.max_steps):
-                evaluated = trainer.evaluate_edits()
-                reported.update(evaluated)
-                tracker.log_metrics(evaluated, step)
-            if steps_due(step, cfg.checkpoint.every_steps, cfg.max_steps):
-                with tempfile.TemporaryDirectory() as directory:
-                    # Every rank writes its own shards and reports its own directory: Ray Train
-                    # merges them and registers the checkpoint once all ranks have reported.
-                    trainer.save_checkpoint(directory)
-                    ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        with tempfile.TemporaryDirectory() as export_dir:
-            trainer.export(export_dir)
-            if rank == 0:
-                _publish(cfg, trainer, tracker, export_dir, loop_config)
-        status = "FINISHED"
-    finally:
-        end_tracking(tracker, status)
-
-
-def end_tracking(tracker, status: str) -> None:
-    """End the MLflow run from a ``finally``: a failure here is logged, never raised, so the
-    training run's own error (if any) is the one reported."""
-    try:
-        tracker.end(status)
-    except Exception:
-        log.exception("ending the tracked run (status %s) failed; the run's own outcome stands", status)
-
-
-def _publish(cfg: TrainConfig, trainer, tracker, export_dir: str, loop_config: dict[str, Any]) -> None:
-    """Rank 0: upload the export, log and register it, and write run_info.json."""
-    export_uri = storage.join(run_uri(cfg), EXPORT_DIR)
-    storage.delete(export_uri, recursive=True)
-    storage.upload_dir(export_dir, export_uri)
-    model = tracker.log_model(export_dir, cfg.stage)
-    info = {
-        "run_name": cfg.run.name,
-        "stage": cfg.stage,
-        "steps": trainer.step,
-        "samples_seen": trainer.samples_seen,
-        "export_uri": export_uri,
-        "mlflow_tracking_uri": tracker.tracking_uri,
-        "mlflow_experiment": cfg.tracking.experiment,
-        "mlflow_run_id": tracker.run_id,
-        **{f"mlflow_{k}": v for k, v in model.items()},
-        # Whether every source was latent shards, and which frozen encoders rank 0 loaded for what
-        # ("training" only when some source needed encoding).
-        "precomputed": bool(getattr(trainer, "precomputed", False)),
-        "frozen_encoders_loaded": dict(getattr(trainer, "frozen_loaded", {})),
-    }
-    # Its URIs (tracking store, export) may carry credentials: the file holds them redacted.
-    storage.write_text(
-        storage.join(run_uri(cfg), RUN_INFO_FILE), json.dumps(redact_config(info), indent=2) + "\n"
+        report=report,
     )
 
 

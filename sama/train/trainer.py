@@ -6,9 +6,12 @@ random tiny model); stage 1 mixes paired video edits with some image edits and s
 stage-0 export (``model.init_from``).
 
 A worker's life (:class:`Trainer`): ``build`` the model, data stream, optimizer, scheduler and EMA;
-``restore`` from the latest checkpoint when there is one; then ``train_step`` until ``max_steps``,
-each made of ``forward_backward_step`` per micro-batch and one optimizer step, with ``validate``,
-``save_checkpoint`` and metric logging on their schedules; finally ``export`` the EMA model.
+``restore`` from the latest checkpoint when there is one; then ``train``: ``train_step`` until
+``max_steps``, each made of ``forward_backward_step`` per micro-batch and one optimizer step and
+followed by ``step_end`` (metric logging, ``validate``, sample renders, evaluation and
+``save_checkpoint`` on their schedules); finally ``export`` the EMA model and ``publish`` it.
+Nothing here imports Ray: :func:`sama.train.launch.train_loop` runs ``train`` on a Ray Train
+worker and hands it the hook that reports checkpoints to Ray Train.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import math
-import os
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +43,10 @@ from sama.train.parallelize import ParallelConfig, distributed
 from sama.train.plan import PlanSection
 
 FROZEN_ENCODERS = ("vae", "text_encoder", "semantic_encoder")
+# A run's outputs under {run.storage_uri}/{run.name} (run_uri): its EMA export, and the summary
+# rank 0 writes once it is published (the export, the MLflow run and registered model).
+EXPORT_DIR = "export"
+RUN_INFO_FILE = "run_info.json"
 
 log = logging.getLogger(__name__)
 
@@ -242,11 +251,30 @@ class TrainConfig:
             raise ValueError("model.lora_export='adapter' needs model.init_from: the export it applies to")
 
 
-def local_export(uri: str) -> str:
-    """A local directory holding the SAMA export at ``uri`` (see :func:`sama.storage.localize_dir`)."""
+def run_uri(cfg: TrainConfig) -> str:
+    """Where the run lives: its checkpoints, export and run_info.json."""
     from sama import storage
 
-    return storage.localize_dir(uri)
+    return storage.join(cfg.run.storage_uri, cfg.run.name)
+
+
+def export_model_config(uri: str):
+    """The model configuration the SAMA export at ``uri`` records, from its manifest alone.
+
+    Raises:
+        ModelDirectoryError: ``uri`` is not a SAMA export (:meth:`sama.pipeline_edit.SamaExport.read`),
+            named as ``model.init_from``.
+        ValueError: the export records no model configuration.
+    """
+    from sama.pipeline_edit import ModelDirectoryError, SamaExport
+
+    try:
+        model_config = SamaExport.read(uri).model_config
+    except ModelDirectoryError as exc:
+        raise ModelDirectoryError(f"model.init_from {exc.path}", exc.reason) from None
+    if model_config is None:
+        raise ValueError(f"model.init_from {uri}: the export records no model configuration")
+    return model_config
 
 
 def resolve_model_config(section: ModelSection):
@@ -255,19 +283,7 @@ def resolve_model_config(section: ModelSection):
     from sama.models.presets import get_preset
 
     if section.init_from:
-        from sama.pipeline_edit import PIPELINE_FILE, parse_manifest
-
-        manifest_path = os.path.join(local_export(section.init_from), PIPELINE_FILE)
-        if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(
-                f"model.init_from {section.init_from}: not a SAMA export (no {PIPELINE_FILE})"
-            )
-        with open(manifest_path) as handle:
-            _, model_config, _ = parse_manifest(handle.read(), section.init_from)
-        if model_config is None:
-            raise ValueError(
-                f"model.init_from {section.init_from}: the export records no model configuration"
-            )
+        model_config = export_model_config(section.init_from)
     else:
         model_config = get_preset(section.preset)
         if section.pretrained:
@@ -303,7 +319,7 @@ def resolve_train_config(cfg: TrainConfig, model_config=None, *, strict: bool = 
         parity = str(overridden)
     elif cfg.model.init_from:
         try:
-            parity = _export_parity(cfg.model.init_from)
+            parity = export_model_config(cfg.model.init_from).parity
         except Exception as exc:  # storage or format errors: the export is needed to know
             if strict:
                 raise
@@ -321,20 +337,7 @@ def resolve_train_config(cfg: TrainConfig, model_config=None, *, strict: bool = 
     )
 
 
-def _export_parity(uri: str) -> str:
-    """The parity of the SAMA export at ``uri``, from its manifest alone (no weights read)."""
-    from sama import storage
-    from sama.pipeline_edit import PIPELINE_FILE, parse_manifest
-
-    _, model_config, _ = parse_manifest(storage.read_text(storage.join(uri, PIPELINE_FILE)), uri)
-    if model_config is None:
-        raise ValueError(f"model.init_from {uri}: the export records no model configuration")
-    return model_config.parity
-
-
 def _override_text(value: Any) -> str:
-    import json
-
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -344,16 +347,13 @@ def frozen_encoder_identity(section: ModelSection, model_config) -> dict[str, An
     encoder are the export's, so their identity is the one the export records (an export written
     before exports recorded it is named by its location); otherwise, and for SigLIP, the model
     config's. ``sama precompute`` records it in its output and training compares the two."""
-    import json
-
     from sama import storage
     from sama.models.presets import encoder_identity
-    from sama.pipeline_edit import PIPELINE_FILE
+    from sama.pipeline_edit import SamaExport
 
     identity = encoder_identity(model_config)
     if section.init_from:
-        manifest = json.loads(storage.read_text(storage.join(section.init_from, PIPELINE_FILE)))
-        recorded = manifest.get("encoders") or {}
+        recorded = SamaExport.read(section.init_from).encoders or {}
         for name in ("vae", "text_encoder"):
             identity[name] = recorded.get(name) or {
                 **identity[name],
@@ -374,7 +374,8 @@ def without_weight_sources(model_config):
 
 
 def components_from_export(export_uri: str, model_config, *, with_encoders: bool = True):
-    """The model components of a run that starts from the SAMA export at ``export_uri``.
+    """The model components of a run that starts from the SAMA export at ``export_uri``, read
+    through :class:`sama.pipeline_edit.SamaExport`.
 
     The transformer is built from ``model_config`` (the export's own configuration with the run's
     overrides, so e.g. a changed ``semantic.rope`` applies) on the meta device and receives the
@@ -382,10 +383,12 @@ def components_from_export(export_uri: str, model_config, *, with_encoders: bool
     model beside the loaded one. The autoencoder and text encoder are the export's (copied into it
     or referenced by it, whatever the preset's tokenizer); SigLIP comes from ``model_config``.
     ``with_encoders=False`` keeps none of the frozen encoders (every training source is
-    precomputed): the export's autoencoder and text encoder are dropped once read, SigLIP not built.
+    precomputed): the export's autoencoder and text encoder are not read, SigLIP not built.
 
     Raises:
         ValueError: the export's transformer does not fit ``model_config`` (names the keys).
+        ModelDirectoryError: the export is missing, unreadable, or its components do not fit
+            together.
     """
     from accelerate import init_empty_weights
 
@@ -396,33 +399,31 @@ def components_from_export(export_uri: str, model_config, *, with_encoders: bool
         torch_dtype_of,
         transformer_mismatch,
     )
-    from sama.pipeline_edit import SamaEditPipeline
+    from sama.pipeline_edit import SamaExport, check_compatible
 
     dtype = torch_dtype_of(model_config)
-    pipeline = SamaEditPipeline.from_pretrained(local_export(export_uri), torch_dtype=dtype)
-    mismatch = transformer_mismatch(model_config, pipeline.transformer.config)
+    export = SamaExport.read(export_uri)
+    exported = export.load_transformer(dtype)
+    mismatch = transformer_mismatch(model_config, exported.config)
     if mismatch:
         raise ValueError(f"model.init_from {export_uri}: {mismatch}")
+    vae = text_encoder = None
+    if with_encoders:
+        vae, text_encoder = export.load_vae(dtype), export.load_text_encoder(dtype)
+        check_compatible(exported, vae, text_encoder, export.where)
     # Parameters on the meta device; buffers (the rotary tables, not in a state dict) are real.
     with init_empty_weights():
         transformer = build_transformer(model_config, load_weights=False)
-    result = transformer.load_state_dict(pipeline.transformer.state_dict(), strict=False, assign=True)
+    result = transformer.load_state_dict(exported.state_dict(), strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"model.init_from {export_uri} does not fit the model: missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
-    del pipeline.transformer
+    del exported
     log.info("initialised from %s", export_uri)
-    if not with_encoders:
-        return SamaComponents(model_config, transformer.to(dtype), None, None, None)
-    return SamaComponents(
-        model_config,
-        transformer.to(dtype),
-        pipeline.vae,
-        pipeline.text_encoder,
-        build_semantic_encoder(model_config),
-    )
+    semantic = build_semantic_encoder(model_config) if with_encoders else None
+    return SamaComponents(model_config, transformer.to(dtype), vae, text_encoder, semantic)
 
 
 def frozen_encoders_needed(cfg: TrainConfig, model_config) -> tuple[str, ...]:
@@ -520,7 +521,6 @@ class Trainer:
             self.device = torch.device("cpu")
         self.step = 0
         self.samples_seen = 0
-        self.tracker = None
         self.mlflow_run_id: str | None = None
         # Frozen encoders loaded after build, when first needed (every training source precomputed):
         # encoder -> what it was loaded for ("validation", "render" or "export").
@@ -846,7 +846,11 @@ class Trainer:
         dtype = compute_dtype(self.cfg.parallel, self.device)
         # Gradients are synchronized after the rank's last micro-batch of its last logical rank.
         sync = micro == self.cfg.grad_accum - 1 and logical_rank == self.logical[-1]
-        context = self.model.no_sync() if (hasattr(self.model, "no_sync") and not sync) else _null()
+        context = (
+            self.model.no_sync()
+            if (hasattr(self.model, "no_sync") and not sync)
+            else contextlib.nullcontext()
+        )
         with context:
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 out = self.model(encoded, generator)
@@ -874,16 +878,29 @@ class Trainer:
         dist.all_reduce(values)
         return {k: float(v) / self.cp for k, v in zip(keys, values.tolist(), strict=True)}
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, batches: Sequence[Sequence[Any]] | None = None) -> dict[str, float]:
         """For each logical rank this rank plays, ``grad_accum`` micro-batches; then clipping, one
         optimizer step, one EMA update. The logged losses, samples and tokens are the global ones
-        (over every logical rank), whatever the number of workers."""
+        (over every logical rank), whatever the number of workers.
+
+        ``batches``: the step's micro-batches (:class:`sama.models.training.SamaBatch`), a list of
+        ``grad_accum`` per logical rank this rank plays, to train on instead of drawing them from
+        the data streams (which then stay where they are): a known step replayed, e.g. a logged
+        one. The noise and timesteps are the step's as always (keyed by :attr:`step`)."""
         started = time.perf_counter()
         wait_before = sum(stream.wait_s for stream in self.streams)
+        if batches is not None and (
+            len(batches) != len(self.logical) or any(len(b) != self.cfg.grad_accum for b in batches)
+        ):
+            raise ValueError(
+                f"train_step takes {self.cfg.grad_accum} micro-batch(es) (grad_accum) for each of the "
+                f"{len(self.logical)} logical rank(s) this rank plays, got {[len(b) for b in batches]}"
+            )
         totals: dict[str, float] = {}
-        for logical_rank, stream in zip(self.logical, self.streams, strict=True):
+        for index, (logical_rank, stream) in enumerate(zip(self.logical, self.streams, strict=True)):
             for micro in range(self.cfg.grad_accum):
-                batch = stream.next(self.step)  # every micro-batch from the step's source
+                # Every micro-batch from the step's source.
+                batch = stream.next(self.step) if batches is None else batches[index][micro]
                 parts = self.forward_backward_step(batch, micro, logical_rank)
                 for key, value in parts.items():
                     totals[key] = totals.get(key, 0.0) + value
@@ -915,7 +932,144 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------
-    # Validation and export
+    # The loop
+
+    def train(
+        self,
+        *,
+        tracking_uri: str | None = None,
+        resumed_from: str | None = None,
+        report: Callable[[dict[str, float], str], None] | None = None,
+    ) -> None:
+        """Train from :attr:`step` to ``max_steps``, then export the EMA model and publish it.
+
+        Rank 0 tracks the run (:meth:`start_tracking`) and ends its MLflow run FINISHED, or FAILED
+        when a step, the export or the publication raises (an error ending it is logged, never
+        raised over the run's own). Each :meth:`train_step` is followed by :meth:`step_end`.
+
+        Args:
+            tracking_uri: the tracking store (default ``tracking.uri``).
+            resumed_from: where the restored checkpoint came from, recorded in the MLflow run.
+            report: called on every rank at each checkpoint with the step's metrics and the
+                local directory this rank just wrote its part of the checkpoint to (removed once
+                it returns): where checkpoints are kept. None: no checkpoint is written.
+        """
+        tracker = self.start_tracking(tracking_uri, resumed_from)
+        window: list[dict[str, float]] = []
+        status = "FAILED"
+        try:
+            while self.step < self.cfg.max_steps:
+                window.append(self.train_step())
+                self.step_end(window, tracker, report)
+            with tempfile.TemporaryDirectory() as export_dir:
+                self.export(export_dir)
+                if self.rank == 0:
+                    self.publish(export_dir, tracker)
+            status = "FINISHED"
+        finally:
+            end_tracking(tracker, status)
+
+    def start_tracking(self, tracking_uri: str | None = None, resumed_from: str | None = None):
+        """A :class:`sama.tracking.Tracker` (enabled on rank 0) on the run's MLflow run: the
+        checkpoint's (:attr:`mlflow_run_id`) when there is one, else a new run, which records the
+        configuration (params and config.yaml). A run that starts at step 0 logs its validation
+        loss at step 0."""
+        from sama.tracking import Tracker
+
+        cfg = self.cfg
+        tracker = Tracker(
+            dataclasses.replace(cfg.tracking, uri=tracking_uri or cfg.tracking.uri), self.rank == 0
+        )
+        resumed = self.step > 0
+        self.mlflow_run_id = tracker.start(
+            cfg.run.name,
+            run_id=self.mlflow_run_id,
+            tags={"stage": str(cfg.stage), "sama.run": cfg.run.name},
+            resumed_from=f"{resumed_from} (step {self.step})" if resumed_from else None,
+        )
+        if tracker.created_run:
+            tracker.log_params(config_lib.to_dict(cfg))
+            tracker.log_text(config_lib.dumps(cfg), "config.yaml")
+        if not resumed:
+            tracker.log_metrics(self.validate(), step=0)
+        return tracker
+
+    def step_end(
+        self,
+        window: list[dict[str, float]],
+        tracker,
+        report: Callable[[dict[str, float], str], None] | None = None,
+    ) -> None:
+        """What is due after optimizer step :attr:`step` (each schedule also fires at the last
+        step): ``window``'s metrics (the steps' since the last log) averaged and logged, and
+        ``window`` emptied (``log_every``); validation loss and sample renders
+        (``validation.every_steps``); evaluation (``validation.eval_every``); a checkpoint handed
+        to ``report`` with the step's loss and what was measured (``checkpoint.every_steps``)."""
+        cfg, step = self.cfg, self.step
+        reported: dict[str, float] = {"step": step, "train/loss": window[-1]["train/loss"]}
+        if steps_due(step, cfg.log_every, cfg.max_steps):
+            self._log_window(window, tracker)
+            window.clear()
+        if steps_due(step, cfg.validation.every_steps, cfg.max_steps):
+            validated = self.validate()
+            reported.update(validated)
+            tracker.log_metrics(validated, step)
+            for key, data in self.render_edits():
+                tracker.log_video(data, f"samples/step_{step:07d}/{key}.mp4")
+        if cfg.validation.eval_every and steps_due(step, cfg.validation.eval_every, cfg.max_steps):
+            evaluated = self.evaluate_edits()
+            reported.update(evaluated)
+            tracker.log_metrics(evaluated, step)
+        if report is not None and steps_due(step, cfg.checkpoint.every_steps, cfg.max_steps):
+            with tempfile.TemporaryDirectory() as directory:
+                self.save_checkpoint(directory)
+                report(reported, directory)
+
+    def _log_window(self, window: list[dict[str, float]], tracker) -> None:
+        """The mean of each metric over ``window`` logged at the current step (and printed by rank 0)."""
+        averaged = {k: sum(m[k] for m in window) / len(window) for k in window[-1]}
+        tracker.log_metrics(averaged, self.step)
+        if self.rank == 0:
+            log.info(
+                "step %d/%d loss %.4f (fm %.4f) lr %.2e %.2f samples/s data wait %.1f%%",
+                self.step,
+                self.cfg.max_steps,
+                averaged["train/loss"],
+                averaged["train/loss_fm"],
+                averaged["train/lr"],
+                averaged["perf/samples_per_s"],
+                100 * averaged["perf/data_wait_frac"],
+            )
+
+    def publish(self, export_dir: str, tracker) -> None:
+        """Rank 0: upload the export in ``export_dir`` to ``{run_uri}/export``, log and register
+        it in MLflow, and write run_info.json (its URIs redacted)."""
+        from sama import storage
+        from sama.redaction import redact_config
+
+        cfg = self.cfg
+        export_uri = storage.join(run_uri(cfg), EXPORT_DIR)
+        storage.delete(export_uri, recursive=True)
+        storage.upload_dir(export_dir, export_uri)
+        model = tracker.log_model(export_dir, cfg.stage)
+        info = {
+            "run_name": cfg.run.name,
+            "stage": cfg.stage,
+            "steps": self.step,
+            "samples_seen": self.samples_seen,
+            "export_uri": export_uri,
+            "mlflow_tracking_uri": tracker.tracking_uri,
+            "mlflow_experiment": cfg.tracking.experiment,
+            "mlflow_run_id": tracker.run_id,
+            **{f"mlflow_{k}": v for k, v in model.items()},
+            # Whether every source was latent shards, and which frozen encoders rank 0 loaded for
+            # what ("training" only when some source needed encoding).
+            "precomputed": self.precomputed,
+            "frozen_encoders_loaded": dict(self.frozen_loaded),
+        }
+        storage.write_text(
+            storage.join(run_uri(cfg), RUN_INFO_FILE), json.dumps(redact_config(info), indent=2) + "\n"
+        )
 
     # ------------------------------------------------------------------------------------------
     # Frozen encoders loaded when first needed (every training source precomputed)
@@ -930,15 +1084,13 @@ class Trainer:
         if name == "semantic_encoder":
             return presets.build_semantic_encoder(config)
         if self.cfg.model.init_from:
-            # The export's own autoencoder or text encoder, read without its transformer (the
+            # The export's own autoencoder or text encoder, read without its transformer (by the
             # export's manifest config: this run's drops the checkpoints they may reference).
-            from sama.pipeline_edit import PIPELINE_FILE, load_export_text, load_export_vae, parse_manifest
+            from sama.pipeline_edit import SamaExport
 
-            export = local_export(self.cfg.model.init_from)
-            with open(os.path.join(export, PIPELINE_FILE)) as handle:
-                manifest, export_config, _ = parse_manifest(handle.read(), export)
-            load = load_export_vae if name == "vae" else load_export_text
-            return load(export, manifest, export_config or config, dtype)
+            export = SamaExport.read(self.cfg.model.init_from)
+            load = export.load_vae if name == "vae" else export.load_text_encoder
+            return load(dtype, config)
         with presets.frozen_init(name):
             if name == "vae":
                 return presets.build_autoencoder(config.vae, config.component_source("vae"), dtype)
@@ -1221,13 +1373,13 @@ def _batch_to(batch, device: torch.device | str):
     return dataclasses.replace(batch, **moved)
 
 
-@torch.no_grad()
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def end_tracking(tracker, status: str) -> None:
+    """End the MLflow run from a ``finally``: a failure here is logged, never raised, so the
+    training run's own error (if any) is the one reported."""
+    try:
+        tracker.end(status)
+    except Exception:
+        log.exception("ending the tracked run (status %s) failed; the run's own outcome stands", status)
 
 
 def steps_due(step: int, every: int, max_steps: int) -> bool:

@@ -32,11 +32,11 @@ MODELS = ("sama-debug-stage0", "sama-debug-stage1")
 RECIPES = ("debug", "debug_sft")
 # The quickstart's output: at most this many non-empty lines, none of them from Ray's internals.
 MAX_OUTPUT_LINES = 60
-# Not listed: the driver's one "core_worker.cc ... constructor arguments in the object store and
-# max_restarts > 0" line (Ray issue 53727): Ray Data passes actor arguments by reference and our
-# actor pools keep crash restarts; only RAY_BACKEND_LOG_LEVEL=fatal hides it, which would also drop
-# every C++ error from the session's logs (sama/logs.py). Issue 16 keeps it open.
 RAY_INTERNALS = (
+    # Ray's C++ log records ("[... E ...] core_worker.cc:...: Actor ... has constructor arguments in
+    # the object store and max_restarts > 0", "logging.cc: Set ray log level ..."): sama.logs.
+    "core_worker.cc",
+    "logging.cc",
     "RayDeprecationWarning",
     "streaming_executor",
     "Progress bars disabled",

@@ -130,7 +130,7 @@ class RayHead:
             status = info.get("status", "?")
             if status in TERMINAL:
                 break
-            time.sleep(2)
+            time.sleep(2)  # between polls only
         else:
             self.cli("job", "stop", "--address", self.address, submission_id, timeout=60)
         print(f"job {submission_id}: {status} after {time.monotonic() - started:.0f}s")
@@ -182,13 +182,22 @@ def _wait_gone(procs: list, timeout: float) -> list:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_alive(p) for p in procs):
-        time.sleep(0.5)
+        time.sleep(0.5)  # between polls only
     left = [p for p in procs if _alive(p)]
     described = [_describe(p) for p in left]
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     return described
+
+
+def _survivors(temp_dir: str, roots: list, timeout: float) -> list[str]:
+    """The head's processes (:func:`_processes_of`) still alive ``timeout`` seconds from now, or
+    none as soon as none is: a process SIGKILLed a moment ago takes a moment to go."""
+    deadline = time.monotonic() + timeout
+    while (left := _processes_of(temp_dir, roots)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # between polls only
+    return [_describe(p) for p in left]
 
 
 @pytest.fixture
@@ -250,7 +259,7 @@ def ray_head():
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the Ray head did not come up:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+            time.sleep(1)  # between polls only
         print(f"the Ray head is up at {head.address} after {time.monotonic() - starting:.0f}s")
         yield head
     finally:
@@ -267,8 +276,7 @@ def ray_head():
         proc.wait(timeout=10)
         _wait_gone(_processes_of(temp_dir, seen), timeout=10)
         print(f"the Ray head stopped in {time.monotonic() - stopping:.0f}s; killed after the grace: {killed}")
-        time.sleep(1)
-        left = [_describe(p) for p in _processes_of(temp_dir, seen)]
+        left = _survivors(temp_dir, seen, timeout=10)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"processes of the test's Ray head survived its shutdown: {left}"
 

@@ -246,9 +246,9 @@ def test_a_second_run_on_a_leased_output_refuses_and_deletes_nothing(ray_cluster
     finally:
         live.release()
     # A run that died leaves a lease that expires; the next run then takes the output over.
-    dead = ledger.OutputLease(out, ttl_s=0.5)
-    storage.write_text(dead.uri, json.dumps(dataclasses.asdict(dead._record())))
-    time.sleep(0.6)
+    dead = ledger.OutputLease(out, ttl_s=60)
+    expired = dataclasses.replace(dead._record(), expires_at=time.time() - 1)  # a second ago
+    storage.write_text(dead.uri, json.dumps(dataclasses.asdict(expired)))
     again = prep_pretext.run(small_config(str(tmp_path / "raw"), out))
     assert again.run_units == 0 and again.run_units_skipped == 4
     check_output(out, videos, bad)

@@ -1,15 +1,21 @@
 """Credentials never reach what a job records: a prep-pairs job and a short training run, with
 credentials in the environment and in URIs (manifest rows, config values, tracking tags), leave
-none in their output files, their MLflow params, tags and artifacts, their logs or their output."""
+none in their output files, their MLflow params, tags and artifacts, their logs or their output,
+their Ray workers' output included; what a data job's worker logs is redacted; an export's
+manifest records no credential of its model config."""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import logging
 import os
+import time
 
 import pytest
 
+from pipelines import common
 from sama import quickstart, storage, synthetic
 from sama.cli import main
 from sama.prep import ledger
@@ -74,6 +80,96 @@ def leaks_in_mlflow(tracking_uri: str, run_name: str, workdir: str) -> tuple[lis
     return found, artifacts
 
 
+def _worker_files() -> list[str]:
+    """The stdout/stderr files of the test cluster's worker processes (``worker-*.out|err``)."""
+    import ray
+
+    logs_dir = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    return sorted(glob.glob(os.path.join(logs_dir, "worker-*")))
+
+
+def worker_output_mark() -> dict[str, int]:
+    """Where each worker file ends now: :func:`worker_output_since` reads what comes after. The
+    cluster is the session's: what workers wrote for earlier tests is not this test's."""
+    return {path: os.path.getsize(path) for path in _worker_files()}
+
+
+def worker_output_since(mark: dict[str, int], expect: str, timeout_s: float = 60) -> str:
+    """What the workers wrote since ``mark``, once it contains ``expect`` (or ``timeout_s`` passed:
+    the caller's assertion on ``expect`` then fails with the text)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = ""
+        for path in _worker_files():
+            with open(path, "rb") as handle:
+                handle.seek(mark.get(path, 0))
+                text += handle.read().decode("utf-8", "replace")
+        if expect in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.2)  # between polls only
+
+
+# Logged by a data job's worker (run_units' task, and an actor of its pool): a credentialed URI
+# and the worker-wide secret.
+WORKER_LOGGER = "sama.prep.unit"
+
+
+def _unit_logging_credentials(unit_json: str) -> ledger.UnitResult:
+    unit_id = json.loads(unit_json)["unit_id"]
+    logging.getLogger(WORKER_LOGGER).warning(
+        "unit %s reads %s with key %s", unit_id, CRED_URI, os.environ["AWS_SECRET_ACCESS_KEY"]
+    )
+    return ledger.UnitResult(unit_id=unit_id)
+
+
+def _pool_logging_credentials():
+    logging.getLogger(WORKER_LOGGER).warning("actor loads its models from %s", PRESIGNED)
+    return _unit_logging_credentials
+
+
+def test_data_workers_log_no_credentials(ray_cluster):
+    """What a Ray Data worker of a data job logs (its tasks, and its actors' set-up and units)
+    reaches the worker's output, and the driver with ``log_to_driver``, redacted."""
+    mark = worker_output_mark()
+    units = [json.dumps({"unit_id": f"creds-{i}"}) for i in range(2)]
+    results, failures = common.run_units(units, _unit_logging_credentials, what="units")
+    assert not failures and len(results) == 2
+    pool = common.ActorPool(_pool_logging_credentials, size=1, num_cpus=1, num_gpus=0)
+    actor_units = [json.dumps({"unit_id": f"creds-actor-{i}"}) for i in range(2)]
+    results, failures = common.run_units(actor_units, None, what="units", actors=pool)
+    assert not failures and len(results) == 2
+
+    expected = "unit creds-actor-1 reads s3://bucket/x.mp4 with key <redacted>"
+    text = worker_output_since(mark, expected)
+    assert not leaks(text, "the workers' output"), text[-3000:]
+    for unit_id in ("creds-0", "creds-1", "creds-actor-0", "creds-actor-1"):
+        assert f"unit {unit_id} reads s3://bucket/x.mp4 with key <redacted>" in text, text[-3000:]
+    assert "actor loads its models from https://objects.example.com/obj.mp4?<redacted>" in text
+
+
+def test_export_manifest_records_no_credentials(tmp_path):
+    """A model config whose weights come from a credentialed URI: the export's manifest
+    (``sama_pipeline.json``: the model config, the frozen encoders' references) names the bucket
+    without the credentials."""
+    import torch
+
+    from sama.models.presets import build_model
+    from sama.pipeline_edit import PIPELINE_FILE, SamaEditPipeline
+
+    torch.manual_seed(0)
+    components = build_model("tiny")
+    weights = "s3://AKIAFAKEKEY:fakeSecretValue123@bucket/wan?X-Amz-Signature=deadbeefsig"
+    components.config = dataclasses.replace(components.config, pretrained=weights)
+    for copy_frozen in (True, False):  # encoders copied, or referenced by their source
+        export = tmp_path / f"export-{copy_frozen}"
+        SamaEditPipeline.from_components(components).save_pretrained(str(export), copy_frozen=copy_frozen)
+        text = (export / PIPELINE_FILE).read_text()
+        found = [f"{secret!r} in {PIPELINE_FILE}" for secret in URI_SECRETS if secret in text]
+        assert not found, "\n".join(found)
+        manifest = json.loads(text)
+        assert manifest["model"]["pretrained"] == "s3://bucket/wan?<redacted>"
+
+
 def build_manifest(root: str) -> str:
     """Synthetic pairs plus rows that are rejected without being read: a credentialed s3:// URI,
     a presigned https URL, and a missing file whose name is the worker-wide secret."""
@@ -114,7 +210,9 @@ def test_prep_and_training_record_no_credentials(ray_cluster, tmp_path, monkeypa
 
     # prep-pairs: the credentialed rows are rejected (bad_location, missing), and config values
     # carrying credentials (allowed prefixes, the judge endpoint) land in config.yaml.
-    prep_args = ["prep-pairs", "--manifest", manifest, "--output", pairs]
+    mark = worker_output_mark()
+    # --verbose: the most a job prints, its workers' INFO lines included ("rejected <row>: ...").
+    prep_args = ["--verbose", "prep-pairs", "--manifest", manifest, "--output", pairs]
     for setting in [
         *quickstart.PAIR_SETTINGS,
         f'input.allowed_prefixes=["s3://AKIAFAKEKEY:fakeSecretValue123@bucket/allowed", '
@@ -158,6 +256,10 @@ def test_prep_and_training_record_no_credentials(ray_cluster, tmp_path, monkeypa
     assert artifacts > 0  # config.yaml and the model at least: the search looked at something
     found += mlflow_found
     found += leaks(out, "stdout") + leaks(err, "stderr") + leaks(redacted_caplog.text, "the logs")
+    # Ray's workers (prep tasks, Ray Train workers): their output stays in the session's files.
+    workers = worker_output_since(mark, ": bad_location")
+    assert ": bad_location" in workers, workers[-3000:]  # the prep workers logged at INFO
+    found += leaks(workers, "the Ray workers' output")
     assert not found, "\n".join(found)
     # What was redacted stays readable: config values and tags name their bucket and host.
     assert "s3://bucket/allowed" in open(os.path.join(pairs, ledger.CONFIG_FILE)).read()

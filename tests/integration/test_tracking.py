@@ -480,7 +480,7 @@ def test_an_outage_holds_the_writes_and_sends_them_when_the_server_is_back(tmp_p
             if step == 8:
                 tracker.log_video(b"mp4 bytes", f"samples/step_{step:07d}/clip.mp4")
             slowest = max(slowest, time.monotonic() - began)
-            time.sleep(0.2)
+            time.sleep(0.2)  # the time a training step takes: no wait for anything
         assert slowest < 1.0, slowest
         assert _wait_for(lambda: "is unreachable" in caplog.text, 60)
         assert not tracker.flush(1.0)  # held, not lost

@@ -297,9 +297,10 @@ def test_lease_refuses_a_second_run_naming_the_holder_and_releases(tmp_path):
 
 def test_an_expired_or_unreadable_lease_is_taken_over(tmp_path):
     out = str(tmp_path / "out")
-    dead = ledger.OutputLease(out, ttl_s=0.2)
-    storage.write_text(dead.uri, json.dumps(dataclasses.asdict(dead._record())))  # never renewed
-    time.sleep(0.3)
+    dead = ledger.OutputLease(out, ttl_s=60)
+    # Never renewed: it expired a second ago.
+    expired = dataclasses.replace(dead._record(), expires_at=time.time() - 1)
+    storage.write_text(dead.uri, json.dumps(dataclasses.asdict(expired)))
     with ledger.OutputLease(out, ttl_s=60) as taker:
         assert taker.read().owner == taker.owner
     storage.write_text(dead.uri, "{half a lease")  # a run killed while writing it
@@ -307,18 +308,27 @@ def test_an_expired_or_unreadable_lease_is_taken_over(tmp_path):
         assert taker.read().owner == taker.owner
 
 
+def _wait_for(condition, timeout_s: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passes; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # between polls only
+    return True
+
+
 def test_lease_is_renewed_while_held_and_loss_is_detected(tmp_path):
     out = str(tmp_path / "out")
     lease = ledger.OutputLease(out, ttl_s=0.6).acquire()
     try:
         first_expiry = lease.read().expires_at
-        time.sleep(0.5)
-        assert lease.read().expires_at > first_expiry  # renewed every ttl/3
+        assert _wait_for(lambda: lease.read().expires_at > first_expiry)  # renewed every ttl/3
         lease.check()
         # Another run took the output over (this one stalled past its expiry).
         thief = ledger.LeaseRecord("thief", "elsewhere", 1, time.time(), time.time() + 60)
         storage.write_text(lease.uri, json.dumps(dataclasses.asdict(thief)))
-        time.sleep(0.5)
+        assert _wait_for(lambda: lease.lost)  # the next renewal sees the thief
         with pytest.raises(ledger.OutputLeased, match="lost"):
             lease.check()
     finally:

@@ -71,7 +71,7 @@ def test_full_scale_recipes_match_the_paper(recipe):
 
 @pytest.mark.parametrize(("stage0", "stage1"), STAGE_PAIRS)
 def test_stage_one_starts_from_the_export_of_its_stage_zero(stage0, stage1):
-    from sama.train.launch import EXPORT_DIR, run_uri
+    from sama.train.trainer import EXPORT_DIR, run_uri
 
     pre, sft = _load(stage0), _load(stage1)
     assert (pre.stage, sft.stage) == (0, 1)
@@ -223,7 +223,11 @@ def test_init_from_reads_the_model_config_of_the_export(tiny_export):
 
 
 def test_init_from_a_directory_that_is_no_export(tmp_path):
-    with pytest.raises(FileNotFoundError, match="sama_pipeline.json"):
+    from sama.pipeline_edit import ModelDirectoryError
+
+    with pytest.raises(
+        ModelDirectoryError, match="model.init_from .*: not a SAMA model directory: sama_pipeline.json"
+    ):
         resolve_model_config(ModelSection(init_from=str(tmp_path)))
 
 

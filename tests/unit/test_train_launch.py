@@ -10,6 +10,7 @@ from ray.train import ControllerError, WorkerGroupError
 from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
 from sama.train.launch import TrainingError, classify_failure
+from sama.train.trainer import Trainer
 
 GLOO_PEER_GONE = RuntimeError(
     "[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:44967"
@@ -90,21 +91,16 @@ class _FailingTracker:
         raise ConnectionError("tracking store gone")
 
 
-class _FailingTrainer:
-    """A trainer whose first step raises."""
+class _FailingTrainer(Trainer):
+    """The trainer with nothing built and a first step that raises: its own loop (``train``) runs."""
 
-    def __init__(self, cfg, rank=0, world_size=1, local_rank=0):
-        self.cfg = cfg
-        self.step = 0
-        self.mlflow_run_id = None
-
-    def build(self):
+    def build(self, rows=None):
         pass
 
     def validate(self):
         return {}
 
-    def train_step(self):
+    def train_step(self, batches=None):
         raise ValueError("loss is nan at step 0")
 
 

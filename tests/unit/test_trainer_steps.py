@@ -170,6 +170,20 @@ def _fixed_batches(trainer: Trainer, batches: list[SamaBatch]) -> None:
     trainer.batches.next = next_batch
 
 
+def test_the_trainer_imports_neither_ray_nor_mlflow():
+    """A worker's trainer runs where neither is installed (the GPU tests' machine): only
+    sama.train.launch imports Ray, and the tracker imports MLflow when it first tracks."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sama.train.trainer; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
+
+
 def test_lr_lambda_and_steps_due():
     factor = lr_lambda(4)
     assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
@@ -525,36 +539,126 @@ def test_grad_accum_averages_micro_batches(shards):
     assert all(p.grad is None for p in params)  # zeroed for the next step
 
 
-def test_bench_plain_loop_replays_the_trainer_steps(shards):
-    """bench/train_overhead.py compares Ray Train with a plain loop that claims to do the trainer's
-    exact work step for step (same samples, generators, accumulation, clipping, schedule, EMA)."""
-    import argparse
-
-    from bench.train_overhead import PlainLoop
-
+def test_a_step_on_given_batches_is_the_step_that_draws_them(shards):
+    """train_step(batches) replays a known step: on the micro-batches given, with the step's own
+    noise and timesteps, it computes what the step that draws the same batches from the streams
+    does (losses, gradient norm, weights, EMA, counts), and leaves the streams where they are."""
     cfg = _config(shards, grad_accum=2)
-    rows = local_pass(cfg.data.sources[0], cfg.data, 0, 1, 0, 1, 0).rows
-    keys = [row["key"] for row in rows]
-    steps = [[keys[0:2], keys[2:4]], [keys[4:6], keys[1:3]]]
-    by_key = {row["key"]: row for row in rows}
+    drawing, replaying = _trainer(cfg), _trainer(cfg)
+    initial = _weights(drawing)
+    drawn: list[list[SamaBatch]] = []
+    original = drawing.batches.next
 
-    trainer = _trainer(cfg)
-    initial = _weights(trainer)
-    _fixed_batches(trainer, [collate([by_key[k] for k in micro]) for step in steps for micro in step])
-    for _ in steps:
-        trainer.train_step()
+    def next_batch(step=None):
+        batch = original(step)
+        drawn[-1].append(batch)
+        return batch
 
-    plain = PlainLoop(argparse.Namespace(threads=1), cfg, rows)
-    for index, micro_keys in enumerate(steps):
-        plain.timed_step(micro_keys, index)
-
-    trained = _weights(trainer)
+    drawing.batches.next = next_batch
+    for _ in range(2):
+        drawn.append([])
+        expected = drawing.train_step()
+        got = replaying.train_step([drawn[-1]])
+        for key in ("train/loss", "train/loss_fm", "train/loss_sem", "train/grad_norm", "train/lr"):
+            assert got[key] == expected[key], key
+    assert [len(micro) for micro in drawn] == [2, 2]
+    trained = _weights(drawing)
     assert any(not torch.equal(trained[name], initial[name]) for name in trained)
-    plain_weights = plain.module.transformer.state_dict()
     for name, value in trained.items():
-        assert torch.equal(plain_weights[name], value), name
-    for name, shadow in trainer.ema.shadow.items():
-        assert torch.equal(plain.ema.shadow[name], shadow), name
+        assert torch.equal(_weights(replaying)[name], value), name
+    for name in drawing.ema.names:
+        assert torch.equal(replaying.ema.shadow[name], drawing.ema.shadow[name]), name
+    assert (replaying.step, replaying.samples_seen) == (drawing.step, drawing.samples_seen)
+    assert replaying.position.step == 0 and sum(replaying.position.batches.values()) == 0
+    # A step is grad_accum micro-batches for each logical rank this rank plays.
+    with pytest.raises(ValueError, match=r"2 micro-batch\(es\) \(grad_accum\) for each of the 1 logical"):
+        replaying.train_step([drawn[0][:1]])
+
+
+class _RecordingTracker:
+    """A tracker that records what it is handed (the last one made is ``last``)."""
+
+    last: _RecordingTracker | None = None
+    created_run = True
+    tracking_uri = "http://tracking.test"
+    run_id = "run-1"
+
+    def __init__(self, cfg, enabled, default_local_dir=None):
+        self.cfg, self.enabled, self.calls = cfg, enabled, []
+        _RecordingTracker.last = self
+
+    def start(self, run_name, run_id=None, tags=None, resumed_from=None):
+        self.calls.append(("start", run_name, run_id, resumed_from))
+        return self.run_id
+
+    def log_params(self, params):
+        self.calls.append(("params", params["max_steps"]))
+
+    def log_text(self, text, artifact_file):
+        self.calls.append(("text", artifact_file))
+
+    def log_metrics(self, metrics, step):
+        self.calls.append(("metrics", step, dict(metrics)))
+
+    def log_video(self, data, artifact_file):
+        self.calls.append(("video", artifact_file))
+
+    def log_model(self, export_dir, stage):
+        self.calls.append(("model", os.path.isfile(os.path.join(export_dir, "sama_pipeline.json"))))
+        return {"model_uri": "models:/m/1"}
+
+    def end(self, status="FINISHED"):
+        self.calls.append(("end", status))
+
+
+def test_train_runs_the_steps_with_their_schedules_then_exports_and_publishes(shards, tmp_path, monkeypatch):
+    """Trainer.train, without Ray: validation at step 0, each metric averaged over the steps since
+    the last log (log_every), validation and renders (validation.every_steps), checkpoints handed
+    to ``report`` (checkpoint.every_steps), every schedule at the last step too; then the export
+    is published (run_info.json) and the run ends FINISHED."""
+    import json
+
+    import sama.tracking
+    from sama.train.trainer import EXPORT_DIR, RUN_INFO_FILE, RunSection, run_uri
+
+    monkeypatch.setattr(sama.tracking, "Tracker", _RecordingTracker)
+    cfg = _config(shards, max_steps=5, log_every=2, run=RunSection(name="loop", storage_uri=str(tmp_path)))
+    cfg.validation.every_steps, cfg.checkpoint.every_steps = 3, 2
+    trainer = _trainer(cfg)
+    steps: list[dict[str, float]] = []
+    original = trainer.train_step
+    trainer.train_step = lambda: steps.append(original()) or steps[-1]
+    reports = []
+
+    def report(metrics, directory):
+        reports.append((dict(metrics), sorted(os.listdir(directory))))
+
+    trainer.train(tracking_uri="http://driver.test", report=report)
+
+    tracker = _RecordingTracker.last
+    assert tracker.cfg.uri == "http://driver.test" and tracker.enabled
+    calls = tracker.calls
+    assert calls[:3] == [("start", "loop", None, None), ("params", 5), ("text", "config.yaml")]
+    assert calls[-2:] == [("model", True), ("end", "FINISHED")]
+    logged = [(c[1], sorted({k.split("/")[0] for k in c[2]})) for c in calls if c[0] == "metrics"]
+    assert logged == [(0, ["val"]), (2, ["perf", "train"]), (3, ["val"]), (4, ["perf", "train"]),
+                      (5, ["perf", "train"]), (5, ["val"])]  # fmt: skip
+    windows = [c[2] for c in calls if c[0] == "metrics" and "train/loss" in c[2]]
+    for window, members in zip(windows, ([0, 1], [2, 3], [4]), strict=True):
+        for key in ("train/loss", "perf/step_s"):
+            assert window[key] == pytest.approx(np.mean([steps[i][key] for i in members])), key
+    assert [c[1] for c in calls if c[0] == "video"] == [
+        f"samples/step_{step:07d}/{trainer.render_rows[0].key}.mp4" for step in (3, 5)
+    ]
+    assert [m["step"] for m, _ in reports] == [2, 4, 5]
+    assert reports[0][0] == {"step": 2, "train/loss": steps[1]["train/loss"]}
+    assert {"val/loss", "val/loss_fm"} <= set(reports[2][0])
+    assert all(ckpt.STATE_FILE in files for _, files in reports)
+    info = json.loads((tmp_path / "loop" / RUN_INFO_FILE).read_text())
+    assert info["steps"] == 5 and info["samples_seen"] == trainer.samples_seen
+    assert info["mlflow_run_id"] == "run-1" and info["mlflow_model_uri"] == "models:/m/1"
+    assert info["export_uri"] == os.path.join(run_uri(cfg), EXPORT_DIR)
+    assert os.path.isfile(os.path.join(info["export_uri"], "sama_pipeline.json"))
 
 
 def test_logical_ranks_on_one_process_average_the_ranks_they_play(shards, tmp_path):
