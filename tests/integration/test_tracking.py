@@ -242,10 +242,14 @@ def test_system_metrics_are_logged_while_the_run_lasts(mlflow_server):
 
 
 def test_the_aws_secret_never_reaches_the_run(mlflow_server, monkeypatch):
+    """The secret is in the environment and, as users write it, inside the config's URIs (userinfo
+    and a presigned query): what the trainer logs (params, tags, config.yaml) must hold none of it."""
     secret = f"secret-{uuid.uuid4().hex}"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
     cfg = _debug_config()
+    cfg.data.sources[0].uri = f"s3://key-id:{secret}@bucket/pretext/shards/video"
+    cfg.data.val_uri = f"https://bucket.s3.amazonaws.com/val?X-Amz-Signature={secret}"
     tracker = _tracker(mlflow_server)
     run_id = tracker.start(cfg.run.name, tags={"stage": "0"})
     tracker.log_params(config_lib.to_dict(cfg))
