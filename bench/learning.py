@@ -10,6 +10,8 @@ clips; the script prints PSNR and SSIM against the targets beside those of doing
 
 * edits: the source against the target (the copy baseline: an edit that changes nothing scores
   exactly that, so an edit is worth something only where it beats it);
+* where the edit loses: PSNR on the pixels the edit must keep (source and target agree within
+  8/255) and on those it must change, beside the source there;
 * restorations: the perturbed source against the original clip (a sped-up source stretched back
   to the clip's length).
 
@@ -172,7 +174,10 @@ def evaluate(trainer: Trainer, data: Data) -> dict:
     for row in data.held_out:
         edited = pipeline(row["source"], row["instruction"], seed=0, add_prefix=False).frames
         kinds.setdefault(row["task"], []).append(
-            metrics.compare_to_copy(edited, row["source"], row["target"])
+            {
+                **metrics.compare_to_copy(edited, row["source"], row["target"]),
+                **regions(edited, row["source"], row["target"]),
+            }
         )
     tasks: dict[str, list[dict]] = {}
     for row in data.held_out_clips:
@@ -190,6 +195,27 @@ def evaluate(trainer: Trainer, data: Data) -> dict:
     return {"edits": mean(kinds), "restorations": mean(tasks)}
 
 
+# A pixel whose source and target differ by at most this much (0-255, any channel) is one the
+# edit must keep.
+KEPT_THRESHOLD = 8
+
+
+def regions(edited: np.ndarray, source: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Where an edit loses to copying: PSNR of the edit against the target on the pixels the edit
+    must keep (``kept``; copying scores nearly perfectly there) and on those it must change
+    (``changed``, beside ``copy_changed``, the source there)."""
+    kept = metrics.preservation(edited, source, target, KEPT_THRESHOLD).get("preserve_psnr", float("nan"))
+    changed = np.abs(source.astype(np.int16) - target.astype(np.int16)).max(axis=-1) > KEPT_THRESHOLD
+    if not changed.any():
+        return {"kept": kept, "changed": float("nan"), "copy_changed": float("nan")}
+
+    def psnr(video: np.ndarray) -> float:
+        residual = video[changed].astype(np.float64) - target[changed].astype(np.float64)
+        return metrics.psnr_of(float(np.mean(residual**2)))
+
+    return {"kept": kept, "changed": psnr(edited), "copy_changed": psnr(source)}
+
+
 def _beats_copy(scores: dict[str, float]) -> bool:
     # The mean PSNR over the held-out pairs, as printed: a mean MSE can favour an edit that is far
     # better on one pair and worse on the others.
@@ -198,14 +224,18 @@ def _beats_copy(scores: dict[str, float]) -> bool:
 
 def print_point(label: str, seconds: float, result: dict) -> None:
     print(f"\n{label}  (t={seconds:.0f}s)")
-    print(f"  {'edit kind':<12}{'PSNR':>8}{'copy':>8}{'SSIM':>8}{'copy':>8}   beats copy")
+    print(
+        f"  {'edit kind':<12}{'PSNR':>8}{'copy':>8}{'SSIM':>8}{'copy':>8}   beats copy"
+        f"{'kept':>8}{'changed':>9}{'copy':>8}"
+    )
     for kind in KINDS:
         m = result["edits"].get(kind)
         if m is None:
             continue
         beats = "yes" if _beats_copy(m) else "no"
         scores = f"{m['psnr']:8.2f}{m['copy_psnr']:8.2f}{m['ssim']:8.3f}{m['copy_ssim']:8.3f}"
-        print(f"  {kind:<12}{scores}   {beats}")
+        where = f"{m['kept']:8.2f}{m['changed']:9.2f}{m['copy_changed']:8.2f}"
+        print(f"  {kind:<12}{scores}   {beats:<10}{where}")
     print(f"  {'restoration':<12}{'PSNR':>8}{'source':>8}{'SSIM':>8}{'source':>8}")
     for task in RESTORED_TASKS:
         m = result["restorations"].get(task)

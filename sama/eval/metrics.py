@@ -116,13 +116,14 @@ def mse(a: np.ndarray, b: np.ndarray) -> float:
     return total / a.size if a.size else math.nan
 
 
-def _psnr_of(error: float) -> float:
+def psnr_of(error: float) -> float:
+    """PSNR in dB of a mean squared error on the 0-255 scale (``inf`` for 0)."""
     return math.inf if error == 0 else 10.0 * math.log10(DATA_RANGE**2 / error)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB (``inf`` when the videos are identical)."""
-    return _psnr_of(mse(a, b))
+    return psnr_of(mse(a, b))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -280,7 +281,7 @@ def preservation(
     if not kept:
         return {}
     residual = edited[mask].astype(np.float64) - source[mask].astype(np.float64)
-    result = {"preserve_psnr": _psnr_of(float(np.mean(residual**2)))}
+    result = {"preserve_psnr": psnr_of(float(np.mean(residual**2)))}
     if _ssim_fits(edited):
         # Frame by frame, so only one frame's SSIM map is ever held.
         total = sum(float(_ssim_map(e, s)[m].sum()) for e, s, m in zip(edited, source, mask, strict=True))

@@ -196,6 +196,27 @@ def _sama_kwargs(config: ModelConfig) -> dict[str, Any]:
     }
 
 
+def cast_keeping_float32_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` with its parameters and buffers in ``dtype``, except those of the modules its
+    ``_keep_in_fp32_modules`` names (any part of a module's dotted name), which stay float32: what
+    diffusers' ``from_pretrained(torch_dtype=dtype)`` loads, where ``model.to(dtype)`` would cast
+    them too. Works on the meta device."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+
+    def cast(name: str, key: str, tensor: torch.Tensor) -> bool:
+        # diffusers matches every part of the full name (a parameter like scale_shift_table too).
+        return tensor.is_floating_point() and not keep.intersection(f"{name}.{key}".split("."))
+
+    for name, module in model.named_modules():
+        for key, param in module.named_parameters(recurse=False):
+            if cast(name, key, param):
+                param.data = param.data.to(dtype)
+        for key, buffer in module.named_buffers(recurse=False):
+            if cast(name, key, buffer):
+                module._buffers[key] = buffer.to(dtype)
+    return model
+
+
 def build_transformer(config: ModelConfig, *, load_weights: bool = True) -> SamaTransformer3DModel:
     """The SAMA transformer: Wan weights from the config's source, or random init.
 
@@ -209,9 +230,9 @@ def build_transformer(config: ModelConfig, *, load_weights: bool = True) -> Sama
     if source is None:
         model = SamaTransformer3DModel(**config.transformer.wan_kwargs(), **_sama_kwargs(config))
         model.init_attention_locality(config.transformer.attention_locality_init)
-        # Random init happens in float32; only a reduced-precision config casts (diffusers warns
-        # about its fp32-only modules then, which is what a bf16 parameter copy means).
-        return model if dtype == torch.float32 else model.to(dtype)
+        # Random init happens in float32; a reduced-precision config casts all but the modules Wan
+        # keeps in float32, as from_pretrained(torch_dtype=...) leaves a loaded model.
+        return model if dtype == torch.float32 else cast_keeping_float32_modules(model, dtype)
     from diffusers import WanTransformer3DModel
 
     base = WanTransformer3DModel.from_pretrained(

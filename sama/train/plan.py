@@ -254,13 +254,15 @@ def _build_meta(modules: dict[str, Any], model_config, lora, dtype) -> None:
     import torch
     from accelerate import init_empty_weights
 
-    from sama.models.presets import _sama_kwargs
+    from sama.models.presets import _sama_kwargs, cast_keeping_float32_modules
     from sama.models.transformer_sama import SamaTransformer3DModel
 
     with init_empty_weights():
-        transformer = SamaTransformer3DModel(
-            **model_config.transformer.wan_kwargs(), **_sama_kwargs(model_config)
-        ).to(dtype)
+        # The dtypes a loaded checkpoint has (Wan's float32 modules stay float32).
+        transformer = cast_keeping_float32_modules(
+            SamaTransformer3DModel(**model_config.transformer.wan_kwargs(), **_sama_kwargs(model_config)),
+            dtype,
+        )
         if lora is not None and lora.enabled:
             from sama.models.lora import apply_lora
 

@@ -423,7 +423,9 @@ def components_from_export(export_uri: str, model_config, *, with_encoders: bool
     del exported
     log.info("initialised from %s", export_uri)
     semantic = build_semantic_encoder(model_config) if with_encoders else None
-    return SamaComponents(model_config, transformer.to(dtype), vae, text_encoder, semantic)
+    # No .to(dtype): the export's tensors arrive in their loaded dtypes, the modules Wan keeps in
+    # float32 (norms, time embedder, rope) included, as from_pretrained(torch_dtype=...) leaves them.
+    return SamaComponents(model_config, transformer, vae, text_encoder, semantic)
 
 
 def frozen_encoders_needed(cfg: TrainConfig, model_config) -> tuple[str, ...]:

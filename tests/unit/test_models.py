@@ -584,3 +584,20 @@ def test_expected_slice_of_the_tiny_transformer():
     expected = [-1.10144, -0.42369, 0.11050, -0.17700, 0.79050, 0.55125, 0.73468, -0.71595]
     assert out.sample.shape == target.shape
     torch.testing.assert_close(out.sample.flatten()[:8], torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_a_bf16_random_init_keeps_wans_float32_modules():
+    """A reduced-precision preset built at random has the dtypes from_pretrained(torch_dtype=bf16)
+    gives: float32 for every parameter whose name names a module Wan keeps in float32."""
+    import dataclasses
+
+    import torch
+
+    from sama.models.presets import build_transformer, get_preset
+
+    transformer = build_transformer(dataclasses.replace(get_preset("tiny"), torch_dtype="bfloat16"))
+    keep = set(transformer._keep_in_fp32_modules)
+    dtypes = {name: p.dtype for name, p in transformer.named_parameters()}
+    kept = {n: d for n, d in dtypes.items() if keep.intersection(n.split("."))}
+    assert "scale_shift_table" in kept and all(d == torch.float32 for d in kept.values()), kept
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if n not in kept)

@@ -272,3 +272,36 @@ def test_components_from_export_hold_the_exports_weights_whatever_the_tokenizer(
     wider = ModelSection(init_from=export, overrides={"transformer.ffn_dim": 512})
     with pytest.raises(ValueError, match="ffn_dim"):
         components_from_export(export, without_weight_sources(resolve_model_config(wider)))
+
+
+def test_init_from_in_bf16_keeps_wans_float32_modules(tiny_export):
+    """A bf16 start from an export is what ``from_pretrained(torch_dtype=bf16)`` would give: the
+    modules Wan keeps in float32 (norms, time embedder, modulation tables) stay float32, the rest
+    is bf16, and no diffusers warning about casting them is logged."""
+    import dataclasses
+    import logging
+
+    import torch
+
+    from sama.train.trainer import components_from_export
+
+    model_config = dataclasses.replace(
+        resolve_model_config(ModelSection(preset="tiny", init_from=tiny_export)), torch_dtype="bfloat16"
+    )
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(handler)
+    try:
+        components = components_from_export(tiny_export, model_config, with_encoders=False)
+    finally:
+        diffusers_logger.removeHandler(handler)
+    transformer = components.transformer
+    dtypes = {name: p.dtype for name, p in transformer.named_parameters()}
+    kept = transformer._keep_in_fp32_modules
+    assert kept, "the transformer declares no float32 modules"
+    in_kept = [n for n in dtypes if any(part in kept for part in n.split("."))]
+    assert in_kept and all(dtypes[n] == torch.float32 for n in in_kept), {n: dtypes[n] for n in in_kept}
+    assert any(dtype == torch.bfloat16 for dtype in dtypes.values())
+    assert not [r for r in records if "should be kept in float32" in r.getMessage()]
