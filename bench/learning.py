@@ -205,7 +205,7 @@ def regions(edited: np.ndarray, source: np.ndarray, target: np.ndarray) -> dict[
     must keep (``kept``; copying scores nearly perfectly there) and on those it must change
     (``changed``, beside ``copy_changed``, the source there)."""
     kept = metrics.preservation(edited, source, target, KEPT_THRESHOLD).get("preserve_psnr", float("nan"))
-    changed = np.abs(source.astype(np.int16) - target.astype(np.int16)).max(axis=-1) > KEPT_THRESHOLD
+    changed = metrics.changed_pixels(source, target, KEPT_THRESHOLD)
     if not changed.any():
         return {"kept": kept, "changed": float("nan"), "copy_changed": float("nan")}
 

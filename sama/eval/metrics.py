@@ -262,6 +262,12 @@ def flow_metrics(edited: np.ndarray, source: np.ndarray) -> dict[str, float]:
     }
 
 
+def changed_pixels(source: np.ndarray, reference: np.ndarray, threshold: float) -> np.ndarray:
+    """``(T, H, W)`` bool: where ``max_c |source - reference| > threshold`` (0-255), the pixels an
+    edit must change; the rest are those it must keep (:func:`preservation`)."""
+    return np.abs(source.astype(np.int16) - reference.astype(np.int16)).max(axis=-1) > threshold
+
+
 def preservation(
     edited: np.ndarray, source: np.ndarray, reference: np.ndarray, threshold: float
 ) -> dict[str, float]:
@@ -275,8 +281,7 @@ def preservation(
     """
     edited, source = _check_pair(_check_video(edited, "edit"), _check_video(source, "source"))
     reference = _check_pair(source, _check_video(reference, "reference"))[1]
-    difference = np.abs(source.astype(np.int16) - reference.astype(np.int16)).max(axis=-1)
-    mask = difference <= threshold
+    mask = ~changed_pixels(source, reference, threshold)
     kept = int(mask.sum())
     if not kept:
         return {}
