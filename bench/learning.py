@@ -24,6 +24,7 @@ evaluated at the end of each stage) about 28.
 
     python bench/learning.py                  # per kind, per evaluation point
     python bench/learning.py --table5         # the SA / MA ablation at toy scale
+    python bench/learning.py --copy-steps 600 --eval-every 200   # copy pairs only: how precise
 """
 
 from __future__ import annotations
@@ -110,6 +111,23 @@ def clip_rows(count: int, seed: int, motion_alignment: bool, tasks=None) -> list
         instruction = pretext.instruction_for(task, caption)
         rows.append(_row(f"clip-{seed}-{i}", task, "video", instruction, clip, result.source))
     return rows
+
+
+def copy_rows(count: int, seed: int, media: str) -> list[dict]:
+    """``count`` pairs whose target is their source: what an edit keeps, and nothing else."""
+    frames = FRAMES if media == "video" else 1
+    rows = []
+    for i in range(count):
+        clip = synthetic.render(
+            synthetic.random_scene(synthetic.derive_seed(seed, i)), frames, FPS, HEIGHT, WIDTH
+        )
+        rows.append(
+            _row(f"copy-{media}-{seed}-{i}", "copy", media, EDIT_PROMPT_PREFIX + COPY_INSTRUCTION, clip, clip)
+        )
+    return rows
+
+
+COPY_INSTRUCTION = "Keep the video as it is."
 
 
 @dataclass
@@ -279,6 +297,36 @@ def run_variant(
     return points
 
 
+def run_copy(args) -> list[dict]:
+    """From random init (the stage-0 recipe), train on copy pairs only and print, every
+    ``--eval-every`` steps, how precisely held-out sources come back: the ceiling on the pixels an
+    edit keeps."""
+    cfg = stage_config("debug", args.copy_steps, args, True, None)
+    trainer = Trainer(cfg)
+    trainer.build(_sources(cfg, copy_rows(args.pairs, 3, "video"), copy_rows(args.images, 5, "image")))
+    held_out = copy_rows(args.held_out, 11, "video")
+    started, points = time.monotonic(), []
+    print(f"  {'step':>6}{'seconds':>9}{'PSNR':>8}{'SSIM':>8}")
+    while trainer.step < cfg.max_steps:
+        trainer.train_step()
+        if trainer.step % args.eval_every == 0 or trainer.step == cfg.max_steps:
+            pipeline = trainer.averaged_pipeline(trainer.device)
+            scores = [
+                metrics.compare_to_copy(
+                    pipeline(row["source"], row["instruction"], seed=0, add_prefix=False).frames,
+                    row["source"],
+                    row["target"],
+                )
+                for row in held_out
+            ]
+            point = {k: float(np.mean([m[k] for m in scores])) for k in ("psnr", "ssim")}
+            points.append({"step": trainer.step, "seconds": time.monotonic() - started, **point})
+            print(f"  {trainer.step:6d}{points[-1]['seconds']:9.0f}{point['psnr']:8.2f}{point['ssim']:8.3f}")
+            sys.stdout.flush()
+    trainer.batches.close()
+    return points
+
+
 TABLE5 = (  # (name, Semantic Anchoring, Motion Alignment), the paper's Table 5 rows
     ("baseline", False, False),
     ("+SA", True, False),
@@ -323,6 +371,12 @@ def main(argv=None) -> int:
     parser.add_argument("--table5", action="store_true", help="the four SA / MA combinations")
     parser.add_argument("--table5-stage0-steps", type=int, default=400)
     parser.add_argument("--table5-stage1-steps", type=int, default=500)
+    parser.add_argument(
+        "--copy-steps",
+        type=int,
+        default=0,
+        help="instead: train this many steps on copy pairs only and print how precisely sources come back",
+    )
     parser.add_argument("--threads", type=int, default=2)
     # Applied to both stages' recipes.
     add_override_argument(parser, "'model.overrides={\"transformer.num_attention_heads\": 4}'")
@@ -340,6 +394,12 @@ def main(argv=None) -> int:
     os.makedirs(workdir, exist_ok=True)
 
     started = time.monotonic()
+    if args.copy_steps:
+        points = run_copy(args)
+        with open(os.path.join(workdir, "results.json"), "w") as handle:
+            json.dump(points, handle, indent=1)
+        print(f"total {time.monotonic() - started:.0f}s; results in {workdir}/results.json")
+        return 0
     data = make_data(args)
     print(
         f"data: {len(data.pairs)} video + {len(data.images)} image edit pairs, "

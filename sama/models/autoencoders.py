@@ -118,17 +118,28 @@ class SpaceToDepthAutoencoder(LatentAutoencoder):
     group of ``temporal_factor`` frames and ``spatial_factor`` x ``spatial_factor`` pixels becomes
     ``3 * temporal_factor * spatial_factor**2`` channels of one latent position. Decoding averages
     the first frame's copies (exact when they are equal, the best estimate when a model predicted
-    them slightly differently).
+    them slightly differently). Latents are ``(pixel - pixel_mean) / pixel_std``; the defaults
+    (0, 1) leave them equal to the pixels, bit for bit.
     """
 
     kind = "space_to_depth"
 
-    def __init__(self, spatial_factor: int = 4, temporal_factor: int = 4):
+    def __init__(
+        self,
+        spatial_factor: int = 4,
+        temporal_factor: int = 4,
+        pixel_mean: float = 0.0,
+        pixel_std: float = 1.0,
+    ):
         super().__init__()
         if spatial_factor < 1 or temporal_factor < 1:
             raise ValueError("spatial_factor and temporal_factor must be positive")
+        if not pixel_std > 0:
+            raise ValueError(f"pixel_std must be positive, got {pixel_std}")
         self.spatial_factor = int(spatial_factor)
         self.temporal_factor = int(temporal_factor)
+        self.pixel_mean = float(pixel_mean)
+        self.pixel_std = float(pixel_std)
 
     @property
     def latent_channels(self) -> int:
@@ -152,14 +163,16 @@ class SpaceToDepthAutoencoder(LatentAutoencoder):
         x = grouped.reshape(b, c, groups, tf, h // s, s, w // s, s)
         # -> (B, C, tf, s, s, groups, H/s, W/s): channel index = ((c * tf + dt) * s + dy) * s + dx.
         x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)
-        return x.reshape(b, c * tf * s * s, groups, h // s, w // s).contiguous()
+        latents = x.reshape(b, c * tf * s * s, groups, h // s, w // s)
+        return ((latents - self.pixel_mean) / self.pixel_std).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         b, channels, groups, hs, ws = latents.shape
         if channels != self.latent_channels:
             raise ValueError(f"expected {self.latent_channels} latent channels, got {channels}")
         tf, s = self.temporal_factor, self.spatial_factor
-        x = latents.float().reshape(b, 3, tf, s, s, groups, hs, ws)
+        pixels = latents.float() * self.pixel_std + self.pixel_mean
+        x = pixels.reshape(b, 3, tf, s, s, groups, hs, ws)
         x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, 3, groups * tf, hs * s, ws * s)
         first = _mean_of_copies(x[:, :, :tf], dim=2)
         return torch.cat([first, x[:, :, tf:]], dim=2).clamp(-1.0, 1.0)
@@ -170,6 +183,8 @@ class SpaceToDepthAutoencoder(LatentAutoencoder):
             "kind": self.kind,
             "spatial_factor": self.spatial_factor,
             "temporal_factor": self.temporal_factor,
+            "pixel_mean": self.pixel_mean,
+            "pixel_std": self.pixel_std,
         }
         with open(os.path.join(directory, _S2D_CONFIG), "w") as handle:
             json.dump(config, handle, indent=2)
@@ -178,7 +193,13 @@ class SpaceToDepthAutoencoder(LatentAutoencoder):
     def from_pretrained(cls, directory: str) -> SpaceToDepthAutoencoder:
         with open(os.path.join(directory, _S2D_CONFIG)) as handle:
             config = json.load(handle)
-        return cls(int(config["spatial_factor"]), int(config["temporal_factor"]))
+        # Exports written before the normalisation existed hold raw pixels.
+        return cls(
+            int(config["spatial_factor"]),
+            int(config["temporal_factor"]),
+            float(config.get("pixel_mean", 0.0)),
+            float(config.get("pixel_std", 1.0)),
+        )
 
 
 class WanAutoencoder(LatentAutoencoder):
@@ -256,7 +277,9 @@ def build_autoencoder(
 ) -> LatentAutoencoder:
     """Build the autoencoder ``config`` describes; Wan weights come from ``pretrained``/``subfolder``."""
     if config.kind == "space_to_depth":
-        return SpaceToDepthAutoencoder(config.spatial_factor, config.temporal_factor)
+        return SpaceToDepthAutoencoder(
+            config.spatial_factor, config.temporal_factor, config.pixel_mean, config.pixel_std
+        )
     if config.kind != "wan":
         raise ValueError(f"unknown autoencoder kind {config.kind!r} (use 'wan' or 'space_to_depth')")
     if pretrained is not None:

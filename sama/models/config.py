@@ -117,7 +117,8 @@ class AutoencoderConfig:
     ``kind="space_to_depth"``: a parameter-free, exactly invertible autoencoder for CPU tests
     (:class:`sama.models.autoencoders.SpaceToDepthAutoencoder`): ``spatial_factor`` x
     ``spatial_factor`` pixel blocks and ``temporal_factor`` frames per latent frame (the first frame
-    alone), so ``3 * temporal_factor * spatial_factor**2`` latent channels.
+    alone), so ``3 * temporal_factor * spatial_factor**2`` latent channels, normalised as
+    ``(pixel - pixel_mean) / pixel_std`` (pixels in [-1, 1]).
     """
 
     kind: Literal["wan", "space_to_depth"] = "wan"
@@ -143,6 +144,11 @@ class AutoencoderConfig:
     # space_to_depth
     spatial_factor: int = 4
     temporal_factor: int = 4
+    # The pixels' mean and standard deviation (in [-1, 1]): latents of unit scale, as Wan's
+    # normalised latents are, so a noise schedule tuned for Wan reaches the detail at the same
+    # noise levels. The identity (0, 1) keeps latents equal to pixels.
+    pixel_mean: float = 0.0
+    pixel_std: float = 1.0
 
     def wan_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``AutoencoderKLWan(...)``."""
@@ -309,6 +315,8 @@ class ModelConfig:
             self.vae.spatial_factor < 1 or self.vae.temporal_factor < 1
         ):
             raise ValueError("vae.spatial_factor and vae.temporal_factor must be positive")
+        if self.vae.kind == "space_to_depth" and not self.vae.pixel_std > 0:
+            raise ValueError(f"vae.pixel_std must be positive, got {self.vae.pixel_std}")
 
     def resolved(self) -> ModelConfig:
         """A copy with every unset parity knob filled from ``parity``'s profile

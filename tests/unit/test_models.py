@@ -397,6 +397,34 @@ def test_space_to_depth_is_exactly_invertible(tmp_path):
     assert isinstance(again, SpaceToDepthAutoencoder) and again.latent_channels == 192
 
 
+def test_space_to_depth_normalises_its_latents_and_keeps_that_in_its_export(tmp_path):
+    from sama.models.autoencoders import build_autoencoder
+    from sama.models.config import AutoencoderConfig
+
+    config = AutoencoderConfig(
+        kind="space_to_depth", spatial_factor=2, temporal_factor=4, pixel_mean=-0.25, pixel_std=0.5
+    )
+    ae = build_autoencoder(config)
+    frames = torch.tensor([-1.0, -0.25, 0.25, 1.0]).repeat(1, 3, 5, 4, 1)
+    latents = ae.encode(frames)
+    # (pixel - mean) / std, then back: -1 -> -1.5, -0.25 -> 0, 0.25 -> 1, 1 -> 2.5.
+    assert sorted(latents.unique().tolist()) == [-1.5, 0.0, 1.0, 2.5]
+    assert torch.equal(ae.decode(latents), frames)
+    raw = SpaceToDepthAutoencoder(2, 4).encode(frames)
+    assert torch.equal(latents, (raw + 0.25) / 0.5)
+    ae.save_pretrained(str(tmp_path))
+    again = load_autoencoder(str(tmp_path))
+    assert (again.pixel_mean, again.pixel_std) == (-0.25, 0.5)
+    assert torch.equal(again.encode(frames), latents)
+    # An export from before the normalisation holds raw pixels.
+    (tmp_path / "space_to_depth.json").write_text(
+        '{"kind": "space_to_depth", "spatial_factor": 2, "temporal_factor": 4}'
+    )
+    assert torch.equal(load_autoencoder(str(tmp_path)).encode(frames), raw)
+    with pytest.raises(ValueError, match="pixel_std must be positive"):
+        SpaceToDepthAutoencoder(2, 4, pixel_std=0.0)
+
+
 def test_wan_vae_wrapper_normalises_latents():
     from diffusers import AutoencoderKLWan
 
