@@ -304,24 +304,17 @@ def run_copy(args) -> list[dict]:
     cfg = stage_config("debug", args.copy_steps, args, True, None)
     trainer = Trainer(cfg)
     trainer.build(_sources(cfg, copy_rows(args.pairs, 3, "video"), copy_rows(args.images, 5, "image")))
-    held_out = copy_rows(args.held_out, 11, "video")
+    held_out = Data([], [], [], [], held_out=copy_rows(args.held_out, 11, "video"), held_out_clips=[])
     started, points = time.monotonic(), []
     print(f"  {'step':>6}{'seconds':>9}{'PSNR':>8}{'SSIM':>8}")
     while trainer.step < cfg.max_steps:
         trainer.train_step()
         if trainer.step % args.eval_every == 0 or trainer.step == cfg.max_steps:
-            pipeline = trainer.averaged_pipeline(trainer.device)
-            scores = [
-                metrics.compare_to_copy(
-                    pipeline(row["source"], row["instruction"], seed=0, add_prefix=False).frames,
-                    row["source"],
-                    row["target"],
-                )
-                for row in held_out
-            ]
-            point = {k: float(np.mean([m[k] for m in scores])) for k in ("psnr", "ssim")}
-            points.append({"step": trainer.step, "seconds": time.monotonic() - started, **point})
-            print(f"  {trainer.step:6d}{points[-1]['seconds']:9.0f}{point['psnr']:8.2f}{point['ssim']:8.3f}")
+            scores = evaluate(trainer, held_out)["edits"]["copy"]
+            points.append({"step": trainer.step, "seconds": time.monotonic() - started, **scores})
+            print(
+                f"  {trainer.step:6d}{points[-1]['seconds']:9.0f}{scores['psnr']:8.2f}{scores['ssim']:8.3f}"
+            )
             sys.stdout.flush()
     trainer.batches.close()
     return points
@@ -394,12 +387,15 @@ def main(argv=None) -> int:
     os.makedirs(workdir, exist_ok=True)
 
     started = time.monotonic()
-    if args.copy_steps:
-        points = run_copy(args)
-        with open(os.path.join(workdir, "results.json"), "w") as handle:
-            json.dump(points, handle, indent=1)
-        print(f"total {time.monotonic() - started:.0f}s; results in {workdir}/results.json")
-        return 0
+    points = run_copy(args) if args.copy_steps else run_edits(args, workdir, started)
+    with open(os.path.join(workdir, "results.json"), "w") as handle:
+        json.dump(points, handle, indent=1)
+    print(f"total {time.monotonic() - started:.0f}s; results in {workdir}/results.json")
+    return 0
+
+
+def run_edits(args, workdir: str, started: float) -> list[dict]:
+    """The edit bench (one variant, or the four of Table 5); returns its evaluation points."""
     data = make_data(args)
     print(
         f"data: {len(data.pairs)} video + {len(data.images)} image edit pairs, "
@@ -434,10 +430,7 @@ def main(argv=None) -> int:
         final = points[-1]["edits"]
         beaten = [k for k in KINDS if _beats_copy(final[k])]
         print(f"\nheld-out kinds where the edit beats the copy baseline: {', '.join(beaten) or 'none'}")
-    with open(os.path.join(workdir, "results.json"), "w") as handle:
-        json.dump(points, handle, indent=1)
-    print(f"total {time.monotonic() - started:.0f}s; results in {workdir}/results.json")
-    return 0
+    return points
 
 
 if __name__ == "__main__":
