@@ -56,14 +56,29 @@ _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
 _URI_RE = re.compile(rf"\b{_SCHEME}(?:<redacted>|(?!{_SCHEME})[^\s'\"<>`])+")
 
 
+def environ_snapshot(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``environ`` (default ``os.environ``) that another thread changing it cannot break.
+
+    Iterating ``os.environ`` lists its names first and then looks each one up, so a variable that
+    another thread removes in between raises ``KeyError`` (MLflow's URI switching does that in the
+    tracking thread while the training thread redacts a message): names gone by the time they are
+    read are left out."""
+    env = os.environ if environ is None else environ
+    snapshot: dict[str, str] = {}
+    for name in list(env):
+        value = env.get(name)
+        if value is not None:
+            snapshot[name] = value
+    return snapshot
+
+
 def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """The values of the credential variables set in ``environ`` (default ``os.environ``): those
     of :data:`CREDENTIAL_ENV_VARS` and of any variable whose name ends with one of
     :data:`SECRET_NAME_SUFFIXES`, of at least :data:`MIN_SECRET_CHARS` characters; longest first
     (so a value containing another goes whole)."""
-    env = os.environ if environ is None else environ
     values: set[str] = set()
-    for name, value in env.items():
+    for name, value in environ_snapshot(environ).items():
         if not value:
             continue
         upper = name.upper()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sama import config as config_lib
-from sama.redaction import redact_config
+from sama.redaction import environ_snapshot, redact_config
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,9 @@ class LocalTrackingServer:
         ]
         self._log = open(os.path.join(self.directory, "server.log"), "ab")  # lives with the server
         # Its store is the one named above, whatever the environment says.
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        env = environ_snapshot()
+        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            env.pop(key, None)
         self._process = subprocess.Popen(
             command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )

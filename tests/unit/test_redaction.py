@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import logging
 
@@ -10,7 +11,14 @@ import pytest
 from sama import config as config_lib
 from sama import redaction, storage
 from sama.prep import ledger
-from sama.redaction import REDACTED, redact_config, redact_text, redact_uri, secret_env_values
+from sama.redaction import (
+    REDACTED,
+    environ_snapshot,
+    redact_config,
+    redact_text,
+    redact_uri,
+    secret_env_values,
+)
 
 SECRET_ENV = {
     "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYzzSecret",
@@ -88,6 +96,35 @@ def test_env_credentials_are_replaced(secret_env, monkeypatch):
         assert value not in out
     assert out.count(REDACTED) == len(env)
     assert out.endswith("notasecretvalue abc testing")
+
+
+class _EnvironLosingAVariable(collections.abc.Mapping):
+    """An environment from which another thread removes ``gone`` between listing the names and
+    reading them, as os.environ behaves while MLflow switches its URI in the tracking thread."""
+
+    def __init__(self, values: dict[str, str], gone: str):
+        self._values, self._gone = dict(values), gone
+
+    def __iter__(self):
+        names = list(self._values)
+        self._values.pop(self._gone)
+        return iter(names)
+
+    def __len__(self):
+        return len(self._values)
+
+    def __getitem__(self, name):
+        return self._values[name]
+
+
+def test_env_credentials_survive_a_variable_removed_while_they_are_read():
+    environ = _EnvironLosingAVariable(
+        {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "HF_TOKEN": "hf_fakeTokenValue1"},
+        "MLFLOW_TRACKING_URI",
+    )
+    assert secret_env_values(environ) == ["hf_fakeTokenValue1"]
+    environ = _EnvironLosingAVariable({"A": "1", "B": "2"}, "A")
+    assert environ_snapshot(environ) == {"B": "2"}
 
 
 def test_redact_config_keeps_plain_values(secret_env):
