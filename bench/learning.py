@@ -13,7 +13,10 @@ clips; the script prints PSNR and SSIM against the targets beside those of doing
 * where the edit loses: PSNR on the pixels the edit must keep (source and target agree within
   8/255) and on those it must change, beside the source there;
 * restorations: the perturbed source against the original clip (a sped-up source stretched back
-  to the clip's length).
+  to the clip's length);
+* whether recolor edits follow the colour they name: each held-out recolor pair is also edited
+  with its twin instruction (the same words naming another colour) and scored against both targets
+  (:func:`named_colour`; an edit that ignores the colour word scores 50%).
 
 ``--no-sa`` drops Semantic Anchoring (no semantic tokens, no L_sem) from both stages, ``--no-ma``
 replaces the pretext tasks of stage 0 by plain text-to-video clips; ``--table5`` runs the four
@@ -76,19 +79,24 @@ def _row(key: str, task: str, media: str, instruction: str, target, source=None)
     }
 
 
-def edit_rows(count: int, seed: int, media: str, kinds=KINDS) -> list[dict]:
-    """``count`` edit pairs of ``media`` ("video" or "image"), kinds in turn."""
+def edit_rows(count: int, seed: int, media: str, kinds=KINDS, twins: bool = False) -> list[dict]:
+    """``count`` edit pairs of ``media`` ("video" or "image"), kinds in turn. With ``twins``, each
+    recolor row also holds its twin (``twin_instruction``, ``twin_target``: the same edit naming
+    another colour, :func:`sama.synthetic.recolor_twin`)."""
     frames = FRAMES if media == "video" else 1
     rows = []
     for i in range(count):
         kind = kinds[i % len(kinds)]
         scene = synthetic.random_scene(synthetic.derive_seed(seed, i))
-        edited, instruction = synthetic.make_edit(
-            scene, kind, synthetic.derive_seed(seed, i, "edit"), video=media == "video"
-        )
+        edit_seed = synthetic.derive_seed(seed, i, "edit")
+        edited, instruction = synthetic.make_edit(scene, kind, edit_seed, video=media == "video")
         source = synthetic.render(scene, frames, FPS, HEIGHT, WIDTH)
         target = synthetic.render(edited, frames, FPS, HEIGHT, WIDTH)
         row = _row(f"{media}-{seed}-{i}", kind, media, EDIT_PROMPT_PREFIX + instruction, target, source)
+        if twins and kind == "recolor":
+            twin, twin_instruction = synthetic.recolor_twin(scene, edit_seed)
+            row["twin_instruction"] = EDIT_PROMPT_PREFIX + twin_instruction
+            row["twin_target"] = synthetic.render(twin, frames, FPS, HEIGHT, WIDTH)
         rows.append(row)
     return rows
 
@@ -147,7 +155,7 @@ def make_data(args) -> Data:
         images=edit_rows(args.images, 5, "image", kinds),
         clips=clip_rows(args.clips, 7, True),
         plain_clips=clip_rows(args.clips, 7, False),
-        held_out=edit_rows(args.held_out * len(KINDS), 11, "video"),
+        held_out=edit_rows(args.held_out * len(KINDS), 11, "video", twins=True),
         held_out_clips=clip_rows(args.held_out * len(RESTORED_TASKS), 13, True, RESTORED_TASKS),
     )
 
@@ -191,12 +199,14 @@ def evaluate(trainer: Trainer, data: Data) -> dict:
     kinds: dict[str, list[dict]] = {}
     for row in data.held_out:
         edited = pipeline(row["source"], row["instruction"], seed=0, add_prefix=False).frames
-        kinds.setdefault(row["task"], []).append(
-            {
-                **metrics.compare_to_copy(edited, row["source"], row["target"]),
-                **regions(edited, row["source"], row["target"]),
-            }
-        )
+        scores = {
+            **metrics.compare_to_copy(edited, row["source"], row["target"]),
+            **regions(edited, row["source"], row["target"]),
+        }
+        if "twin_instruction" in row:
+            twin_edit = pipeline(row["source"], row["twin_instruction"], seed=0, add_prefix=False).frames
+            scores.update(named_colour(edited, twin_edit, row["target"], row["twin_target"]))
+        kinds.setdefault(row["task"], []).append(scores)
     tasks: dict[str, list[dict]] = {}
     for row in data.held_out_clips:
         target, source = row["target"], row["source"]
@@ -208,7 +218,14 @@ def evaluate(trainer: Trainer, data: Data) -> dict:
         )
 
     def mean(groups: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-        return {name: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for name, ms in groups.items()}
+        # A score some rows lack (the twin of a recolor whose targets agree) averages over the rest.
+        def keys(ms: list[dict]) -> list[str]:
+            return list(dict.fromkeys(k for m in ms for k in m))
+
+        return {
+            name: {k: float(np.mean([m[k] for m in ms if k in m])) for k in keys(ms)}
+            for name, ms in groups.items()
+        }
 
     return {"edits": mean(kinds), "restorations": mean(tasks)}
 
@@ -234,6 +251,31 @@ def regions(edited: np.ndarray, source: np.ndarray, target: np.ndarray) -> dict[
     return {"kept": kept, "changed": psnr(edited), "copy_changed": psnr(source)}
 
 
+def named_colour(edited: np.ndarray, twin_edit: np.ndarray, target: np.ndarray, twin_target: np.ndarray):
+    """Does the edit recolour to the colour it is told? A recolor pair edited twice, with its own
+    instruction and with its twin's (the same words, another colour), on the pixels where the two
+    targets differ (the object): ``named`` is the share of the two edits nearer their own target
+    than the other's. An edit that ignores the colour word (copying the source included) makes the
+    same video twice, nearer one of the targets: 0.5; reading the word: 1. ``colour_gap`` is the
+    mean |edit - twin edit| there (0-255) beside ``target_gap``, the targets' own.
+    """
+    region = metrics.changed_pixels(target, twin_target, KEPT_THRESHOLD)
+    if not region.any():
+        return {}
+
+    def error(video: np.ndarray, reference: np.ndarray) -> float:
+        return float(np.mean((video[region].astype(np.float64) - reference[region].astype(np.float64)) ** 2))
+
+    hits = (error(edited, target) < error(edited, twin_target)) + (
+        error(twin_edit, twin_target) < error(twin_edit, target)
+    )
+
+    def gap(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean(np.abs(a[region].astype(np.float64) - b[region].astype(np.float64))))
+
+    return {"named": hits / 2, "colour_gap": gap(edited, twin_edit), "target_gap": gap(target, twin_target)}
+
+
 def _beats_copy(scores: dict[str, float]) -> bool:
     # The mean PSNR over the held-out pairs, as printed: a mean MSE can favour an edit that is far
     # better on one pair and worse on the others.
@@ -254,6 +296,13 @@ def print_point(label: str, seconds: float, result: dict) -> None:
         scores = f"{m['psnr']:8.2f}{m['copy_psnr']:8.2f}{m['ssim']:8.3f}{m['copy_ssim']:8.3f}"
         where = f"{m['kept']:8.2f}{m['changed']:9.2f}{m['copy_changed']:8.2f}"
         print(f"  {kind:<12}{scores}   {beats:<10}{where}")
+    recolor = result["edits"].get("recolor", {})
+    if "named" in recolor:
+        print(
+            f"  recolor told another colour: the edit nearer the colour it names in "
+            f"{100 * recolor['named']:.0f}% of edits (ignoring the word: 50%); edits differ by "
+            f"{recolor['colour_gap']:.1f} on the object (targets: {recolor['target_gap']:.1f}, 0-255)"
+        )
     print(f"  {'restoration':<12}{'PSNR':>8}{'source':>8}{'SSIM':>8}{'source':>8}")
     for task in RESTORED_TASKS:
         m = result["restorations"].get(task)

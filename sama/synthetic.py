@@ -55,6 +55,7 @@ __all__ = [
     "derive_seed",
     "make_edit",
     "random_scene",
+    "recolor_twin",
     "render",
     "render_masks",
     "shape_center",
@@ -717,6 +718,22 @@ def _need_shapes(scene: Scene, kind: str) -> None:
         raise ValueError(f"a {kind!r} edit needs a scene with at least one shape")
 
 
+_RECOLOR_TEMPLATES = (
+    "Change the {obj} to {color}.",
+    "Make the {obj} {color}.",
+    "Turn the {obj} {color}.",
+    "Recolor the {obj} {color}.",
+)
+
+
+def _recolor(scene: Scene, index: int, color: str, template: str) -> tuple[Scene, str]:
+    shapes = list(scene.shapes)
+    old = shapes[index]
+    shapes[index] = dataclasses.replace(old, color=color, rgb=COLORS[color])
+    instruction = template.format(obj=_reference(old, scene), color=color)
+    return dataclasses.replace(scene, shapes=tuple(shapes)), instruction
+
+
 def make_edit(scene: Scene, kind: str, seed: int, *, video: bool = True) -> tuple[Scene, str]:
     """Apply an edit of ``kind`` (one of EDIT_KINDS) to ``scene``; return the new scene and instruction.
 
@@ -731,20 +748,8 @@ def make_edit(scene: Scene, kind: str, seed: int, *, video: bool = True) -> tupl
     if kind == "recolor":
         _need_shapes(scene, kind)
         index = int(rng.integers(len(shapes)))
-        old = shapes[index]
         new_color = _pick(rng, _free_colors(scene))
-        shapes[index] = dataclasses.replace(old, color=new_color, rgb=COLORS[new_color])
-        template = _pick(
-            rng,
-            (
-                "Change the {obj} to {color}.",
-                "Make the {obj} {color}.",
-                "Turn the {obj} {color}.",
-                "Recolor the {obj} {color}.",
-            ),
-        )
-        instruction = template.format(obj=_reference(old, scene), color=new_color)
-        return dataclasses.replace(scene, shapes=tuple(shapes)), instruction
+        return _recolor(scene, index, new_color, _pick(rng, _RECOLOR_TEMPLATES))
     if kind == "remove":
         _need_shapes(scene, kind)
         index = int(rng.integers(len(shapes)))
@@ -1027,3 +1032,24 @@ def write_bad_inputs(output_uri: str) -> dict[str, str]:
         storage.write_bytes(uri, data)
         expected[uri] = BAD_INPUT_KINDS[name]
     return expected
+
+
+def recolor_twin(scene: Scene, seed: int) -> tuple[Scene, str]:
+    """The recolor edit ``make_edit(scene, "recolor", seed)`` with another colour named: the same
+    object and wording, the next free colour after the one that edit names (in ``COLORS`` order).
+
+    Editing a source with both instructions tells whether a model reads the colour it is asked
+    for or only where to change: one that ignores the colour word gives the same edit to both.
+
+    Raises:
+        ValueError: the scene has no shapes, or only one free colour is left (no twin).
+    """
+    _need_shapes(scene, "recolor")
+    rng = _rng(seed)
+    index = int(rng.integers(len(scene.shapes)))
+    free = _free_colors(scene)
+    named = _pick(rng, free)
+    if len(free) < 2:
+        raise ValueError("only one free colour is left in the scene; a recolor edit has no twin")
+    twin = free[(free.index(named) + 1) % len(free)]
+    return _recolor(scene, index, twin, _pick(rng, _RECOLOR_TEMPLATES))

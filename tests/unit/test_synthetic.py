@@ -201,6 +201,26 @@ def test_edits_are_deterministic_and_keep_untouched_motion():
     assert kinds_seen == set(synthetic.STYLES) - {"natural"}
 
 
+def test_recolor_twin_names_another_colour_for_the_same_object_and_wording():
+    for seed in range(20):
+        scene = synthetic.random_scene(seed)
+        target, instruction = synthetic.make_edit(scene, "recolor", seed)
+        twin, twin_instruction = synthetic.recolor_twin(scene, seed)
+        changed = [i for i, (a, b) in enumerate(zip(target.shapes, twin.shapes, strict=True)) if a != b]
+        assert len(changed) == 1
+        (i,) = changed
+        assert target.shapes[i].color != twin.shapes[i].color
+        assert twin.shapes[i].color not in {s.color for s in scene.shapes}
+        assert twin.shapes[i].color not in {scene.background.color, scene.background.color2}
+        assert (
+            dataclasses.replace(twin.shapes[i], color=scene.shapes[i].color, rgb=scene.shapes[i].rgb)
+            == (scene.shapes[i])
+        )
+        # Same words but the named colour.
+        assert instruction.replace(target.shapes[i].color, twin.shapes[i].color) == twin_instruction
+        assert synthetic.recolor_twin(scene, seed) == (twin, twin_instruction)
+
+
 def test_recolor_changes_only_that_object():
     scene = _multi_shape_scene()
     target, instruction = synthetic.make_edit(scene, "recolor", 1)
