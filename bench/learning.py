@@ -22,8 +22,8 @@ clips; the script prints PSNR and SSIM against the targets beside those of doing
 replaces the pretext tasks of stage 0 by plain text-to-video clips; ``--table5`` runs the four
 combinations (baseline / +SA / +MA / SA+MA, the paper's Table 5 layout) with shorter stages and
 prints the measured ordering. The global batch is the recipe's (per-worker batch x workers) on one
-process. About 24 minutes on 2 cores with the defaults; ``--table5`` (400 + 500 steps per variant,
-evaluated at the end of each stage) about 28.
+process. 25-31 minutes on 2 cores with the defaults (measured on different days); ``--table5``
+(400 + 500 steps per variant, evaluated at the end of each stage) about 28.
 
     python bench/learning.py                  # per kind, per evaluation point
     python bench/learning.py --table5         # the SA / MA ablation at toy scale
