@@ -262,18 +262,18 @@ def named_colour(edited: np.ndarray, twin_edit: np.ndarray, target: np.ndarray, 
     region = metrics.changed_pixels(target, twin_target, KEPT_THRESHOLD)
     if not region.any():
         return {}
+    # The four videos on the object only, once.
+    edit, twin, own, other = (v[region].astype(np.float64) for v in (edited, twin_edit, target, twin_target))
 
-    def error(video: np.ndarray, reference: np.ndarray) -> float:
-        return float(np.mean((video[region].astype(np.float64) - reference[region].astype(np.float64)) ** 2))
+    def error(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean((a - b) ** 2))
 
-    hits = (error(edited, target) < error(edited, twin_target)) + (
-        error(twin_edit, twin_target) < error(twin_edit, target)
-    )
-
-    def gap(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.mean(np.abs(a[region].astype(np.float64) - b[region].astype(np.float64))))
-
-    return {"named": hits / 2, "colour_gap": gap(edited, twin_edit), "target_gap": gap(target, twin_target)}
+    hits = (error(edit, own) < error(edit, other)) + (error(twin, other) < error(twin, own))
+    return {
+        "named": hits / 2,
+        "colour_gap": float(np.mean(np.abs(edit - twin))),
+        "target_gap": float(np.mean(np.abs(own - other))),
+    }
 
 
 def _beats_copy(scores: dict[str, float]) -> bool:

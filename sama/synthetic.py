@@ -726,6 +726,15 @@ _RECOLOR_TEMPLATES = (
 )
 
 
+def _draw_recolor(scene: Scene, seed: int) -> tuple[int, str, str]:
+    """The recolor edit ``seed`` draws: which shape, its new colour, the instruction's wording."""
+    _need_shapes(scene, "recolor")
+    rng = _rng(seed)
+    index = int(rng.integers(len(scene.shapes)))
+    color = _pick(rng, _free_colors(scene))
+    return index, color, _pick(rng, _RECOLOR_TEMPLATES)
+
+
 def _recolor(scene: Scene, index: int, color: str, template: str) -> tuple[Scene, str]:
     shapes = list(scene.shapes)
     old = shapes[index]
@@ -746,10 +755,7 @@ def make_edit(scene: Scene, kind: str, seed: int, *, video: bool = True) -> tupl
     rng = _rng(seed)
     shapes = list(scene.shapes)
     if kind == "recolor":
-        _need_shapes(scene, kind)
-        index = int(rng.integers(len(shapes)))
-        new_color = _pick(rng, _free_colors(scene))
-        return _recolor(scene, index, new_color, _pick(rng, _RECOLOR_TEMPLATES))
+        return _recolor(scene, *_draw_recolor(scene, seed))
     if kind == "remove":
         _need_shapes(scene, kind)
         index = int(rng.integers(len(shapes)))
@@ -1044,12 +1050,8 @@ def recolor_twin(scene: Scene, seed: int) -> tuple[Scene, str]:
     Raises:
         ValueError: the scene has no shapes, or only one free colour is left (no twin).
     """
-    _need_shapes(scene, "recolor")
-    rng = _rng(seed)
-    index = int(rng.integers(len(scene.shapes)))
+    index, named, template = _draw_recolor(scene, seed)
     free = _free_colors(scene)
-    named = _pick(rng, free)
     if len(free) < 2:
         raise ValueError("only one free colour is left in the scene; a recolor edit has no twin")
-    twin = free[(free.index(named) + 1) % len(free)]
-    return _recolor(scene, index, twin, _pick(rng, _RECOLOR_TEMPLATES))
+    return _recolor(scene, index, free[(free.index(named) + 1) % len(free)], template)

@@ -212,10 +212,8 @@ def test_recolor_twin_names_another_colour_for_the_same_object_and_wording():
         assert target.shapes[i].color != twin.shapes[i].color
         assert twin.shapes[i].color not in {s.color for s in scene.shapes}
         assert twin.shapes[i].color not in {scene.background.color, scene.background.color2}
-        assert (
-            dataclasses.replace(twin.shapes[i], color=scene.shapes[i].color, rgb=scene.shapes[i].rgb)
-            == (scene.shapes[i])
-        )
+        original = scene.shapes[i]
+        assert dataclasses.replace(twin.shapes[i], color=original.color, rgb=original.rgb) == original
         # Same words but the named colour.
         assert instruction.replace(target.shapes[i].color, twin.shapes[i].color) == twin_instruction
         assert synthetic.recolor_twin(scene, seed) == (twin, twin_instruction)
