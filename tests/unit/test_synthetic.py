@@ -219,6 +219,21 @@ def test_recolor_twin_names_another_colour_for_the_same_object_and_wording():
         assert synthetic.recolor_twin(scene, seed) == (twin, twin_instruction)
 
 
+def test_recolor_twin_refuses_a_scene_without_a_second_free_colour_or_without_shapes():
+    scene = _multi_shape_scene()
+    used = {scene.background.color, scene.background.color2} | {s.color for s in scene.shapes}
+    fillers = [c for c in synthetic.COLORS if c not in used][:-1]  # every colour but one taken
+    crowded = dataclasses.replace(
+        scene,
+        shapes=scene.shapes + tuple(dataclasses.replace(scene.shapes[0], color=c, rgb=None) for c in fillers),
+    )
+    synthetic.make_edit(crowded, "recolor", 0)  # the edit itself still has its one colour
+    with pytest.raises(ValueError, match="only one free colour"):
+        synthetic.recolor_twin(crowded, 0)
+    with pytest.raises(ValueError, match="at least one shape"):
+        synthetic.recolor_twin(dataclasses.replace(scene, shapes=()), 0)
+
+
 def test_recolor_changes_only_that_object():
     scene = _multi_shape_scene()
     target, instruction = synthetic.make_edit(scene, "recolor", 1)
