@@ -14,6 +14,10 @@ clips; the script prints PSNR and SSIM against the targets beside those of doing
   8/255) and on those it must change, beside the source there;
 * restorations: the perturbed source against the original clip (a sped-up source stretched back
   to the clip's length);
+* how precisely the model returns what a local edit (recolor, remove, add) keeps: PSNR on the kept
+  pixels of its one-step estimate of the target from a noisy one, at a few noise levels, beside the
+  noisy input's own (:func:`sama.eval.probes.kept_precision`; the source shows those pixels
+  exactly, so a model that reads it beats its input by far at every level);
 * whether recolor edits follow the colour they name: each held-out recolor pair is also edited
   with its twin instruction (the same words naming another colour) and scored against both targets
   (:func:`named_colour`; an edit that ignores the colour word scores 50%).
@@ -33,6 +37,7 @@ process. 25-31 minutes on 2 cores with the defaults (measured on different days)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -51,6 +56,7 @@ from sama import config as config_lib  # noqa: E402
 from sama import pretext, synthetic, video  # noqa: E402
 from sama.cli import add_override_argument  # noqa: E402
 from sama.eval import metrics  # noqa: E402
+from sama.eval.probes import kept_precision  # noqa: E402
 from sama.models.training import EDIT_PROMPT_PREFIX  # noqa: E402
 from sama.train.recipes import recipe_path  # noqa: E402
 from sama.train.trainer import TrainConfig, Trainer  # noqa: E402
@@ -59,6 +65,9 @@ KINDS = synthetic.EDIT_KINDS
 # The quickstart's clips: 9 frames at 8 fps in a 48x64 bucket.
 HEIGHT, WIDTH, FRAMES, FPS = 48, 64, 9, 8.0
 RESTORED_TASKS = (pretext.TASK_CUBE, pretext.TASK_SPEED, pretext.TASK_TUBE)
+# Edits that keep most of the frame, and the data fractions (1 - sigma) their estimates are probed at.
+LOCAL_KINDS = ("recolor", "remove", "add")
+PROBE_TIMES = (0.0, 0.5, 0.9, 0.97)
 _EMPTY = np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 
@@ -227,7 +236,18 @@ def evaluate(trainer: Trainer, data: Data) -> dict:
             for name, ms in groups.items()
         }
 
-    return {"edits": mean(kinds), "restorations": mean(tasks)}
+    local = [row for row in data.held_out if row["task"] in LOCAL_KINDS]
+    probes = kept_precision(
+        pipeline,
+        [(r["source"], r["target"], r["instruction"].removeprefix(EDIT_PROMPT_PREFIX)) for r in local],
+        PROBE_TIMES,
+        KEPT_THRESHOLD,
+    )
+    return {
+        "edits": mean(kinds),
+        "restorations": mean(tasks),
+        "kept_estimate": [dataclasses.asdict(p) for p in probes],
+    }
 
 
 # A pixel whose source and target differ by at most this much (0-255, any channel) is one the
@@ -302,6 +322,15 @@ def print_point(label: str, seconds: float, result: dict) -> None:
             f"  recolor told another colour: the edit nearer the colour it names in "
             f"{100 * recolor['named']:.0f}% of edits (ignoring the word: 50%); edits differ by "
             f"{recolor['colour_gap']:.1f} on the object (targets: {recolor['target_gap']:.1f}, 0-255)"
+        )
+    probes = result.get("kept_estimate")
+    if probes:
+        sigmas = " / ".join(f"{1 - p['t']:g}" for p in probes)
+        estimates = " / ".join(f"{p['estimate_psnr']:.1f}" for p in probes)
+        inputs = " / ".join(f"{p['noisy_psnr']:.1f}" for p in probes)
+        print(
+            f"  one-step estimate of the kept pixels (recolor, remove, add) at sigma {sigmas}: "
+            f"{estimates} dB (its noisy input: {inputs})"
         )
     print(f"  {'restoration':<12}{'PSNR':>8}{'source':>8}{'SSIM':>8}{'source':>8}")
     for task in RESTORED_TASKS:

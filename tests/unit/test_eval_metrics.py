@@ -530,6 +530,62 @@ class _CopyingTransformer:
         yield torch.zeros(1)
 
 
+def _probe_pipeline(transformer):
+    torch = pytest.importorskip("torch")
+    from sama.models.autoencoders import SpaceToDepthAutoencoder
+    from sama.pipeline_edit import SamaEditPipeline
+
+    class _Pipeline:
+        device, dtype, num_semantic_tokens = torch.device("cpu"), torch.float32, 0
+        encode_frames = SamaEditPipeline.encode_frames
+        _on_device = SamaEditPipeline._on_device
+        _offload_device = None
+        vae = SpaceToDepthAutoencoder(2, 4)
+        text_encoder = type(
+            "Text", (), {"encode": staticmethod(lambda prompts, **kw: torch.zeros(1, 4, 8))}
+        )()
+
+        @staticmethod
+        def build_prompts(instruction):
+            return instruction, ""
+
+    _Pipeline.transformer = transformer
+    return _Pipeline()
+
+
+def test_kept_precision_scores_the_estimate_on_kept_pixels_beside_its_noisy_input():
+    torch = pytest.importorskip("torch")
+    from sama import synthetic
+    from sama.eval.probes import kept_precision
+
+    scene = synthetic.random_scene(3)
+    edited, _ = synthetic.make_edit(scene, "recolor", 5)
+    source = synthetic.render(scene, 5, 8.0, 32, 48)
+    target = synthetic.render(edited, 5, 8.0, 32, 48)
+    times = (0.0, 0.5, 0.9)
+    # A model that returns its source: exact on every kept pixel, whatever the noise.
+    copying = kept_precision(_probe_pipeline(_CopyingTransformer()), [(source, target, "recolor")], times)
+    assert [p.t for p in copying] == list(times)
+    assert all(p.estimate_psnr == float("inf") for p in copying)
+    # The noisy input itself gets closer to the target as t grows (less noise).
+    noisy = [p.noisy_psnr for p in copying]
+    assert noisy[0] < noisy[1] < noisy[2] < 60
+
+    class _Ignoring(_CopyingTransformer):
+        def __call__(self, hidden_states, timestep, encoder_hidden_states, source_latents, semantic_tokens):
+            return super().__call__(
+                hidden_states, timestep, encoder_hidden_states, torch.zeros_like(source_latents), None
+            )
+
+    ignoring = kept_precision(_probe_pipeline(_Ignoring()), [(source, target, "recolor")], times)
+    assert all(p.estimate_psnr < 20 for p in ignoring)
+    # The same noise: the noisy input scores the same whichever model is probed.
+    assert [p.noisy_psnr for p in ignoring] == pytest.approx(noisy)
+    # A pair with no kept pixel (a frame against its negative) is skipped: NaN, not a score.
+    [empty] = kept_precision(_probe_pipeline(_CopyingTransformer()), [(source, 255 - source, "x")], (0.5,))
+    assert np.isnan(empty.estimate_psnr) and np.isnan(empty.noisy_psnr)
+
+
 def test_source_dependence_tells_a_copying_model_from_one_ignoring_its_source():
     torch = pytest.importorskip("torch")
     from sama import synthetic
