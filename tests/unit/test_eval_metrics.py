@@ -530,7 +530,19 @@ class _CopyingTransformer:
         yield torch.zeros(1)
 
 
+class _IgnoringTransformer(_CopyingTransformer):
+    """Predicts as if its source were all zeros: the output ignores the source it is given."""
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, source_latents, semantic_tokens):
+        import torch
+
+        return super().__call__(
+            hidden_states, timestep, encoder_hidden_states, torch.zeros_like(source_latents), None
+        )
+
+
 def _probe_pipeline(transformer):
+    """A stand-in pipeline for the probes: space-to-depth latents, an all-zero prompt embedding."""
     torch = pytest.importorskip("torch")
     from sama.models.autoencoders import SpaceToDepthAutoencoder
     from sama.pipeline_edit import SamaEditPipeline
@@ -554,7 +566,7 @@ def _probe_pipeline(transformer):
 
 
 def test_kept_precision_scores_the_estimate_on_kept_pixels_beside_its_noisy_input():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from sama import synthetic
     from sama.eval.probes import kept_precision
 
@@ -571,13 +583,7 @@ def test_kept_precision_scores_the_estimate_on_kept_pixels_beside_its_noisy_inpu
     noisy = [p.noisy_psnr for p in copying]
     assert noisy[0] < noisy[1] < noisy[2] < 60
 
-    class _Ignoring(_CopyingTransformer):
-        def __call__(self, hidden_states, timestep, encoder_hidden_states, source_latents, semantic_tokens):
-            return super().__call__(
-                hidden_states, timestep, encoder_hidden_states, torch.zeros_like(source_latents), None
-            )
-
-    ignoring = kept_precision(_probe_pipeline(_Ignoring()), [(source, target, "recolor")], times)
+    ignoring = kept_precision(_probe_pipeline(_IgnoringTransformer()), [(source, target, "recolor")], times)
     assert all(p.estimate_psnr < 20 for p in ignoring)
     # The same noise: the noisy input scores the same whichever model is probed.
     assert [p.noisy_psnr for p in ignoring] == pytest.approx(noisy)
@@ -587,41 +593,20 @@ def test_kept_precision_scores_the_estimate_on_kept_pixels_beside_its_noisy_inpu
 
 
 def test_source_dependence_tells_a_copying_model_from_one_ignoring_its_source():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from sama import synthetic
     from sama.eval.probes import source_dependence
-    from sama.models.autoencoders import SpaceToDepthAutoencoder
-    from sama.pipeline_edit import SamaEditPipeline
 
-    class _Pipeline:
-        device, dtype, num_semantic_tokens = torch.device("cpu"), torch.float32, 0
-        encode_frames = SamaEditPipeline.encode_frames
-        _on_device = SamaEditPipeline._on_device
-        _offload_device = None
-        vae = SpaceToDepthAutoencoder(2, 4)
-        transformer = _CopyingTransformer()
-        text_encoder = type(
-            "Text", (), {"encode": staticmethod(lambda prompts, **kw: torch.zeros(1, 4, 8))}
-        )()
-
-        @staticmethod
-        def build_prompts(instruction):
-            return instruction, ""
-
+    copying = _probe_pipeline(_CopyingTransformer())
     clip = synthetic.render(synthetic.random_scene(3), 5, 8.0, 32, 48)
-    [probe] = source_dependence(_Pipeline(), [(clip, clip, "copy it")], times=(0.3,))
+    [probe] = source_dependence(copying, [(clip, clip, "copy it")], times=(0.3,))
     assert probe.true_source == pytest.approx(0.0, abs=1e-10)
     assert probe.shifted_source > 0.01 and probe.ratio == pytest.approx(0.0, abs=1e-8)
     # Any length and size, padded as the pipeline pads its source (4 frames -> 5, 30 rows -> 32).
-    [probe] = source_dependence(_Pipeline(), [(clip[:4, :30], clip[:4, :30], "copy it")], times=(0.3,))
+    [probe] = source_dependence(copying, [(clip[:4, :30], clip[:4, :30], "copy it")], times=(0.3,))
     assert probe.true_source == pytest.approx(0.0, abs=1e-10) and probe.shifted_source > 0.01
 
-    class _Ignoring(_CopyingTransformer):
-        def __call__(self, hidden_states, timestep, encoder_hidden_states, source_latents, semantic_tokens):
-            return super().__call__(
-                hidden_states, timestep, encoder_hidden_states, torch.zeros_like(source_latents), None
-            )
-
-    _Pipeline.transformer = _Ignoring()
-    [probe] = source_dependence(_Pipeline(), [(clip, clip, "copy it")], times=(0.3,))
+    [probe] = source_dependence(
+        _probe_pipeline(_IgnoringTransformer()), [(clip, clip, "copy it")], times=(0.3,)
+    )
     assert probe.ratio == pytest.approx(1.0)
