@@ -110,11 +110,11 @@ def kept_precision(
     scores: dict[float, list[tuple[float, float]]] = {float(t): [] for t in times}
     for source, target, instruction in pairs:
         kept = ~changed_pixels(source, target, threshold)
+        if not kept.any():
+            continue
         pair = _EncodedPair(pipeline, source, target, instruction, generator)
         for t_value, found in scores.items():
             noisy, t = pair.noisy(t_value, generator)
-            if not kept.any():
-                continue
             estimate = pair.estimate(noisy, t, pair.source)
             found.append(tuple(_kept_psnr(pipeline.vae, x, target, kept) for x in (estimate, noisy)))
     nan = float("nan")
