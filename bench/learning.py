@@ -4,9 +4,13 @@ Trains the tiny model with the debug recipes (``configs/train_debug*.toml``: sta
 motion-alignment pretext clips and image edits, then stage 1 on video and image edits) in this
 process, through :class:`sama.train.trainer.Trainer` (its steps, optimizer, schedule and EMA; only
 the data comes from memory instead of shards: scenes rendered by :mod:`sama.synthetic`, pretext
-sources made by :mod:`sama.pretext`). At every evaluation point the averaged (EMA) model, with the
-recipe's inference settings, edits held-out pairs of every kind and restores held-out pretext
-clips; the script prints PSNR and SSIM against the targets beside those of doing nothing:
+sources made by :mod:`sama.pretext`). By default its scenes draw shapes of 0.4-0.6 of the frame's
+shorter side (``--shape-sizes``; the quickstart's are 0.18-0.36), so a local edit changes about an
+eighth of the frame, and the edit pairs are of the quickstart's kinds (``--kinds``: recolor,
+remove, add, style; held-out pairs cover all five). At every evaluation point the averaged (EMA)
+model, with the recipe's inference settings, edits held-out pairs of every kind and restores
+held-out pretext clips; the script prints PSNR and SSIM against the targets beside those of doing
+nothing:
 
 * edits: the source against the target (the copy baseline: an edit that changes nothing scores
   exactly that, so an edit is worth something only where it beats it);
@@ -53,7 +57,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from sama import config as config_lib  # noqa: E402
-from sama import pretext, synthetic, video  # noqa: E402
+from sama import pretext, quickstart, synthetic, video  # noqa: E402
 from sama.cli import add_override_argument  # noqa: E402
 from sama.eval import metrics  # noqa: E402
 from sama.eval.probes import kept_precision  # noqa: E402
@@ -68,6 +72,10 @@ RESTORED_TASKS = (pretext.TASK_CUBE, pretext.TASK_SPEED, pretext.TASK_TUBE)
 # Edits that keep most of the frame, and the data fractions (1 - sigma) their estimates are probed at.
 LOCAL_KINDS = ("recolor", "remove", "add")
 PROBE_TIMES = (0.0, 0.5, 0.9, 0.97)
+# Shapes larger than the quickstart's (synthetic.SHAPE_SIZES, 0.18-0.36): a local edit then
+# changes about 15% of the frame instead of 4%, enough signal for the tiny model to learn in 30
+# minutes which colour an instruction names (see the README).
+BENCH_SHAPE_SIZES = (0.4, 0.6)
 _EMPTY = np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 
@@ -88,7 +96,9 @@ def _row(key: str, task: str, media: str, instruction: str, target, source=None)
     }
 
 
-def edit_rows(count: int, seed: int, media: str, kinds=KINDS, twins: bool = False) -> list[dict]:
+def edit_rows(
+    count: int, seed: int, media: str, kinds=KINDS, twins: bool = False, sizes=synthetic.SHAPE_SIZES
+) -> list[dict]:
     """``count`` edit pairs of ``media`` ("video" or "image"), kinds in turn. With ``twins``, each
     recolor row also holds its twin (``twin_instruction``, ``twin_target``: the same edit naming
     another colour, :func:`sama.synthetic.recolor_twin`)."""
@@ -96,9 +106,11 @@ def edit_rows(count: int, seed: int, media: str, kinds=KINDS, twins: bool = Fals
     rows = []
     for i in range(count):
         kind = kinds[i % len(kinds)]
-        scene = synthetic.random_scene(synthetic.derive_seed(seed, i))
+        scene = synthetic.random_scene(synthetic.derive_seed(seed, i), sizes)
         edit_seed = synthetic.derive_seed(seed, i, "edit")
-        edited, instruction = synthetic.make_edit(scene, kind, edit_seed, video=media == "video")
+        edited, instruction = synthetic.make_edit(
+            scene, kind, edit_seed, video=media == "video", shape_sizes=sizes
+        )
         source = synthetic.render(scene, frames, FPS, HEIGHT, WIDTH)
         target = synthetic.render(edited, frames, FPS, HEIGHT, WIDTH)
         row = _row(f"{media}-{seed}-{i}", kind, media, EDIT_PROMPT_PREFIX + instruction, target, source)
@@ -110,13 +122,15 @@ def edit_rows(count: int, seed: int, media: str, kinds=KINDS, twins: bool = Fals
     return rows
 
 
-def clip_rows(count: int, seed: int, motion_alignment: bool, tasks=None) -> list[dict]:
+def clip_rows(
+    count: int, seed: int, motion_alignment: bool, tasks=None, sizes=synthetic.SHAPE_SIZES
+) -> list[dict]:
     """Stage-0 video samples: pretext tasks by the paper's mix (or only ``tasks``, in turn), or,
     without motion alignment, plain text-to-video clips (the caption, no source)."""
     config = pretext.PretextConfig()
     rows = []
     for i in range(count):
-        scene = synthetic.random_scene(synthetic.derive_seed(seed, i, "clip"))
+        scene = synthetic.random_scene(synthetic.derive_seed(seed, i, "clip"), sizes)
         clip = synthetic.render(scene, FRAMES, FPS, HEIGHT, WIDTH)
         caption = synthetic.caption(scene)
         rng = np.random.default_rng(synthetic.derive_seed(seed, i, "task"))
@@ -130,13 +144,13 @@ def clip_rows(count: int, seed: int, motion_alignment: bool, tasks=None) -> list
     return rows
 
 
-def copy_rows(count: int, seed: int, media: str) -> list[dict]:
+def copy_rows(count: int, seed: int, media: str, sizes=synthetic.SHAPE_SIZES) -> list[dict]:
     """``count`` pairs whose target is their source: what an edit keeps, and nothing else."""
     frames = FRAMES if media == "video" else 1
     rows = []
     for i in range(count):
         clip = synthetic.render(
-            synthetic.random_scene(synthetic.derive_seed(seed, i)), frames, FPS, HEIGHT, WIDTH
+            synthetic.random_scene(synthetic.derive_seed(seed, i), sizes), frames, FPS, HEIGHT, WIDTH
         )
         rows.append(
             _row(f"copy-{media}-{seed}-{i}", "copy", media, EDIT_PROMPT_PREFIX + COPY_INSTRUCTION, clip, clip)
@@ -158,14 +172,14 @@ class Data:
 
 
 def make_data(args) -> Data:
-    kinds = tuple(args.kinds.split(","))
+    kinds, sizes = tuple(args.kinds.split(",")), args.shape_sizes
     return Data(
-        pairs=edit_rows(args.pairs, 3, "video", kinds),
-        images=edit_rows(args.images, 5, "image", kinds),
-        clips=clip_rows(args.clips, 7, True),
-        plain_clips=clip_rows(args.clips, 7, False),
-        held_out=edit_rows(args.held_out * len(KINDS), 11, "video", twins=True),
-        held_out_clips=clip_rows(args.held_out * len(RESTORED_TASKS), 13, True, RESTORED_TASKS),
+        pairs=edit_rows(args.pairs, 3, "video", kinds, sizes=sizes),
+        images=edit_rows(args.images, 5, "image", kinds, sizes=sizes),
+        clips=clip_rows(args.clips, 7, True, sizes=sizes),
+        plain_clips=clip_rows(args.clips, 7, False, sizes=sizes),
+        held_out=edit_rows(args.held_out * len(KINDS), 11, "video", twins=True, sizes=sizes),
+        held_out_clips=clip_rows(args.held_out * len(RESTORED_TASKS), 13, True, RESTORED_TASKS, sizes),
     )
 
 
@@ -381,8 +395,11 @@ def run_copy(args) -> list[dict]:
     edit keeps."""
     cfg = stage_config("debug", args.copy_steps, args, True, None)
     trainer = Trainer(cfg)
-    trainer.build(_sources(cfg, copy_rows(args.pairs, 3, "video"), copy_rows(args.images, 5, "image")))
-    held_out = Data([], [], [], [], held_out=copy_rows(args.held_out, 11, "video"), held_out_clips=[])
+    sizes = args.shape_sizes
+    trainer.build(
+        _sources(cfg, copy_rows(args.pairs, 3, "video", sizes), copy_rows(args.images, 5, "image", sizes))
+    )
+    held_out = Data([], [], [], [], held_out=copy_rows(args.held_out, 11, "video", sizes), held_out_clips=[])
     started, points = time.monotonic(), []
     print(f"  {'step':>6}{'seconds':>9}{'PSNR':>8}{'SSIM':>8}")
     while trainer.step < cfg.max_steps:
@@ -421,6 +438,16 @@ def print_table5(finals: dict[str, dict]) -> None:
     print("  paper (Wan2.2-5B, VIE-Bench overall): SA+MA 7.095 > +MA 6.711 > +SA 6.696 > baseline 6.312")
 
 
+def _size_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two numbers), got {text!r}") from None
+    if not 0.0 < low <= high <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH <= 1, got {text!r}")
+    return low, high
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -435,7 +462,18 @@ def main(argv=None) -> int:
         "--held-out", type=int, default=4, help="held-out pairs per kind (and clips per task)"
     )
     parser.add_argument(
-        "--kinds", default=",".join(KINDS), help="edit kinds to train on (held-out pairs cover every kind)"
+        "--kinds",
+        default=",".join(quickstart.EDIT_KINDS),
+        help="edit kinds to train on (default: the quickstart's, no background replacement; held-out "
+        "pairs cover every kind)",
+    )
+    parser.add_argument(
+        "--shape-sizes",
+        type=_size_range,
+        default=BENCH_SHAPE_SIZES,
+        help="LOW,HIGH: shape diameters as fractions of the frame's shorter side "
+        f"(default {BENCH_SHAPE_SIZES[0]},{BENCH_SHAPE_SIZES[1]}; the quickstart's: "
+        f"{synthetic.SHAPE_SIZES[0]},{synthetic.SHAPE_SIZES[1]})",
     )
     parser.add_argument("--no-sa", dest="sa", action="store_false", help="without Semantic Anchoring")
     parser.add_argument("--no-ma", dest="ma", action="store_false", help="without Motion Alignment pretext")
@@ -479,7 +517,8 @@ def run_edits(args, workdir: str, started: float) -> list[dict]:
         f"data: {len(data.pairs)} video + {len(data.images)} image edit pairs, "
         f"{len(data.clips)} stage-0 clips, "
         f"held out {len(data.held_out)} pairs and {len(data.held_out_clips)} pretext clips "
-        f"({time.monotonic() - started:.0f}s); {HEIGHT}x{WIDTH}, {FRAMES} frames; {args.threads} threads"
+        f"({time.monotonic() - started:.0f}s); {HEIGHT}x{WIDTH}, {FRAMES} frames, shapes "
+        f"{args.shape_sizes[0]}-{args.shape_sizes[1]} of the shorter side; {args.threads} threads"
     )
     if args.table5:
         args.eval_every = args.table5_stage1_steps  # each variant at the end of each stage only

@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's own)")
     p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: the model's own)")
+    p.add_argument(
+        "--sampler",
+        choices=["euler", "stochastic"],
+        default=None,
+        help="Euler steps, or each step's clean estimate re-noised with fresh seeded noise "
+        "(default: the model's own)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max-frames",
@@ -426,6 +433,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             offload=args.offload,
             tile_vae=args.tile_vae,
             lora=args.lora,
+            sampler=args.sampler,
         )
     except ValueError as exc:  # VideoDecodeError and ModelDirectoryError are ValueErrors too
         raise CommandError(str(exc)) from None

@@ -46,6 +46,7 @@ def run_edit(
     tile_vae: bool = False,
     progress: bool | None = None,
     lora: str | None = None,
+    sampler: Literal["euler", "stochastic"] | None = None,
 ) -> dict[str, Any]:
     """Edit ``video_uri`` as ``instruction`` says with the model in ``model_dir``; write ``output_uri``.
 
@@ -71,11 +72,14 @@ def run_edit(
         progress: a progress bar over windows and steps (default: when stderr is a terminal).
         lora: a LoRA adapter export (local path, ``file://`` or ``s3://``) applied over
             ``model_dir`` (see ``SamaEditPipeline.load_lora``).
+        sampler: ``"euler"`` (Euler steps along the predicted velocity) or ``"stochastic"`` (each
+            step's clean estimate re-noised with fresh seeded noise, see
+            ``PipelineConfig.stochastic_sampling``); default: the export's own.
 
     Returns:
         A report: source/output URIs, the output's frames, size and fps, the bucket, the processed
         clip's frames and fps, the windows, steps, cfg, seed, dtype, offload, vae_tiling, seconds,
-        whether the source was cropped. The source's fps is taken as 24 when the container states
+        whether the source was cropped, the sampler. The source's fps is taken as 24 when the container states
         none.
 
     Raises:
@@ -92,6 +96,8 @@ def run_edit(
         raise ValueError(f"odd_size must be 'error' or 'crop', got {odd_size!r}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    if sampler not in (None, *SAMPLERS):
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     started = time.monotonic()
     info = video.probe(video_uri)
     if not info.has_video:
@@ -129,6 +135,7 @@ def run_edit(
     )
     steps = int(steps or pipeline.config.num_inference_steps)
     cfg = float(pipeline.config.guidance_scale if cfg is None else cfg)
+    stochastic = pipeline.config.stochastic_sampling if sampler is None else sampler == "stochastic"
     result = pipeline.edit_video(
         frames,
         instruction,
@@ -139,6 +146,7 @@ def run_edit(
         guidance_scale=cfg,
         seed=seed,
         progress=progress,
+        stochastic_sampling=stochastic,
     )
     edited = result.frames
     storage.write_bytes(output_uri, video.encode_mp4(edited, result.fps))
@@ -162,6 +170,7 @@ def run_edit(
         "keep_bucket": bool(keep_bucket),
         "steps": int(steps),
         "cfg": float(cfg),
+        "sampler": "stochastic" if stochastic else "euler",
         "seed": int(seed),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "offload": bool(offload),
@@ -172,6 +181,7 @@ def run_edit(
     }
 
 
+SAMPLERS = ("euler", "stochastic")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

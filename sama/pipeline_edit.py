@@ -107,6 +107,10 @@ class PipelineConfig:
             this rate (or the source's, when lower).
         max_frames: the longest window ``edit_video`` edits in one pass (81 = SAMA's longest clips);
             longer clips are edited in consecutive windows.
+        stochastic_sampling: at every step, re-noise the step's clean estimate to the next sigma
+            with fresh noise (diffusers' ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``)
+            instead of taking an Euler step along the velocity. A model whose trajectory drifts from
+            the noisy clips it was trained on sees such clips again at every step.
         sigma_grid: the sampler's sigmas: ``"diffusers"`` (the scheduler's ``set_timesteps``) or
             ``"authors"`` (``shift(linspace(1, 0, steps + 1)[:-1])`` with ``flow_shift``, as the
             authors' release; see :func:`sama.losses.set_scheduler_sigmas`). None follows the model
@@ -124,6 +128,7 @@ class PipelineConfig:
     fps: float = 16.0
     max_frames: int = 81
     sigma_grid: Literal["diffusers", "authors"] | None = None
+    stochastic_sampling: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings no edit can run with."""
@@ -444,6 +449,7 @@ class SamaEditPipeline:
         output_type: Literal["np", "latent"] = "np",
         callback: Callable[[int, int], None] | None = None,
         num_frames: int | None = None,
+        stochastic_sampling: bool | None = None,
     ) -> SamaEditOutput:
         """Edit ``video`` as ``instruction`` says.
 
@@ -459,6 +465,8 @@ class SamaEditPipeline:
             callback: called as ``callback(step, total)`` after every step.
             num_frames: frames of the output (default: the source's). A task can ask for another
                 length than its source's: restoring a 2x sped-up clip to normal speed doubles it.
+            stochastic_sampling: override :attr:`PipelineConfig.stochastic_sampling`; the fresh
+                noise of every step comes from ``generator`` too.
 
         Returns:
             :class:`SamaEditOutput` with the input's size and ``num_frames`` frames (default: the
@@ -493,7 +501,8 @@ class SamaEditPipeline:
             semantic_dim = int(self.transformer.config.semantic_dim)
             semantic = randn((1, num_semantic, semantic_dim), generator, device)
 
-        scheduler = self._fresh_scheduler()
+        stochastic = self.config.stochastic_sampling if stochastic_sampling is None else stochastic_sampling
+        scheduler = self._fresh_scheduler(stochastic=bool(stochastic))
         self._set_timesteps(scheduler, steps, device)
         semantic_scheduler = copy.deepcopy(scheduler)
         total = len(scheduler.timesteps)
@@ -508,12 +517,12 @@ class SamaEditPipeline:
             )
             # float32 so the scheduler (which returns the model output's dtype) keeps fp32 latents.
             velocity = _guide(out.sample.float(), scale, do_cfg)
-            latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
+            latents = scheduler.step(velocity, timestep, latents, generator=generator, return_dict=False)[0]
             if semantic is not None:
                 semantic_velocity = _guide(out.semantic.float(), scale, do_cfg)
-                semantic = semantic_scheduler.step(semantic_velocity, timestep, semantic, return_dict=False)[
-                    0
-                ]
+                semantic = semantic_scheduler.step(
+                    semantic_velocity, timestep, semantic, generator=generator, return_dict=False
+                )[0]
             if callback is not None:
                 callback(index + 1, total)
 
@@ -541,6 +550,7 @@ class SamaEditPipeline:
         seed: int | None = 0,
         progress: bool | None = None,
         callback: Callable[[int, int], None] | None = None,
+        stochastic_sampling: bool | None = None,
     ) -> SamaVideoEdit:
         """Edit a real video at the size, rate and length the model was trained at, then restore it.
 
@@ -568,8 +578,8 @@ class SamaEditPipeline:
             fps: the source's frame rate.
             max_frames: frames per window (default ``config.max_frames``).
             keep_bucket: return the edited bucket-size frames at the processing rate instead.
-            num_inference_steps / guidance_scale / negative_prompt / add_prefix / seed: as for
-                :meth:`__call__`, applied to every window.
+            num_inference_steps / guidance_scale / negative_prompt / add_prefix / seed /
+                stochastic_sampling: as for :meth:`__call__`, applied to every window.
             progress: show a tqdm bar over windows x steps (default: when stderr is a terminal).
             callback: ``callback(step, total)`` after every step, counted over all windows.
 
@@ -618,6 +628,7 @@ class SamaEditPipeline:
                     add_prefix=add_prefix,
                     seed=seed,
                     callback=on_step,
+                    stochastic_sampling=stochastic_sampling,
                 )
                 assert out.frames is not None
                 edited.append(out.frames)
@@ -651,9 +662,16 @@ class SamaEditPipeline:
         with self._on_device(self.vae):
             return self.vae.encode(pixels).float()
 
-    def _fresh_scheduler(self):
+    def _fresh_scheduler(self, stochastic: bool = False):
         # A new instance per call: schedulers keep a step counter, and a pipeline may be shared.
-        return type(self.scheduler).from_config(self.scheduler.config)
+        if stochastic and "stochastic_sampling" not in self.scheduler.config:
+            raise ValueError(
+                f"stochastic_sampling needs a scheduler that has it (FlowMatchEulerDiscreteScheduler); "
+                f"this pipeline's is {type(self.scheduler).__name__}"
+            )
+        has_option = "stochastic_sampling" in self.scheduler.config
+        overrides = {"stochastic_sampling": stochastic} if has_option else {}
+        return type(self.scheduler).from_config(self.scheduler.config, **overrides)
 
     def _set_timesteps(self, scheduler: Any, steps: int, device: torch.device | str | None) -> None:
         """The sampler's sigmas for ``steps`` steps, as ``config.sigma_grid`` says."""

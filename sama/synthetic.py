@@ -46,6 +46,7 @@ __all__ = [
     "MEDIA_KINDS",
     "SCORE_COLUMNS",
     "SHAPE_KINDS",
+    "SHAPE_SIZES",
     "STYLES",
     "TEXTURES",
     "Background",
@@ -70,6 +71,8 @@ RGB = tuple[int, int, int]
 SHAPE_KINDS = ("circle", "square", "triangle", "star", "diamond")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 BACKGROUND_KINDS = ("gradient", "stripes", "checker", "noise")
+# Shape diameters, as fractions of the frame's shorter side: random_scene's default range.
+SHAPE_SIZES = (0.18, 0.36)
 STYLES = ("natural", "posterize", "invert", "sketch", "warm", "cool", "grayscale")
 EDIT_KINDS = ("recolor", "remove", "add", "background", "style")
 CAPTION_POLICIES = ("mixed", "txt", "json", "none")
@@ -304,7 +307,16 @@ def _random_motion(rng: np.random.Generator) -> tuple[tuple[float, float], tuple
     return position, (speed * math.cos(heading), speed * math.sin(heading))
 
 
-def _random_shape(rng: np.random.Generator, color: str, kind: str | None = None) -> Shape:
+def _check_shape_sizes(shape_sizes: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(v) for v in shape_sizes)
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"shape_sizes must be (low, high) with 0 < low <= high <= 1, got {shape_sizes!r}")
+    return low, high
+
+
+def _random_shape(
+    rng: np.random.Generator, color: str, kind: str | None = None, sizes: tuple[float, float] = SHAPE_SIZES
+) -> Shape:
     kind = kind or _pick(rng, SHAPE_KINDS)
     position, velocity = _random_motion(rng)
     texture = _pick(rng, ("solid", "solid", "stripes", "checker", "dots"))
@@ -313,7 +325,7 @@ def _random_shape(rng: np.random.Generator, color: str, kind: str | None = None)
     return Shape(
         kind=kind,
         color=color,
-        size=float(rng.uniform(0.18, 0.36)),
+        size=float(rng.uniform(*sizes)),
         position=position,
         velocity=velocity,
         texture=texture,
@@ -356,12 +368,14 @@ def _random_background(
     )
 
 
-def random_scene(seed: int) -> Scene:
+def random_scene(seed: int, shape_sizes: tuple[float, float] = SHAPE_SIZES) -> Scene:
     """A scene drawn deterministically from ``seed``: 1-3 moving shapes over a background.
 
     Shapes have distinct colours, none shared with the background, so every object can be named
-    unambiguously by its colour and kind.
+    unambiguously by its colour and kind. Their diameters are drawn uniformly from ``shape_sizes``
+    (fractions of the frame's shorter side).
     """
+    sizes = _check_shape_sizes(shape_sizes)
     rng = _rng(seed)
     background = _random_background(rng)
     used = {background.color, background.color2}
@@ -369,7 +383,7 @@ def random_scene(seed: int) -> Scene:
     for _ in range(int(rng.integers(1, 4))):
         color = _pick(rng, [c for c in COLORS if c not in used])
         used.add(color)
-        shapes.append(_random_shape(rng, color))
+        shapes.append(_random_shape(rng, color, sizes=sizes))
     return Scene(background=background, shapes=tuple(shapes))
 
 
@@ -743,12 +757,15 @@ def _recolor(scene: Scene, index: int, color: str, template: str) -> tuple[Scene
     return dataclasses.replace(scene, shapes=tuple(shapes)), instruction
 
 
-def make_edit(scene: Scene, kind: str, seed: int, *, video: bool = True) -> tuple[Scene, str]:
+def make_edit(
+    scene: Scene, kind: str, seed: int, *, video: bool = True, shape_sizes: tuple[float, float] = SHAPE_SIZES
+) -> tuple[Scene, str]:
     """Apply an edit of ``kind`` (one of EDIT_KINDS) to ``scene``; return the new scene and instruction.
 
     The choice of object, colour, shape or style is drawn from ``seed``. Every shape the edit does
     not name keeps its motion, so source and target renders are aligned frame by frame.
-    ``video=False`` words the instruction for a still image (no motion in an added object).
+    ``video=False`` words the instruction for a still image (no motion in an added object). An
+    added shape's diameter is drawn from ``shape_sizes``, as :func:`random_scene`'s.
     """
     if kind not in EDIT_KINDS:
         raise ValueError(f"unknown edit kind {kind!r}; expected one of {EDIT_KINDS}")
@@ -764,7 +781,7 @@ def make_edit(scene: Scene, kind: str, seed: int, *, video: bool = True) -> tupl
         instruction = template.format(obj=_reference(removed, scene))
         return dataclasses.replace(scene, shapes=tuple(shapes)), instruction
     if kind == "add":
-        added = _random_shape(rng, _pick(rng, _free_colors(scene)))
+        added = _random_shape(rng, _pick(rng, _free_colors(scene)), sizes=_check_shape_sizes(shape_sizes))
         noun = _noun_phrase(added)
         if video:
             vx, vy = added.velocity

@@ -85,10 +85,12 @@ def test_seed_makes_it_deterministic(pipeline, clip):
     assert not torch.equal(a.latents, c.latents)
 
 
-def hand_written_sampler(pipeline, frames, seed, texts, combine) -> torch.Tensor:
+def hand_written_sampler(pipeline, frames, seed, texts, combine, stochastic: bool = False) -> torch.Tensor:
     """The sampler written out: the source encoded, seeded noise for the latents and the semantic
     tokens, shift-5 Euler steps on both; each step runs the transformer once per text embedding in
-    ``texts`` and ``combine(*outputs)`` gives the (video, semantic) velocities. Returns the latents."""
+    ``texts`` and ``combine(*outputs)`` gives the (video, semantic) velocities. With ``stochastic``,
+    each step instead re-noises its clean estimate to the next sigma with fresh noise from the same
+    generator (the video's, then the semantic tokens'). Returns the latents."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     generator = torch.Generator().manual_seed(seed)
@@ -97,18 +99,24 @@ def hand_written_sampler(pipeline, frames, seed, texts, combine) -> torch.Tensor
     latents = torch.randn(source.shape, generator=generator)
     semantic = torch.randn((1, pipeline.num_semantic_tokens, 32), generator=generator)
     video_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    semantic_scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     video_scheduler.set_timesteps(STEPS)
-    semantic_scheduler.set_timesteps(STEPS)
+    sigmas = video_scheduler.sigmas
     with torch.no_grad():
-        for t in video_scheduler.timesteps:
+        for index, t in enumerate(video_scheduler.timesteps):
             outputs = [
                 pipeline.transformer(latents, t[None], text, source_latents=source, semantic_tokens=semantic)
                 for text in texts
             ]
             video, sem = combine(*outputs)
-            latents = video_scheduler.step(video, t, latents).prev_sample
-            semantic = semantic_scheduler.step(sem, t, semantic).prev_sample
+            sigma, next_sigma = sigmas[index], sigmas[index + 1]
+            if stochastic:
+                fresh = torch.randn(latents.shape, generator=generator)
+                latents = (1 - next_sigma) * (latents - sigma * video) + next_sigma * fresh
+                fresh = torch.randn(semantic.shape, generator=generator)
+                semantic = (1 - next_sigma) * (semantic - sigma * sem) + next_sigma * fresh
+            else:
+                latents = latents + (next_sigma - sigma) * video
+                semantic = semantic + (next_sigma - sigma) * sem
     return latents
 
 
@@ -135,6 +143,31 @@ def test_cfg_one_is_the_conditional_branch(pipeline, clip):
     text = pipeline.text_encoder.encode(["[Video edit] make it red"])
     latents = hand_written_sampler(pipeline, frames, 11, [text], lambda pred: (pred.sample, pred.semantic))
     assert torch.equal(out.latents, latents)
+
+
+def test_stochastic_sampling_renoises_each_clean_estimate(pipeline, clip):
+    """``stochastic_sampling`` re-noises every step's clean estimate with fresh seeded noise: it
+    equals the hand-written loop, repeats with its seed, and differs from the Euler sampler."""
+    frames = clip[:9, :32, :32]
+    text = pipeline.text_encoder.encode(["[Video edit] make it red"])
+
+    def edit(**kwargs) -> torch.Tensor:
+        settings = {"num_inference_steps": STEPS, "guidance_scale": 1.0, "output_type": "latent"}
+        return pipeline(frames, "make it red", **settings, **kwargs).latents
+
+    stochastic = edit(seed=11, stochastic_sampling=True)
+    latents = hand_written_sampler(
+        pipeline, frames, 11, [text], lambda pred: (pred.sample, pred.semantic), stochastic=True
+    )
+    torch.testing.assert_close(stochastic, latents, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stochastic, edit(seed=11, stochastic_sampling=True))
+    assert not torch.allclose(stochastic, edit(seed=11), atol=1e-3)
+    # Without the argument, the pipeline's config decides (an export records it).
+    pipeline.config.stochastic_sampling = True
+    try:
+        assert torch.equal(edit(seed=11), stochastic)
+    finally:
+        pipeline.config.stochastic_sampling = False
 
 
 def test_cfg_is_uncond_plus_scale_times_cond_minus_uncond(pipeline, clip):
@@ -282,7 +315,8 @@ def test_run_edit_writes_an_mp4_of_the_source_size(model_dir, clip, tmp_path):
 
 
 def test_run_edit_defaults_to_the_exports_inference_settings(pipeline, clip, tmp_path):
-    """Without --steps/--cfg an edit uses the steps and guidance recorded in the export."""
+    """Without --steps/--cfg/--sampler an edit uses the steps, guidance and sampler recorded in the
+    export; the flags override them."""
     import dataclasses
 
     from sama.edit import run_edit
@@ -293,15 +327,23 @@ def test_run_edit_defaults_to_the_exports_inference_settings(pipeline, clip, tmp
         pipeline.vae,
         pipeline.text_encoder,
         model_config=pipeline.model_config,
-        config=dataclasses.replace(TINY, num_inference_steps=2, guidance_scale=1.0),
+        config=dataclasses.replace(TINY, num_inference_steps=2, guidance_scale=1.0, stochastic_sampling=True),
     )
     saved.save_pretrained(directory)
     source = tmp_path / "source.mp4"
     source.write_bytes(video.encode_mp4(clip[:5], 24.0))
     report = run_edit(str(source), "make it red", directory, str(tmp_path / "a.mp4"))
-    assert (report["steps"], report["cfg"]) == (2, 1.0)
-    report = run_edit(str(source), "make it red", directory, str(tmp_path / "b.mp4"), steps=1, cfg=3.0)
-    assert (report["steps"], report["cfg"]) == (1, 3.0)
+    assert (report["steps"], report["cfg"], report["sampler"]) == (2, 1.0, "stochastic")
+    report = run_edit(
+        str(source), "make it red", directory, str(tmp_path / "b.mp4"), steps=1, cfg=3.0, sampler="euler"
+    )
+    assert (report["steps"], report["cfg"], report["sampler"]) == (1, 3.0, "euler")
+    # The sampler reaches the pipeline: the same seed, the other sampler, another edit.
+    run_edit(str(source), "make it red", directory, str(tmp_path / "c.mp4"), sampler="euler")
+    a, c = (video.decode_clip(str(tmp_path / name)) for name in ("a.mp4", "c.mp4"))
+    assert not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        run_edit(str(source), "make it red", directory, str(tmp_path / "d.mp4"), sampler="ddim")
 
 
 def test_run_edit_clear_errors(model_dir, clip, tmp_path):

@@ -58,6 +58,24 @@ def test_random_scene_is_deterministic_and_varied():
         synthetic.random_scene(-1)
 
 
+def test_shape_sizes_set_the_diameters_of_scene_and_added_shapes():
+    """Another size range draws the same scene otherwise (same seed, same kinds, colours, motion),
+    and an added shape takes its size from the same range."""
+    low, high = synthetic.SHAPE_SIZES
+    for seed in range(20):
+        small, large = synthetic.random_scene(seed), synthetic.random_scene(seed, (0.4, 0.6))
+        assert all(low <= shape.size <= high for shape in small.shapes)
+        assert all(0.4 <= shape.size <= 0.6 for shape in large.shapes)
+        assert [(s.kind, s.color, s.velocity) for s in small.shapes] == [
+            (s.kind, s.color, s.velocity) for s in large.shapes
+        ]
+        added, _ = synthetic.make_edit(large, "add", seed, shape_sizes=(0.4, 0.6))
+        assert 0.4 <= added.shapes[-1].size <= 0.6
+    for bad in ((0.0, 0.3), (0.5, 0.4), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="shape_sizes"):
+            synthetic.random_scene(1, bad)
+
+
 def test_render_shape_dtype_and_image():
     scene = synthetic.random_scene(3)
     video = synthetic.render(scene, 9, FPS, H, W)
