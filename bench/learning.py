@@ -443,9 +443,10 @@ def _size_range(text: str) -> tuple[float, float]:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two numbers), got {text!r}") from None
-    if not 0.0 < low <= high <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH <= 1, got {text!r}")
-    return low, high
+    try:
+        return synthetic.check_shape_sizes((low, high))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv=None) -> int:

@@ -78,9 +78,9 @@ def run_edit(
 
     Returns:
         A report: source/output URIs, the output's frames, size and fps, the bucket, the processed
-        clip's frames and fps, the windows, steps, cfg, seed, dtype, offload, vae_tiling, seconds,
-        whether the source was cropped, the sampler. The source's fps is taken as 24 when the container states
-        none.
+        clip's frames and fps, the windows, steps, cfg, sampler, seed, dtype, offload, vae_tiling,
+        seconds, whether the source was cropped. The source's fps is taken as 24 when the container
+        states none.
 
     Raises:
         ValueError: empty instruction, odd-sized source (with ``odd_size="error"``), bad arguments.

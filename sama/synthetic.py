@@ -53,6 +53,7 @@ __all__ = [
     "Scene",
     "Shape",
     "caption",
+    "check_shape_sizes",
     "derive_seed",
     "make_edit",
     "random_scene",
@@ -307,7 +308,8 @@ def _random_motion(rng: np.random.Generator) -> tuple[tuple[float, float], tuple
     return position, (speed * math.cos(heading), speed * math.sin(heading))
 
 
-def _check_shape_sizes(shape_sizes: tuple[float, float]) -> tuple[float, float]:
+def check_shape_sizes(shape_sizes: tuple[float, float]) -> tuple[float, float]:
+    """``(low, high)`` as floats; ``ValueError`` unless ``0 < low <= high <= 1``."""
     low, high = (float(v) for v in shape_sizes)
     if not 0.0 < low <= high <= 1.0:
         raise ValueError(f"shape_sizes must be (low, high) with 0 < low <= high <= 1, got {shape_sizes!r}")
@@ -375,7 +377,7 @@ def random_scene(seed: int, shape_sizes: tuple[float, float] = SHAPE_SIZES) -> S
     unambiguously by its colour and kind. Their diameters are drawn uniformly from ``shape_sizes``
     (fractions of the frame's shorter side).
     """
-    sizes = _check_shape_sizes(shape_sizes)
+    sizes = check_shape_sizes(shape_sizes)
     rng = _rng(seed)
     background = _random_background(rng)
     used = {background.color, background.color2}
@@ -781,7 +783,7 @@ def make_edit(
         instruction = template.format(obj=_reference(removed, scene))
         return dataclasses.replace(scene, shapes=tuple(shapes)), instruction
     if kind == "add":
-        added = _random_shape(rng, _pick(rng, _free_colors(scene)), sizes=_check_shape_sizes(shape_sizes))
+        added = _random_shape(rng, _pick(rng, _free_colors(scene)), sizes=check_shape_sizes(shape_sizes))
         noun = _noun_phrase(added)
         if video:
             vx, vy = added.velocity
