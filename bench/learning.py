@@ -22,6 +22,10 @@ nothing:
   pixels of its one-step estimate of the target from a noisy one, at a few noise levels, beside the
   noisy input's own (:func:`sama.eval.probes.kept_precision`; the source shows those pixels
   exactly, so a model that reads it beats its input by far at every level);
+* whether a local edit's estimate depends on what its instruction asks: the one-step estimate
+  from pure noise made again with another local edit's instruction for the same scene (a recolor
+  told to remove the object, ...), and how far it moves where the edit changes the frame and
+  elsewhere (:func:`sama.eval.probes.instruction_dependence`; a model that ignores its text: 0);
 * whether recolor edits follow the colour they name: each held-out recolor pair is also edited
   with its twin instruction (the same words naming another colour) and scored against both targets
   (:func:`named_colour`; an edit that ignores the colour word scores 50%).
@@ -60,7 +64,7 @@ from sama import config as config_lib  # noqa: E402
 from sama import pretext, quickstart, synthetic, video  # noqa: E402
 from sama.cli import add_override_argument  # noqa: E402
 from sama.eval import metrics  # noqa: E402
-from sama.eval.probes import kept_precision  # noqa: E402
+from sama.eval.probes import instruction_dependence, kept_precision  # noqa: E402
 from sama.models.training import EDIT_PROMPT_PREFIX  # noqa: E402
 from sama.train.recipes import recipe_path  # noqa: E402
 from sama.train.trainer import TrainConfig, Trainer  # noqa: E402
@@ -72,6 +76,8 @@ RESTORED_TASKS = (pretext.TASK_CUBE, pretext.TASK_SPEED, pretext.TASK_TUBE)
 # Edits that keep most of the frame, and the data fractions (1 - sigma) their estimates are probed at.
 LOCAL_KINDS = ("recolor", "remove", "add")
 PROBE_TIMES = (0.0, 0.5, 0.9, 0.97)
+# The instruction a local edit's estimate is also made with: another local edit of the same scene.
+OTHER_KIND = {"recolor": "remove", "remove": "recolor", "add": "remove"}
 # Shapes larger than the quickstart's (synthetic.SHAPE_SIZES, 0.18-0.36): a local edit then
 # changes about 15% of the frame instead of 4%, enough signal for the tiny model to learn in 30
 # minutes which colour an instruction names (see the README).
@@ -101,7 +107,9 @@ def edit_rows(
 ) -> list[dict]:
     """``count`` edit pairs of ``media`` ("video" or "image"), kinds in turn. With ``twins``, each
     recolor row also holds its twin (``twin_instruction``, ``twin_target``: the same edit naming
-    another colour, :func:`sama.synthetic.recolor_twin`)."""
+    another colour, :func:`sama.synthetic.recolor_twin`), and each local edit (``LOCAL_KINDS``) the
+    instruction of another local edit of the same scene (``other_instruction``, of the kind
+    ``OTHER_KIND`` names)."""
     frames = FRAMES if media == "video" else 1
     rows = []
     for i in range(count):
@@ -114,6 +122,11 @@ def edit_rows(
         source = synthetic.render(scene, frames, FPS, HEIGHT, WIDTH)
         target = synthetic.render(edited, frames, FPS, HEIGHT, WIDTH)
         row = _row(f"{media}-{seed}-{i}", kind, media, EDIT_PROMPT_PREFIX + instruction, target, source)
+        if twins and kind in OTHER_KIND:
+            _, other = synthetic.make_edit(
+                scene, OTHER_KIND[kind], edit_seed, video=media == "video", shape_sizes=sizes
+            )
+            row["other_instruction"] = EDIT_PROMPT_PREFIX + other
         if twins and kind == "recolor":
             twin, twin_instruction = synthetic.recolor_twin(scene, edit_seed)
             row["twin_instruction"] = EDIT_PROMPT_PREFIX + twin_instruction
@@ -257,10 +270,23 @@ def evaluate(trainer: Trainer, data: Data) -> dict:
         PROBE_TIMES,
         KEPT_THRESHOLD,
     )
+    told_otherwise = instruction_dependence(
+        pipeline,
+        [
+            (
+                r["source"],
+                r["target"],
+                *(r[k].removeprefix(EDIT_PROMPT_PREFIX) for k in ("instruction", "other_instruction")),
+            )
+            for r in local
+        ],
+        threshold=KEPT_THRESHOLD,
+    )
     return {
         "edits": mean(kinds),
         "restorations": mean(tasks),
         "kept_estimate": [dataclasses.asdict(p) for p in probes],
+        "instruction_dependence": [dataclasses.asdict(p) for p in told_otherwise],
     }
 
 
@@ -345,6 +371,12 @@ def print_point(label: str, seconds: float, result: dict) -> None:
         print(
             f"  one-step estimate of the kept pixels (recolor, remove, add) at sigma {sigmas}: "
             f"{estimates} dB (its noisy input: {inputs})"
+        )
+    for p in result.get("instruction_dependence", []):
+        print(
+            f"  told another local edit ({', '.join(f'{a} -> {b}' for a, b in OTHER_KIND.items())}), the "
+            f"sigma-{1 - p['t']:g} estimate moves by {p['edited']:.1f} on the pixels the edit changes, "
+            f"{p['kept']:.1f} elsewhere (0-255; ignoring the instruction: 0)"
         )
     print(f"  {'restoration':<12}{'PSNR':>8}{'source':>8}{'SSIM':>8}{'source':>8}")
     for task in RESTORED_TASKS:

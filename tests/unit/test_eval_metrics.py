@@ -541,8 +541,19 @@ class _IgnoringTransformer(_CopyingTransformer):
         )
 
 
-def _probe_pipeline(transformer):
-    """A stand-in pipeline for the probes: space-to-depth latents, an all-zero prompt embedding."""
+class _TextReadingTransformer(_CopyingTransformer):
+    """Returns its source brightened by the mean of its prompt embedding: the output depends on
+    the instruction, evenly over the frame."""
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, source_latents, semantic_tokens):
+        return super().__call__(
+            hidden_states, timestep, None, source_latents + encoder_hidden_states.mean(), None
+        )
+
+
+def _probe_pipeline(transformer, embed=lambda prompts: 0.0):
+    """A stand-in pipeline for the probes: space-to-depth latents, a constant prompt embedding
+    (``embed(prompts)``, zero by default)."""
     torch = pytest.importorskip("torch")
     from sama.models.autoencoders import SpaceToDepthAutoencoder
     from sama.pipeline_edit import SamaEditPipeline
@@ -554,7 +565,7 @@ def _probe_pipeline(transformer):
         _offload_device = None
         vae = SpaceToDepthAutoencoder(2, 4)
         text_encoder = type(
-            "Text", (), {"encode": staticmethod(lambda prompts, **kw: torch.zeros(1, 4, 8))}
+            "Text", (), {"encode": staticmethod(lambda prompts, **kw: torch.full((1, 4, 8), embed(prompts)))}
         )()
 
         @staticmethod
@@ -590,6 +601,35 @@ def test_kept_precision_scores_the_estimate_on_kept_pixels_beside_its_noisy_inpu
     # A pair with no kept pixel (a frame against its negative) is skipped: NaN, not a score.
     [empty] = kept_precision(_probe_pipeline(_CopyingTransformer()), [(source, 255 - source, "x")], (0.5,))
     assert np.isnan(empty.estimate_psnr) and np.isnan(empty.noisy_psnr)
+
+
+def test_instruction_dependence_measures_how_far_another_instruction_moves_the_estimate():
+    pytest.importorskip("torch")
+    from sama import synthetic
+    from sama.eval.probes import instruction_dependence
+
+    scene = synthetic.random_scene(3)
+    edited, instruction = synthetic.make_edit(scene, "recolor", 5)
+    source = synthetic.render(scene, 5, 8.0, 32, 48)
+    target = synthetic.render(edited, 5, 8.0, 32, 48)
+    pairs = [(source, target, instruction, "Remove everything.")]
+    times = (0.0, 0.5)
+    # A model that ignores its text makes the same estimate whatever it is told.
+    ignoring = instruction_dependence(
+        _probe_pipeline(_CopyingTransformer(), lambda p: len(p[0]) / 100), pairs, times
+    )
+    assert [(p.t, p.edited, p.kept) for p in ignoring] == [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0)]
+    # One whose output shifts with the prompt's embedding moves every pixel by that shift (decoded
+    # and clipped: the two prompts' lengths differ by 18 characters -> 0.18 -> about 23 levels).
+    reading = _probe_pipeline(_TextReadingTransformer(), lambda p: len(p[0]) / 100)
+    moved = instruction_dependence(reading, pairs, times)
+    assert [p.t for p in moved] == list(times)
+    assert all(5 < p.edited < 30 and 5 < p.kept < 30 for p in moved)
+    # The same instruction twice: no move; a pair whose edit changes nothing has no edited pixels.
+    [same] = instruction_dependence(reading, [(source, target, instruction, instruction)], (0.0,))
+    assert (same.edited, same.kept) == (0.0, 0.0)
+    [unchanged] = instruction_dependence(reading, [(source, source, "a", "bb")], (0.0,))
+    assert np.isnan(unchanged.edited) and unchanged.kept > 0
 
 
 def test_source_dependence_tells_a_copying_model_from_one_ignoring_its_source():
