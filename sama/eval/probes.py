@@ -26,7 +26,7 @@ local instruction asks moves the edited pixels far more than the rest; one that 
 moves neither. The debug recipes' stage-1 model in ``bench/learning.py`` (2026-12-02, 1200 + 2000
 steps, held-out video pairs) barely reads it: told to remove the object instead of recolouring it
 (and so on), its estimate from pure noise moves by 2.9 / 4.1 / 3.7 levels (0-255) on the pixels a
-recolor / remove / add changes, where the edits themselves change those pixels by 50-140.
+recolor / remove / add changes, where the recolor edits themselves change those pixels by 50-140.
 """
 
 from __future__ import annotations
