@@ -576,15 +576,20 @@ def _probe_pipeline(transformer, embed=lambda prompts: 0.0):
     return _Pipeline()
 
 
-def test_kept_precision_scores_the_estimate_on_kept_pixels_beside_its_noisy_input():
-    pytest.importorskip("torch")
+def _recolor_pair() -> tuple[np.ndarray, np.ndarray, str]:
+    """A synthetic recolor pair for the probes: source, target (5 frames, 32x48), instruction."""
     from sama import synthetic
-    from sama.eval.probes import kept_precision
 
     scene = synthetic.random_scene(3)
-    edited, _ = synthetic.make_edit(scene, "recolor", 5)
-    source = synthetic.render(scene, 5, 8.0, 32, 48)
-    target = synthetic.render(edited, 5, 8.0, 32, 48)
+    edited, instruction = synthetic.make_edit(scene, "recolor", 5)
+    return synthetic.render(scene, 5, 8.0, 32, 48), synthetic.render(edited, 5, 8.0, 32, 48), instruction
+
+
+def test_kept_precision_scores_the_estimate_on_kept_pixels_beside_its_noisy_input():
+    pytest.importorskip("torch")
+    from sama.eval.probes import kept_precision
+
+    source, target, _ = _recolor_pair()
     times = (0.0, 0.5, 0.9)
     # A model that returns its source: exact on every kept pixel, whatever the noise.
     copying = kept_precision(_probe_pipeline(_CopyingTransformer()), [(source, target, "recolor")], times)
@@ -605,13 +610,9 @@ def test_kept_precision_scores_the_estimate_on_kept_pixels_beside_its_noisy_inpu
 
 def test_instruction_dependence_measures_how_far_another_instruction_moves_the_estimate():
     pytest.importorskip("torch")
-    from sama import synthetic
     from sama.eval.probes import instruction_dependence
 
-    scene = synthetic.random_scene(3)
-    edited, instruction = synthetic.make_edit(scene, "recolor", 5)
-    source = synthetic.render(scene, 5, 8.0, 32, 48)
-    target = synthetic.render(edited, 5, 8.0, 32, 48)
+    source, target, instruction = _recolor_pair()
     pairs = [(source, target, instruction, "Remove everything.")]
     times = (0.0, 0.5)
     # A model that ignores its text makes the same estimate whatever it is told.
