@@ -73,11 +73,12 @@ KINDS = synthetic.EDIT_KINDS
 # The quickstart's clips: 9 frames at 8 fps in a 48x64 bucket.
 HEIGHT, WIDTH, FRAMES, FPS = 48, 64, 9, 8.0
 RESTORED_TASKS = (pretext.TASK_CUBE, pretext.TASK_SPEED, pretext.TASK_TUBE)
-# Edits that keep most of the frame, and the data fractions (1 - sigma) their estimates are probed at.
-LOCAL_KINDS = ("recolor", "remove", "add")
-PROBE_TIMES = (0.0, 0.5, 0.9, 0.97)
-# The instruction a local edit's estimate is also made with: another local edit of the same scene.
+# Edits that keep most of the frame, each with the kind of another local edit of the same scene
+# whose instruction its estimate is also made with; and the data fractions (1 - sigma) their
+# estimates are probed at.
 OTHER_KIND = {"recolor": "remove", "remove": "recolor", "add": "remove"}
+LOCAL_KINDS = tuple(OTHER_KIND)
+PROBE_TIMES = (0.0, 0.5, 0.9, 0.97)
 # Shapes larger than the quickstart's (synthetic.SHAPE_SIZES, 0.18-0.36): a local edit then
 # changes about 15% of the frame instead of 4%, enough signal for the tiny model to learn in 30
 # minutes which colour an instruction names (see the README).
@@ -122,7 +123,7 @@ def edit_rows(
         source = synthetic.render(scene, frames, FPS, HEIGHT, WIDTH)
         target = synthetic.render(edited, frames, FPS, HEIGHT, WIDTH)
         row = _row(f"{media}-{seed}-{i}", kind, media, EDIT_PROMPT_PREFIX + instruction, target, source)
-        if twins and kind in OTHER_KIND:
+        if twins and kind in LOCAL_KINDS:
             _, other = synthetic.make_edit(
                 scene, OTHER_KIND[kind], edit_seed, video=media == "video", shape_sizes=sizes
             )
